@@ -1,0 +1,175 @@
+"""The optax SAM transform: pure-function equivalence, optax.contrib.sam, rho=0."""
+
+import chex
+import jax
+import jax.numpy as jnp
+import optax
+import optax.contrib
+import pytest
+
+import sam_eos as se
+
+
+def mlp_loss(params, batch):
+  x, y = batch
+  h = jax.nn.relu(x @ params["w1"] + params["b1"])
+  return jnp.mean((h @ params["w2"] - y) ** 2)
+
+
+def problem(key=0, dtype=jnp.float32):
+  k = jax.random.split(jax.random.key(key), 4)
+  params = {"w1": jax.random.normal(k[0], (4, 8), dtype),
+            "b1": jnp.full(8, 0.1, dtype),
+            "w2": jax.random.normal(k[1], (8, 3), dtype) / 3}
+  batch = (jax.random.normal(k[2], (16, 4), dtype), jax.random.normal(k[3], (16, 3), dtype))
+  return params, batch
+
+
+def run(opt, params, batch, num_steps):
+  """Runs `num_steps` jitted optax steps, returning the params trajectory."""
+  grad = jax.grad(mlp_loss)
+
+  @jax.jit
+  def step(params, state, batch):
+    updates, state = opt.update(grad(params, batch), state, params,
+                                grad_fn=lambda p: grad(p, batch))
+    return optax.apply_updates(params, updates), state
+
+  state = opt.init(params)
+  traj = []
+  for _ in range(num_steps):
+    params, state = step(params, state, batch)
+    traj.append(params)
+  return traj, state
+
+
+def test_transform_equals_pure_definition():
+  with jax.enable_x64(True):
+    params, batch = problem(dtype=jnp.float64)
+    eta, rho = 0.05, 0.1
+    traj, state = run(se.sam(optax.sgd(eta), rho), params, batch, 5)
+    w = params
+    for expected in traj:
+      out = se.sam_gradient(mlp_loss, w, batch, rho=rho)
+      w = jax.tree.map(lambda p, g: p - eta * g, w, out.sam_grads)
+      chex.assert_trees_all_close(expected, w, rtol=1e-12)
+    prev = traj[-2]
+    chex.assert_trees_all_close(state.grad_norm,
+                                optax.tree.norm(jax.grad(mlp_loss)(prev, batch)))
+
+
+@pytest.mark.parametrize("base", [
+    lambda: optax.sgd(0.05),
+    lambda: optax.sgd(0.05, momentum=0.9),
+    lambda: optax.adam(1e-2),
+])
+def test_rho_zero_reproduces_base_bit_for_bit(base):
+  params, batch = problem(1)
+  sam_traj, _ = run(se.sam(base(), 0.0), params, batch, 6)
+  base_traj, _ = run(base(), params, batch, 6)
+  for a, b in zip(sam_traj, base_traj):
+    chex.assert_trees_all_equal(a, b)
+
+
+@pytest.mark.parametrize("base", [lambda: optax.sgd(0.05),
+                                  lambda: optax.sgd(0.05, momentum=0.5)])
+def test_equals_optax_contrib_sam_every_second_step(base):
+  with jax.enable_x64(True):
+    params, batch = problem(2, dtype=jnp.float64)
+    rho = 0.1
+    ours, _ = run(se.sam(base(), rho, eps=0.0), params, batch, 4)
+    adv = optax.chain(optax.contrib.normalize(), optax.sgd(rho))
+    theirs, _ = run(optax.contrib.sam(base(), adv, sync_period=2), params, batch, 8)
+    for k in range(4):
+      chex.assert_trees_all_close(ours[k], theirs[2 * k + 1], rtol=1e-10)
+
+
+def test_usam_transform():
+  with jax.enable_x64(True):
+    params, batch = problem(3, dtype=jnp.float64)
+    eta, rho = 0.05, 0.02
+    traj, _ = run(se.sam(optax.sgd(eta), rho, normalize=False), params, batch, 1)
+    out = se.sam_gradient(mlp_loss, params, batch, rho=rho, normalize=False)
+    chex.assert_trees_all_close(
+        traj[0], jax.tree.map(lambda p, g: p - eta * g, params, out.sam_grads), rtol=1e-12)
+
+
+def test_state_shapes_stable_under_cond_and_scan():
+  params, batch = problem(4)
+  opt = se.sam(optax.sgd(0.05, momentum=0.9), 0.1)
+  grad = jax.grad(mlp_loss)
+
+  def body(carry, i):
+    params, state = carry
+
+    def do_step(operand):
+      params, state = operand
+      updates, state = opt.update(grad(params, batch), state, params,
+                                  grad_fn=lambda p: grad(p, batch))
+      return optax.apply_updates(params, updates), state
+
+    return jax.lax.cond(i % 2 == 0, do_step, lambda o: o, (params, state)), None
+
+  state0 = opt.init(params)
+  (params_out, state), _ = jax.jit(
+      lambda c: jax.lax.scan(body, c, jnp.arange(4)))((params, state0))
+  chex.assert_trees_all_equal_shapes_and_dtypes(state, state0)
+  chex.assert_tree_all_finite(params_out)
+
+
+def test_traced_rho_vmap():
+  params, batch = problem(5)
+  grad = jax.grad(mlp_loss)
+
+  def one_step(rho):
+    opt = se.sam(optax.sgd(0.05), rho)
+    updates, _ = opt.update(grad(params, batch), opt.init(params), params,
+                            grad_fn=lambda p: grad(p, batch))
+    return updates
+
+  many = jax.jit(jax.vmap(one_step))(jnp.array([0.0, 0.1]))
+  chex.assert_trees_all_close(jax.tree.map(lambda x: x[1], many), one_step(0.1),
+                              rtol=1e-5, atol=1e-7)
+  chex.assert_trees_all_close(jax.tree.map(lambda x: x[0], many),
+                              jax.tree.map(lambda g: -0.05 * g, grad(params, batch)),
+                              rtol=1e-5, atol=1e-7)
+
+
+def test_no_recompilation_across_steps():
+  params, batch = problem(6)
+  opt = se.sam(optax.sgd(0.05), 0.1)
+  grad = jax.grad(mlp_loss)
+  traces = []
+
+  @jax.jit
+  def step(params, state, batch):
+    traces.append(1)
+    updates, state = opt.update(grad(params, batch), state, params,
+                                grad_fn=lambda p: grad(p, batch))
+    return optax.apply_updates(params, updates), state
+
+  state = opt.init(params)
+  for _ in range(5):
+    params, state = step(params, state, batch)
+  assert len(traces) == 1
+
+
+def test_zero_gradient_no_nan():
+  params = {"w": jnp.zeros(3)}
+  opt = se.sam(optax.sgd(0.1), 0.1, eps=0.0)
+  grad_fn = lambda p: jax.tree.map(jnp.zeros_like, p)
+  updates, state = opt.update(grad_fn(params), opt.init(params), params, grad_fn=grad_fn)
+  chex.assert_tree_all_finite((updates, state))
+
+
+def test_errors():
+  with pytest.raises(ValueError, match="rho"):
+    se.sam(optax.sgd(0.1), -1.0)
+  opt = se.sam(optax.sgd(0.1), 0.1)
+  params = {"w": jnp.ones(2)}
+  with pytest.raises(ValueError, match="grad_fn"):
+    opt.update(params, opt.init(params), params)
+  with pytest.raises(ValueError, match="params"):
+    opt.update(params, opt.init(params), grad_fn=lambda p: p)
+  with pytest.raises(ValueError, match="structure"):
+    opt.update(params, opt.init(params), params, grad_fn=lambda p: {"v": p["w"]})
