@@ -10,18 +10,38 @@ References:
 """
 
 from sam_eos.edges import gd_edge, sam_edge, usam_edge
+from sam_eos.hessian import hessian_matvec, hvp
+from sam_eos.history import HISTORY_COLUMNS, read_csv
+from sam_eos.lanczos import LanczosResult, lanczos
 from sam_eos.sam import SAMGrad, sam_gradient, sam_perturbation
+from sam_eos.spectrum import (Eigenpairs, PowerIterationResult,
+                              hessian_eigenpairs, power_iteration, sharpness)
+from sam_eos.train import TrainResult, TrainingDiverged, train
 from sam_eos.transform import SAMState, sam
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "Eigenpairs",
+    "HISTORY_COLUMNS",
+    "LanczosResult",
+    "PowerIterationResult",
     "SAMGrad",
     "SAMState",
+    "TrainResult",
+    "TrainingDiverged",
     "gd_edge",
+    "hessian_eigenpairs",
+    "hessian_matvec",
+    "hvp",
+    "lanczos",
+    "power_iteration",
+    "read_csv",
     "sam",
     "sam_edge",
     "sam_gradient",
     "sam_perturbation",
+    "sharpness",
+    "train",
     "usam_edge",
 ]
