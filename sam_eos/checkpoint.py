@@ -1,0 +1,102 @@
+"""Atomic checkpoints of the training carry and history (one ``.npz`` file).
+
+A checkpoint stores the leaves of the (possibly vmapped) ``TrainState``, the
+history recorded so far, the next step, the training seconds spent and a
+JSON signature of the settings, so a resumed run can refuse a mismatch.
+PRNG key leaves are stored as their raw key data.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, NamedTuple
+
+import jax
+import numpy as np
+
+from sam_eos.history import HISTORY_COLUMNS
+
+
+class Checkpoint(NamedTuple):
+  """What a checkpoint holds.
+
+  Attributes:
+    state: the carry (same pytree structure as the template it was read with).
+    history: dict column -> ``(C, R)`` array.
+    next_step: the first step not yet run.
+    wall_time: training seconds spent so far.
+    signature: the settings the run was started with.
+  """
+  state: Any
+  history: dict[str, np.ndarray]
+  next_step: int
+  wall_time: float
+  signature: dict[str, Any]
+
+
+def _is_key(x: Any) -> bool:
+  return jax.dtypes.issubdtype(getattr(x, "dtype", None), jax.dtypes.prng_key)
+
+
+def save(path: str | os.PathLike, state: Any, history: dict[str, np.ndarray],
+         next_step: int, wall_time: float, signature: dict[str, Any]) -> None:
+  """Writes a checkpoint atomically: a temp file, fsync, then rename.
+
+  Args:
+    path: destination ``.npz`` file.
+    state: the carry pytree.
+    history: recorded rows.
+    next_step: the first step not yet run.
+    wall_time: training seconds spent so far.
+    signature: JSON-serializable settings of the run.
+  """
+  leaves = jax.tree.leaves(jax.device_get(
+      jax.tree.map(lambda x: jax.random.key_data(x) if _is_key(x) else x, state)))
+  arrays = {f"state_{i}": np.asarray(x) for i, x in enumerate(leaves)}
+  arrays.update({f"history_{k}": v for k, v in history.items()})
+  arrays["next_step"] = np.array(next_step)
+  arrays["wall_time"] = np.array(wall_time)
+  arrays["signature"] = np.array(json.dumps(signature, sort_keys=True))
+  tmp = f"{path}.tmp.npz"
+  with open(tmp, "wb") as f:
+    np.savez(f, **arrays)
+    f.flush()
+    os.fsync(f.fileno())
+  os.replace(tmp, path)
+
+
+def load(path: str | os.PathLike, template: Any) -> Checkpoint:
+  """Reads a checkpoint, rebuilding the carry on ``template``'s structure.
+
+  Args:
+    path: a file written by :func:`save`.
+    template: a carry with the expected structure, shapes and dtypes.
+
+  Returns:
+    The ``Checkpoint``.
+
+  Raises:
+    ValueError: if the stored leaves do not fit ``template``.
+  """
+  with np.load(path) as f:
+    leaves, treedef = jax.tree.flatten(template)
+    stored = [f[f"state_{i}"] for i in range(len(leaves))
+              if f"state_{i}" in f.files]
+    if len(stored) != len(leaves):
+      raise ValueError(f"Checkpoint {path} does not match this run's state "
+                       "structure; start a new out_dir.")
+    restored = []
+    for new, old in zip(stored, leaves):
+      if _is_key(old):
+        new = jax.random.wrap_key_data(new, impl=jax.random.key_impl(old))
+      if new.shape != old.shape or new.dtype != old.dtype:
+        raise ValueError(
+            f"Checkpoint {path} holds an array {new.shape} {new.dtype} where "
+            f"this run has {old.shape} {old.dtype}; start a new out_dir.")
+      restored.append(new)
+    history = {k: f[f"history_{k}"] for k in HISTORY_COLUMNS}
+    return Checkpoint(state=jax.tree.unflatten(treedef, restored),
+                      history=history, next_step=int(f["next_step"]),
+                      wall_time=float(f["wall_time"]),
+                      signature=json.loads(str(f["signature"])))

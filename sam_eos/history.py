@@ -1,0 +1,144 @@
+"""Training history: column names, rows from compiled chunks, CSV files.
+
+The history of a run is a dict of NumPy arrays of shape
+``(num_configs, num_rows)``, one row per tracked step; a single run is
+squeezed to ``(num_rows,)`` by the driver. ``metrics.csv`` holds one line per
+tracked step per configuration, with the configuration columns first.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+from typing import Mapping, Sequence
+
+import numpy as np
+
+HISTORY_COLUMNS = ("step", "loss", "grad_norm", "sharpness", "gd_edge",
+                   "sam_edge", "grad_alignment", "sam_grad_alignment",
+                   "wall_time")
+CONFIG_COLUMNS = ("config", "learning_rate", "rho", "seed")
+
+
+def empty_history(num_configs: int) -> dict[str, np.ndarray]:
+  """A history with no rows.
+
+  Args:
+    num_configs: number of configurations ``C``.
+
+  Returns:
+    Dict column -> array of shape ``(C, 0)`` (``step`` int64, others float64).
+  """
+  return {name: np.zeros((num_configs, 0),
+                         np.int64 if name == "step" else np.float64)
+          for name in HISTORY_COLUMNS}
+
+
+def chunk_rows(step: np.ndarray, tracked: np.ndarray,
+               metrics: Mapping[str, np.ndarray], wall_start: float,
+               wall_end: float, first_step: int, num_active: int
+               ) -> dict[str, np.ndarray]:
+  """The tracked rows of one chunk as history columns.
+
+  Wall time is measured at chunk boundaries and interpolated linearly in the
+  step index inside the chunk.
+
+  Args:
+    step: ``(chunk_len,)`` global step indices (shared by all configs).
+    tracked: ``(chunk_len,)`` bools, which rows were measured.
+    metrics: name -> ``(C, chunk_len)`` values.
+    wall_start: training seconds (compile excluded) before the chunk.
+    wall_end: training seconds after it.
+    first_step: first step run in the chunk.
+    num_active: number of steps actually run in the chunk.
+
+  Returns:
+    Dict column -> ``(C, R)`` arrays, ``R`` = number of tracked rows.
+  """
+  keep = np.asarray(tracked, bool)
+  steps = np.asarray(step)[keep]
+  num_configs = next(iter(metrics.values())).shape[0]
+  frac = (steps - first_step + 1) / max(num_active, 1)
+  rows = {name: np.asarray(values, np.float64)[:, keep]
+          for name, values in metrics.items()}
+  rows["step"] = np.broadcast_to(steps.astype(np.int64), (num_configs, len(steps)))
+  rows["wall_time"] = np.broadcast_to(wall_start + frac * (wall_end - wall_start),
+                                      (num_configs, len(steps)))
+  return {name: np.array(rows[name]) for name in HISTORY_COLUMNS}
+
+
+def concat(history: Mapping[str, np.ndarray], rows: Mapping[str, np.ndarray]
+           ) -> dict[str, np.ndarray]:
+  """Appends ``rows`` to ``history`` along the row axis."""
+  return {name: np.concatenate([history[name], rows[name]], axis=1)
+          for name in HISTORY_COLUMNS}
+
+
+def truncate(history: Mapping[str, np.ndarray], before_step: int
+             ) -> dict[str, np.ndarray]:
+  """Keeps the rows with ``step < before_step`` (equal across configs)."""
+  keep = history["step"][0] < before_step
+  return {name: values[:, keep] for name, values in history.items()}
+
+
+def _csv_lines(history: Mapping[str, np.ndarray],
+               configs: Sequence[Mapping[str, float]]) -> list[list[str]]:
+  """Long-format lines: configuration columns, then history columns."""
+  lines = []
+  num_rows = history["step"].shape[1]
+  for row in range(num_rows):
+    for c, cfg in enumerate(configs):
+      line = [str(c), repr(float(cfg["learning_rate"])), repr(float(cfg["rho"])),
+              str(cfg["seed"])]
+      for name in HISTORY_COLUMNS:
+        value = history[name][c, row]
+        line.append(str(int(value)) if name == "step" else repr(float(value)))
+      lines.append(line)
+  return lines
+
+
+def append_csv(path: str | os.PathLike, history: Mapping[str, np.ndarray],
+               configs: Sequence[Mapping[str, float]]) -> None:
+  """Appends rows to ``path``, writing the header if the file is new.
+
+  Args:
+    path: the CSV file.
+    history: rows to append, ``(C, R)`` arrays.
+    configs: per-configuration ``learning_rate``, ``rho``, ``seed``.
+  """
+  new = not os.path.exists(path) or os.path.getsize(path) == 0
+  with open(path, "a", newline="") as f:
+    writer = csv.writer(f)
+    if new:
+      writer.writerow(CONFIG_COLUMNS + HISTORY_COLUMNS)
+    writer.writerows(_csv_lines(history, configs))
+    f.flush()
+    os.fsync(f.fileno())
+
+
+def write_csv(path: str | os.PathLike, history: Mapping[str, np.ndarray],
+              configs: Sequence[Mapping[str, float]]) -> None:
+  """Writes the whole history to ``path`` atomically (temp file + rename)."""
+  tmp = f"{path}.tmp"
+  if os.path.exists(tmp):
+    os.remove(tmp)
+  append_csv(tmp, history, configs)
+  os.replace(tmp, path)
+
+
+def read_csv(path: str | os.PathLike) -> dict[str, np.ndarray]:
+  """Reads a ``metrics.csv`` into flat column arrays (one entry per line).
+
+  Args:
+    path: a file written by :func:`append_csv`.
+
+  Returns:
+    Dict column -> 1-D array; ``config``, ``step`` and ``seed`` as integers.
+  """
+  with open(path, newline="") as f:
+    reader = csv.DictReader(f)
+    lines = list(reader)
+    names = reader.fieldnames or []
+  ints = {"config", "step", "seed"}
+  return {name: np.array([int(l[name]) if name in ints else float(l[name])
+                          for l in lines]) for name in names}

@@ -1,0 +1,300 @@
+"""The pure training core: a ``lax.scan`` of GD/SAM steps with in-graph tracking.
+
+One compiled chunk runs ``chunk_len`` steps. Step ``t`` (a global counter,
+not part of the vmapped state) draws its batch from ``fold_in(key, t)``,
+computes the loss and gradient at the iterate ``w_t`` and, every
+``track_every`` steps (``lax.cond`` on an unbatched predicate, so it stays a
+real branch under ``vmap``), measures at ``w_t`` on the step's batch:
+
+* ``sharpness``: the top Hessian eigenvalue, by Lanczos warm-started from the
+  previous top eigenvector (kept in the carry), reusing the linearization
+  that produced the gradient (no extra gradient on tracked steps);
+* ``grad_norm``, ``loss``, ``gd_edge``, ``sam_edge`` (``usam_edge`` for
+  unnormalized SAM), ``grad_alignment = |cos(g, v1)|`` and
+  ``sam_grad_alignment = |cos(g_SAM, v1)|``.
+
+It then takes the step ``w_{t+1} = w_t + base_update(grad L(w_t + e_t))``.
+Steps with ``t >= end`` are skipped (``lax.cond``), so a partial last chunk
+reuses the same compiled program. The first step whose loss or gradient
+norm is not finite is recorded in ``TrainState.diverged_at``.
+
+Everything here is pure; ``sam_eos.train`` is the driver (I/O, progress).
+
+References:
+  Long & Bartlett, "Sharpness-Aware Minimization and the Edge of Stability",
+  arXiv:2309.12488, 2023 (the tracked quantities, Figs. 1-6).
+  Cohen et al., "Gradient Descent on Neural Networks Typically Occurs at the
+  Edge of Stability", ICLR 2021 (sharpness tracking during training).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax.flatten_util import ravel_pytree
+
+from sam_eos import edges
+from sam_eos.lanczos import lanczos
+from sam_eos.sam import sam_perturbation
+
+PyTree = Any
+
+METRIC_NAMES = ("loss", "grad_norm", "sharpness", "gd_edge", "sam_edge",
+                "grad_alignment", "sam_grad_alignment")
+
+
+class Hyperparams(NamedTuple):
+  """Hyperparameters that may be traced, hence vmapped over in a sweep.
+
+  Attributes:
+    learning_rate: step size ``eta`` (scalar array).
+    rho: SAM radius (scalar array); 0 gives plain GD/SGD.
+  """
+  learning_rate: jax.Array
+  rho: jax.Array
+
+
+class TrainState(NamedTuple):
+  """The scan carry.
+
+  Attributes:
+    params: the iterate ``w_t``.
+    opt_state: state of the base optimizer.
+    key: the run's PRNG key; step ``t`` uses ``fold_in(key, t)``.
+    eigvec: flat unit vector, the last top Hessian eigenvector (warm start).
+    diverged_at: first step with a non-finite loss or gradient, -1 if none.
+  """
+  params: PyTree
+  opt_state: optax.OptState
+  key: jax.Array
+  eigvec: jax.Array
+  diverged_at: jax.Array
+
+
+class ChunkOutput(NamedTuple):
+  """Per-step outputs of one chunk, each of shape ``(chunk_len,)``.
+
+  Attributes:
+    step: global step index ``t``.
+    tracked: whether row ``t`` was measured.
+    metrics: dict name -> values (NaN on untracked rows, never used).
+  """
+  step: jax.Array
+  tracked: jax.Array
+  metrics: dict[str, jax.Array]
+
+
+@dataclasses.dataclass(frozen=True)
+class LoopConfig:
+  """Static (compile-time) settings of the core.
+
+  Attributes:
+    loss_fn: ``loss_fn(params, batch) -> scalar``.
+    batch_size: minibatch size drawn by key each step, or None for full batch.
+    track_every: measure every ``track_every`` steps.
+    num_lanczos_iters: Lanczos iterations per measurement.
+    momentum: heavy-ball coefficient of the default SGD optimizer (static).
+    normalize: normalized SAM (True) or unnormalized SAM (False).
+    eps: added to ``||g||`` in the SAM normalization.
+    use_sam: compute the perturbed gradient (False only when every rho is 0).
+    optimizer: a custom optax base optimizer, or None for SGD(learning_rate,
+      momentum) built from the (possibly traced) hyperparameters.
+  """
+  loss_fn: Callable[[PyTree, Any], jax.Array]
+  batch_size: int | None = None
+  track_every: int = 10
+  num_lanczos_iters: int = 20
+  momentum: float = 0.0
+  normalize: bool = True
+  eps: float = 1e-12
+  use_sam: bool = True
+  optimizer: optax.GradientTransformation | None = None
+
+
+def make_optimizer(config: LoopConfig, hparams: Hyperparams
+                   ) -> optax.GradientTransformation:
+  """The base optimizer: ``config.optimizer`` or SGD with heavy-ball momentum.
+
+  Args:
+    config: static settings.
+    hparams: hyperparameters (``learning_rate`` may be traced).
+
+  Returns:
+    An optax transformation fed with the (SAM) gradient.
+  """
+  if config.optimizer is not None:
+    return config.optimizer
+  return optax.sgd(hparams.learning_rate,
+                   momentum=config.momentum if config.momentum else None)
+
+
+def init_state(config: LoopConfig, params: PyTree, hparams: Hyperparams,
+               key: jax.Array) -> TrainState:
+  """Initial carry: optimizer state and a random unit start vector for Lanczos.
+
+  Args:
+    config: static settings.
+    params: initial parameters ``w_0``.
+    hparams: hyperparameters.
+    key: the run's PRNG key.
+
+  Returns:
+    A ``TrainState`` at step 0.
+  """
+  flat, _ = ravel_pytree(params)
+  v0 = jax.random.normal(jax.random.split(key)[1], flat.shape, flat.dtype)
+  return TrainState(
+      params=params,
+      opt_state=make_optimizer(config, hparams).init(params),
+      key=key,
+      eigvec=v0 / jnp.linalg.norm(v0),
+      diverged_at=jnp.array(-1, jnp.int32))
+
+
+def sample_batch(data: PyTree, key: jax.Array, batch_size: int | None) -> PyTree:
+  """Full batch, or ``batch_size`` examples drawn without replacement.
+
+  Args:
+    data: pytree of arrays sharing the leading (example) axis ``N``.
+    key: PRNG key of this step.
+    batch_size: minibatch size ``B <= N`` or None.
+
+  Returns:
+    ``data`` itself, or the pytree of the ``B`` drawn examples.
+  """
+  if batch_size is None:
+    return data
+  num_examples = jax.tree.leaves(data)[0].shape[0]
+  idx = jax.random.choice(key, num_examples, (batch_size,), replace=False)
+  return jax.tree.map(lambda x: jnp.take(x, idx, axis=0), data)
+
+
+def _abs_cos(u: jax.Array, v: jax.Array) -> jax.Array:
+  """``|<u, v>| / (||u|| ||v||)``, 0 when either is zero."""
+  denom = jnp.linalg.norm(u) * jnp.linalg.norm(v)
+  dot = jnp.abs(jnp.dot(u, v, precision=jax.lax.Precision.HIGHEST))
+  return jnp.where(denom > 0, dot / jnp.where(denom > 0, denom, 1.0), 0.0)
+
+
+def _edges(config: LoopConfig, hparams: Hyperparams, grad_norm: jax.Array
+           ) -> tuple[jax.Array, jax.Array]:
+  """``gd_edge`` and the SAM-edge (USAM-edge if unnormalized)."""
+  gd = edges.gd_edge(hparams.learning_rate, momentum=config.momentum)
+  if config.normalize:
+    sam = edges.sam_edge(hparams.learning_rate, hparams.rho, grad_norm,
+                         momentum=config.momentum)
+  else:
+    sam = edges.usam_edge(hparams.learning_rate, hparams.rho,
+                          momentum=config.momentum)
+  return gd, sam
+
+
+def _measure(config: LoopConfig, params: PyTree, batch: Any,
+             eigvec: jax.Array) -> tuple[jax.Array, PyTree, jax.Array, jax.Array]:
+  """Loss, gradient, top eigenvector and eigenvalue at ``params``.
+
+  Linearizes ``value_and_grad`` once: its primal output is the step's loss
+  and gradient and its tangent map the Hessian-vector product fed to
+  Lanczos, warm-started from ``eigvec``.
+  """
+  flat, unravel = ravel_pytree(params)
+  value_and_grad = jax.value_and_grad(config.loss_fn)
+  (loss, grads), jvp = jax.linearize(lambda p: value_and_grad(p, batch), params)
+
+  def matvec(v: jax.Array) -> jax.Array:
+    return ravel_pytree(jvp(unravel(v.astype(flat.dtype)))[1])[0]
+
+  result = lanczos(matvec, eigvec, config.num_lanczos_iters)
+  return loss, grads, result.ritz_vectors[0], result.ritz_values[0]
+
+
+def _train_step(config: LoopConfig, hparams: Hyperparams, data: PyTree,
+                state: TrainState, step: jax.Array
+                ) -> tuple[TrainState, tuple[jax.Array, dict[str, jax.Array]]]:
+  """One GD/SAM step at global step ``step``, measuring when it is due."""
+  batch = sample_batch(data, jax.random.fold_in(state.key, step),
+                       config.batch_size)
+  tracked = step % config.track_every == 0
+
+  def with_tracking(params, eigvec):
+    return _measure(config, params, batch, eigvec)
+
+  def without_tracking(params, eigvec):
+    loss, grads = jax.value_and_grad(config.loss_fn)(params, batch)
+    return loss, grads, eigvec, jnp.full((), jnp.nan, eigvec.dtype)
+
+  loss, grads, eigvec, top_value = jax.lax.cond(
+      tracked, with_tracking, without_tracking, state.params, state.eigvec)
+  grad_norm = optax.tree.norm(grads)
+  if config.use_sam:
+    perturbation = sam_perturbation(grads, hparams.rho,
+                                    normalize=config.normalize, eps=config.eps)
+    sam_grads = jax.grad(config.loss_fn)(
+        optax.apply_updates(state.params, perturbation), batch)
+    sam_grads = jax.tree.map(lambda g, s: jnp.where(hparams.rho == 0, g, s),
+                             grads, sam_grads)
+  else:
+    sam_grads = grads
+  optimizer = make_optimizer(config, hparams)
+  updates, opt_state = optimizer.update(sam_grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+
+  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+  diverged_at = jnp.where((state.diverged_at < 0) & ~finite, step,
+                          state.diverged_at).astype(jnp.int32)
+  gd_edge, sam_edge = _edges(config, hparams, grad_norm)
+  metrics = {
+      "loss": loss,
+      "grad_norm": grad_norm,
+      "sharpness": top_value,
+      "gd_edge": gd_edge,
+      "sam_edge": sam_edge,
+      "grad_alignment": _abs_cos(ravel_pytree(grads)[0], eigvec),
+      "sam_grad_alignment": _abs_cos(ravel_pytree(sam_grads)[0], eigvec),
+  }
+  dtype = jnp.result_type(float)
+  metrics = {k: jnp.where(tracked, v, jnp.nan).astype(dtype)
+             for k, v in metrics.items()}
+  new_state = TrainState(params=params, opt_state=opt_state, key=state.key,
+                         eigvec=eigvec, diverged_at=diverged_at)
+  return new_state, (tracked, metrics)
+
+
+def run_chunk(config: LoopConfig, state: TrainState, data: PyTree,
+              hparams: Hyperparams, start: jax.Array, end: jax.Array,
+              chunk_len: int) -> tuple[TrainState, ChunkOutput]:
+  """Runs steps ``start, ..., start + chunk_len - 1`` (those below ``end``).
+
+  Pure and jit-able with ``config`` and ``chunk_len`` static; vmap over
+  ``(state, hparams)`` (with ``start``/``end`` unbatched) for a sweep.
+
+  Args:
+    config: static settings.
+    state: the carry at step ``start``.
+    data: pytree of device-resident arrays (leading axis = examples).
+    hparams: hyperparameters (may be traced).
+    start: global index of the first step (scalar int array).
+    end: steps ``>= end`` are skipped (scalar int array).
+    chunk_len: number of scan iterations (static).
+
+  Returns:
+    The carry after the chunk and its ``ChunkOutput``.
+  """
+  nan_metrics = {name: jnp.full((), jnp.nan, jnp.result_type(float))
+                 for name in METRIC_NAMES}
+
+  def body(state, step):
+    def skip(state):
+      return state, (jnp.array(False), nan_metrics)
+
+    return jax.lax.cond(
+        step < end, lambda s: _train_step(config, hparams, data, s, step),
+        skip, state)
+
+  steps = start + jnp.arange(chunk_len, dtype=jnp.int32)
+  state, (tracked, metrics) = jax.lax.scan(body, state, steps)
+  return state, ChunkOutput(step=steps, tracked=tracked, metrics=metrics)

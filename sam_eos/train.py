@@ -1,0 +1,385 @@
+"""The training driver: runs the compiled core in chunks, observably and safely.
+
+``train`` compiles one chunk program (ahead of time, once), then repeatedly
+runs it: after every chunk it updates the progress bar, appends the new
+tracked rows to ``out_dir/metrics.csv`` and writes an atomic checkpoint, so
+an interrupted run loses at most one chunk and ``train`` called again with
+the same ``out_dir`` resumes bit for bit. Several learning rates, radii or
+seeds run as one vmapped program. A non-finite loss or gradient raises
+``TrainingDiverged`` after saving the rows recorded before it.
+
+References:
+  Long & Bartlett, "Sharpness-Aware Minimization and the Edge of Stability",
+  arXiv:2309.12488, 2023.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from typing import Any, Callable, NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.flatten_util import ravel_pytree
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from sam_eos import _checks, checkpoint, history as hist, loop
+
+PyTree = Any
+CHECKPOINT_FILE = "checkpoint.npz"
+METRICS_FILE = "metrics.csv"
+CONFIG_FILE = "config.json"
+
+
+class TrainResult(NamedTuple):
+  """What ``train`` returns.
+
+  Attributes:
+    params: final parameters (leading config axis for a sweep).
+    history: dict of NumPy arrays with the columns ``step, loss, grad_norm,
+      sharpness, gd_edge, sam_edge, grad_alignment, sam_grad_alignment,
+      wall_time``; shape ``(rows,)``, or ``(configs, rows)`` for a sweep.
+  """
+  params: PyTree
+  history: dict[str, np.ndarray]
+
+
+class TrainingDiverged(FloatingPointError):
+  """A non-finite loss or gradient stopped training.
+
+  Attributes:
+    step: the first step whose loss or gradient norm was not finite.
+    config: index of the (first) configuration that diverged.
+    history: the rows recorded before ``step`` (as in ``TrainResult``).
+  """
+
+  def __init__(self, message: str, step: int, config: int,
+               history: dict[str, np.ndarray]):
+    super().__init__(message)
+    self.step = step
+    self.config = config
+    self.history = history
+
+
+def _as_vector(name: str, value: Any) -> np.ndarray:
+  """A scalar or 1-D sequence as a 1-D float64 array."""
+  arr = np.atleast_1d(np.asarray(value, np.float64))
+  if arr.ndim != 1 or arr.size == 0:
+    raise ValueError(f"`{name}` must be a scalar or a non-empty 1-D sequence, "
+                     f"got shape {np.shape(value)}.")
+  return arr
+
+
+def _keys(key: Any) -> tuple[jax.Array, list[Any]]:
+  """Typed keys of shape ``(K,)`` and their JSON-friendly description."""
+  if key is None:
+    key = 0
+  if isinstance(key, (int, np.integer)) or (
+      isinstance(key, (list, tuple, np.ndarray)) and np.ndim(key) == 1
+      and all(isinstance(k, (int, np.integer)) for k in key)):
+    seeds = [int(k) for k in np.atleast_1d(key)]
+    return jnp.stack([jax.random.key(s) for s in seeds]), seeds
+  key = jnp.asarray(key) if not isinstance(key, jax.Array) else key
+  if not jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key):
+    key = jax.random.wrap_key_data(key)
+  key = key.reshape(-1)
+  return key, [np.asarray(jax.random.key_data(k)).tolist() for k in key]
+
+
+def _broadcast_configs(learning_rate: Any, rho: Any, key: Any
+                       ) -> tuple[np.ndarray, np.ndarray, jax.Array, list[Any], bool]:
+  """Broadcasts the swept hyperparameters to a common length ``C``."""
+  lrs = _as_vector("learning_rate", learning_rate)
+  rhos = _as_vector("rho", rho)
+  keys, seeds = _keys(key)
+  sizes = {len(lrs), len(rhos), len(seeds)}
+  num = max(sizes)
+  if sizes - {1, num}:
+    raise ValueError(
+        "`learning_rate`, `rho` and `key` must be scalars or sequences of one "
+        f"common length; got lengths {len(lrs)}, {len(rhos)}, {len(seeds)}.")
+  sweep = num > 1 or any(np.ndim(v) > 0 for v in (learning_rate, rho)) or (
+      isinstance(key, (list, tuple)))
+  lrs = np.broadcast_to(lrs, (num,)).copy()
+  rhos = np.broadcast_to(rhos, (num,)).copy()
+  if len(seeds) == 1:
+    keys = jnp.broadcast_to(keys, (num,))
+    seeds = seeds * num
+  return lrs, rhos, keys, seeds, sweep
+
+
+def _check_data(data: PyTree, batch_size: int | None) -> int:
+  """Validates the data pytree and ``batch_size``; returns the example count."""
+  leaves = jax.tree.leaves(data)
+  if not leaves:
+    raise ValueError("`data` must be a non-empty pytree of arrays.")
+  sizes = {np.shape(x)[0] if np.ndim(x) else None for x in leaves}
+  if None in sizes or len(sizes) != 1:
+    raise ValueError(
+        "`data` arrays must share their leading (example) axis; got leading "
+        f"sizes {[np.shape(x)[:1] for x in leaves]}.")
+  num_examples = sizes.pop()
+  if batch_size is not None:
+    _checks.check_int("batch_size", batch_size, 1)
+    if batch_size > num_examples:
+      raise ValueError(f"`batch_size` ({batch_size}) exceeds the number of "
+                       f"examples in `data` ({num_examples}); use "
+                       "batch_size=None for full batch.")
+  return num_examples
+
+
+def _check_loss(loss_fn: Callable, params: PyTree, data: PyTree,
+                batch_size: int | None) -> None:
+  """Raises ValueError unless ``loss_fn(params, batch)`` is a real scalar."""
+  batch = data if batch_size is None else jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct((batch_size,) + x.shape[1:], x.dtype), data)
+  try:
+    out = jax.eval_shape(loss_fn, params, batch)
+  except Exception as e:  # noqa: BLE001 - re-raised with the argument named
+    raise ValueError(f"`loss_fn(params, batch)` failed on the given params and a "
+                     f"batch of `data`: {e}") from e
+  if not isinstance(out, jax.ShapeDtypeStruct) or out.shape != () or not \
+      jnp.issubdtype(out.dtype, jnp.floating):
+    raise ValueError(
+        "`loss_fn(params, batch)` must return a real scalar loss; got "
+        f"{out}. Reduce it with a mean, and drop any aux output.")
+
+
+def _default_chunk(num_steps: int, track_every: int) -> int:
+  """About 200 steps per chunk, a multiple of ``track_every``."""
+  per = track_every * max(1, 200 // track_every)
+  return min(per, track_every * math.ceil(num_steps / track_every))
+
+
+def _progress(total: int, initial: int, enabled: bool):
+  """A tqdm bar on stderr, or None."""
+  if not enabled:
+    return None
+  from tqdm.auto import tqdm  # pylint: disable=g-import-not-at-top
+  return tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True,
+              desc="train")
+
+
+def _postfix(history: dict[str, np.ndarray]) -> dict[str, str]:
+  """Last tracked row of configuration 0, for the progress bar."""
+  if history["step"].shape[1] == 0:
+    return {}
+  last = {k: v[0, -1] for k, v in history.items()}
+  return {"loss": f"{last['loss']:.4g}", "sharp": f"{last['sharpness']:.4g}",
+          "sam_edge": f"{last['sam_edge']:.4g}", "2/eta": f"{last['gd_edge']:.4g}"}
+
+
+def _squeeze(history: dict[str, np.ndarray], sweep: bool) -> dict[str, np.ndarray]:
+  return history if sweep else {k: v[0] for k, v in history.items()}
+
+
+def train(loss_fn: Callable[[PyTree, Any], jax.Array], params: PyTree,
+          data: PyTree, *, learning_rate: float | Sequence[float],
+          num_steps: int, rho: float | Sequence[float] = 0.0,
+          momentum: float = 0.0, normalize: bool = True,
+          optimizer: optax.GradientTransformation | None = None,
+          batch_size: int | None = None, track_every: int = 10,
+          num_lanczos_iters: int = 20, key: Any = None,
+          out_dir: str | os.PathLike | None = None, progress: bool = True,
+          mesh: Mesh | None = None, chunk_size: int | None = None,
+          eps: float = 1e-12, metadata: dict[str, Any] | None = None
+          ) -> TrainResult:
+  """Trains with GD/SGD or SAM, recording sharpness and the edges.
+
+  Runs ``num_steps`` steps of ``w <- w - eta * grad L(w + e)`` with
+  ``e = rho g / (||g|| + eps)`` (``rho g`` if not ``normalize``; ``e = 0`` at
+  ``rho = 0``), with heavy-ball ``momentum`` or a custom base ``optimizer``.
+  Every ``track_every`` steps it records, at the iterate and on the step's
+  batch, the history columns (see ``TrainResult``); sharpness is the top
+  Hessian eigenvalue by ``num_lanczos_iters`` warm-started Lanczos steps.
+
+  Sequences for ``learning_rate``, ``rho`` or ``key`` (seeds) of one common
+  length ``C`` (scalars broadcast) run as one vmapped program from the same
+  ``params``; the history then has a leading config axis.
+
+  Args:
+    loss_fn: ``loss_fn(params, batch) -> scalar``.
+    params: initial parameter pytree.
+    data: pytree of arrays with a shared leading example axis ``N``; the
+      batch passed to ``loss_fn`` is ``data`` itself (full batch) or a
+      pytree of ``batch_size`` examples drawn without replacement.
+    learning_rate: step size ``eta > 0`` (also used for the edges when a
+      custom ``optimizer`` is given).
+    num_steps: total number of steps (``>= 1``); with an existing checkpoint
+      in ``out_dir``, training continues up to this step.
+    rho: SAM radius ``>= 0``; 0 is GD/SGD.
+    momentum: heavy-ball coefficient in ``[0, 1)`` for the default optimizer
+      (the edges use it too).
+    normalize: normalized SAM (default) or unnormalized SAM (USAM); the
+      ``sam_edge`` column then holds the USAM edge.
+    optimizer: optional optax base optimizer replacing SGD.
+    batch_size: minibatch size, or None for full batch.
+    track_every: measure every this many steps (step 0 included).
+    num_lanczos_iters: Lanczos iterations per measurement.
+    key: int seed, list of seeds, or PRNG key(s); default seed 0.
+    out_dir: folder for ``config.json``, ``metrics.csv`` and
+      ``checkpoint.npz``; None keeps everything in memory.
+    progress: show a progress bar (stderr).
+    mesh: optional ``jax.sharding.Mesh`` with a ``"data"`` axis: the data are
+      sharded along it, everything else replicated.
+    chunk_size: steps per compiled chunk (default about 200, a multiple of
+      ``track_every``); files are written after every chunk.
+    eps: added to ``||g||`` in the SAM normalization.
+    metadata: extra JSON-serializable settings saved in ``config.json``.
+
+  Returns:
+    ``TrainResult(params, history)``.
+
+  Raises:
+    ValueError: for invalid arguments (named in the message), or a checkpoint
+      in ``out_dir`` from a run with other settings.
+    TrainingDiverged: when a loss or gradient norm becomes non-finite.
+
+  Examples:
+    GD on a quadratic with Hessian ``diag(3, 1)``: the tracked sharpness is
+    its top eigenvalue.
+
+    >>> import jax.numpy as jnp, sam_eos as se
+    >>> loss = lambda w, h: 0.5 * jnp.sum(h[0] * w ** 2)
+    >>> result = se.train(loss, jnp.ones(2), jnp.array([[3.0, 1.0]]),
+    ...                   learning_rate=0.1, num_steps=20, track_every=10,
+    ...                   num_lanczos_iters=2, progress=False)
+    >>> result.history["step"].tolist(), result.history["sharpness"].round(4).tolist()
+    ([0, 10], [3.0, 3.0])
+
+  References:
+    Long & Bartlett 2023 (tracked quantities); Cohen et al. 2021.
+  """
+  num_steps = _checks.check_int("num_steps", num_steps, 1)
+  track_every = _checks.check_int("track_every", track_every, 1)
+  num_lanczos_iters = _checks.check_int("num_lanczos_iters", num_lanczos_iters, 1)
+  _checks.check_momentum(momentum)
+  _checks.check_nonnegative("eps", eps)
+  num_params = ravel_pytree(params)[0].size
+  if num_lanczos_iters > num_params:
+    raise ValueError(f"`num_lanczos_iters` ({num_lanczos_iters}) exceeds the "
+                     f"number of parameters ({num_params}).")
+  lrs, rhos, keys, seeds, sweep = _broadcast_configs(learning_rate, rho, key)
+  _checks.check_positive("learning_rate", lrs)
+  _checks.check_nonnegative("rho", rhos)
+  if chunk_size is None:
+    chunk_size = _default_chunk(num_steps, track_every)
+  chunk_size = _checks.check_int("chunk_size", chunk_size, 1)
+  _check_data(data, batch_size)
+  _check_loss(loss_fn, params, data, batch_size)
+
+  config = loop.LoopConfig(
+      loss_fn=loss_fn, batch_size=batch_size, track_every=track_every,
+      num_lanczos_iters=num_lanczos_iters, momentum=float(momentum),
+      normalize=normalize, eps=float(eps), use_sam=bool(np.any(rhos > 0)),
+      optimizer=optimizer)
+  dtype = jnp.result_type(float)
+  hparams = loop.Hyperparams(learning_rate=jnp.asarray(lrs, dtype),
+                             rho=jnp.asarray(rhos, dtype))
+  configs = [{"learning_rate": float(l), "rho": float(r), "seed": s}
+             for l, r, s in zip(lrs, rhos, seeds)]
+  signature = {
+      "configs": configs, "momentum": float(momentum), "normalize": normalize,
+      "batch_size": batch_size, "track_every": track_every,
+      "num_lanczos_iters": num_lanczos_iters, "eps": float(eps),
+      "optimizer": None if optimizer is None else repr(optimizer),
+      "num_params": int(num_params),
+  }
+
+  if mesh is not None:
+    data = jax.device_put(data, NamedSharding(mesh, PartitionSpec("data")))
+  vinit = jax.vmap(lambda p, h, k: loop.init_state(config, p, h, k),
+                   in_axes=(None, 0, 0))
+  state = vinit(params, hparams, keys)
+  run = jax.vmap(lambda s, d, h, a, b: loop.run_chunk(config, s, d, h, a, b,
+                                                      chunk_size),
+                 in_axes=(0, None, 0, None, None))
+  if mesh is not None:
+    replicated = NamedSharding(mesh, PartitionSpec())
+    state, hparams = jax.device_put((state, hparams), replicated)
+
+  history = hist.empty_history(len(configs))
+  next_step, wall = 0, 0.0
+  ckpt_path = metrics_path = None
+  if out_dir is not None:
+    out_dir = os.fspath(out_dir)
+    try:
+      os.makedirs(out_dir, exist_ok=True)
+    except OSError as e:
+      raise ValueError(f"`out_dir` {out_dir!r} cannot be created: {e}") from e
+    if not os.access(out_dir, os.W_OK):
+      raise ValueError(f"`out_dir` {out_dir!r} is not writable.")
+    ckpt_path = os.path.join(out_dir, CHECKPOINT_FILE)
+    metrics_path = os.path.join(out_dir, METRICS_FILE)
+    if os.path.exists(ckpt_path):
+      saved = checkpoint.load(ckpt_path, state)
+      if saved.signature != json.loads(json.dumps(signature)):
+        raise ValueError(
+            f"`out_dir` {out_dir!r} holds a checkpoint of a run with other "
+            f"settings ({saved.signature}); use a new out_dir to start afresh.")
+      state, history = saved.state, saved.history
+      next_step, wall = saved.next_step, saved.wall_time
+      hist.write_csv(metrics_path, history, configs)
+    elif os.path.exists(metrics_path):
+      os.remove(metrics_path)
+    with open(os.path.join(out_dir, CONFIG_FILE), "w") as f:
+      json.dump({**signature, "num_steps": num_steps, "metadata": metadata,
+                 "jax_version": jax.__version__,
+                 "device": str(jax.devices()[0].device_kind)}, f, indent=2)
+
+  if next_step < num_steps:
+    compiled = jax.jit(run, donate_argnums=(0,)).lower(
+        state, data, hparams, jnp.int32(0), jnp.int32(0)).compile()
+    bar = _progress(num_steps, next_step, progress)
+    try:
+      while next_step < num_steps:
+        start_time = time.perf_counter()
+        state, out = compiled(state, data, hparams, jnp.int32(next_step),
+                              jnp.int32(num_steps))
+        out, diverged_at = jax.device_get((out, state.diverged_at))
+        elapsed = time.perf_counter() - start_time
+        num_active = min(chunk_size, num_steps - next_step)
+        rows = hist.chunk_rows(out.step[0], out.tracked[0], out.metrics, wall,
+                               wall + elapsed, next_step, num_active)
+        wall += elapsed
+        if np.any(diverged_at >= 0):
+          bad = int(np.argmax(np.where(diverged_at >= 0, -diverged_at, -np.inf)))
+          step = int(diverged_at[bad])
+          history = hist.truncate(hist.concat(history, rows), step)
+          if metrics_path is not None:
+            hist.write_csv(metrics_path, history, configs)
+          raise TrainingDiverged(
+              f"Training diverged at step {step}: the loss or gradient of "
+              f"configuration {bad} ({configs[bad]}) is not finite. Lower the "
+              f"learning rate or rho. {history['step'].shape[1]} tracked rows "
+              "before it were kept" +
+              (f" in {metrics_path}." if metrics_path else "."),
+              step=step, config=bad, history=_squeeze(history, sweep))
+        history = hist.concat(history, rows)
+        next_step += num_active
+        if out_dir is not None:
+          hist.append_csv(metrics_path, rows, configs)
+          checkpoint.save(ckpt_path, state, history, next_step, wall, signature)
+        if bar is not None:
+          bar.set_postfix(_postfix(history), refresh=False)
+          bar.update(num_active)
+    finally:
+      if bar is not None:
+        bar.close()
+
+  finite = jax.device_get(jax.vmap(
+      lambda p: jnp.all(jnp.isfinite(ravel_pytree(p)[0])))(state.params))
+  if not np.all(finite):
+    bad = int(np.argmin(finite))
+    raise TrainingDiverged(
+        f"Training diverged at step {num_steps}: the final parameters of "
+        f"configuration {bad} ({configs[bad]}) are not finite. Lower the "
+        "learning rate or rho.", step=num_steps, config=bad,
+        history=_squeeze(history, sweep))
+  final = state.params if sweep else jax.tree.map(lambda x: x[0], state.params)
+  return TrainResult(params=final, history=_squeeze(history, sweep))

@@ -1,0 +1,288 @@
+"""The compiled training loop and its driver, against exact references."""
+
+import csv
+import json
+import os
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import sam_eos as se
+from sam_eos import loop
+
+
+@pytest.fixture
+def x64():
+  with jax.enable_x64(True):
+    yield
+
+
+def quad_loss(w, data):
+  """0.5 * w^T diag(h) w, the Hessian row `h` passed as the (single) example."""
+  return 0.5 * jnp.sum(data[0] * w ** 2)
+
+
+def mlp_loss(params, batch):
+  x, y = batch
+  h = jnp.tanh(x @ params["w1"] + params["b1"])
+  return jnp.mean((h @ params["w2"] - y) ** 2)
+
+
+def mlp_problem(num_examples=12, dtype=jnp.float32, key=0):
+  k = jax.random.split(jax.random.key(key), 4)
+  params = {"w1": jax.random.normal(k[0], (3, 6), dtype) * 0.8,
+            "b1": jnp.zeros(6, dtype),
+            "w2": jax.random.normal(k[1], (6, 2), dtype) * 0.5}
+  data = (jax.random.normal(k[2], (num_examples, 3), dtype),
+          jax.random.normal(k[3], (num_examples, 2), dtype))
+  return params, data
+
+
+def dense_top(loss_fn, params, batch):
+  """Top eigenpair of the dense Hessian (float64 NumPy eigh)."""
+  flat, unravel = jax.flatten_util.ravel_pytree(params)
+  hess = jax.hessian(lambda v: loss_fn(unravel(v), batch))(flat)
+  vals, vecs = np.linalg.eigh(np.asarray(hess, np.float64))
+  return vals[-1], vecs[:, -1]
+
+
+def test_quadratic_sharpness_is_exact(x64):
+  hess = jnp.array([[7.0, 3.0, 1.0, 0.5]])
+  result = se.train(quad_loss, jnp.ones(4), hess, learning_rate=0.05,
+                    num_steps=40, track_every=5, num_lanczos_iters=4,
+                    progress=False)
+  hist = result.history
+  np.testing.assert_array_equal(hist["step"], np.arange(0, 40, 5))
+  chex.assert_trees_all_close(hist["sharpness"], np.full(8, 7.0), rtol=1e-12)
+  chex.assert_trees_all_close(hist["gd_edge"], np.full(8, 40.0))
+  chex.assert_trees_all_close(hist["sam_edge"], hist["gd_edge"])
+  # GD on a quadratic: w_t = (1 - eta h)^t w_0 exactly.
+  w_t = (1 - 0.05 * np.array([7.0, 3.0, 1.0, 0.5])) ** 40
+  chex.assert_trees_all_close(result.params, w_t, rtol=1e-10)
+  for i, t in enumerate(hist["step"]):
+    g = np.array([7.0, 3.0, 1.0, 0.5]) * (1 - 0.05 * np.array([7.0, 3.0, 1.0, 0.5])) ** t
+    chex.assert_trees_all_close(hist["grad_norm"][i], np.linalg.norm(g), rtol=1e-10)
+    chex.assert_trees_all_close(hist["grad_alignment"][i], abs(g[0]) / np.linalg.norm(g),
+                                rtol=1e-8)
+
+
+def test_gd_above_edge_diverges_at_the_right_step(tmp_path):
+  lam = np.float32(10.0)
+  eta = np.float32(0.25)  # eta * lam = 2.5 > 2: |1 - eta lam| = 1.5 per step
+  hess = jnp.array([[lam, 1.0]], jnp.float32)
+  # The first step whose loss or gradient norm overflows, simulated in float32.
+  h = np.array([lam, 1.0], np.float32)
+  w = np.ones(2, np.float32)
+  expected = None
+  with np.errstate(over="ignore", invalid="ignore"):
+    for t in range(1000):
+      loss = np.float32(0.5) * np.sum(h * w * w)
+      grad_norm = np.sqrt(np.sum((h * w) ** 2))
+      if not (np.isfinite(loss) and np.isfinite(grad_norm)):
+        expected = t
+        break
+      w = w - eta * h * w
+  assert expected is not None
+  with pytest.raises(se.TrainingDiverged, match=f"step {expected}") as info:
+    se.train(quad_loss, jnp.ones(2), hess, learning_rate=float(eta),
+             num_steps=1000, track_every=1, num_lanczos_iters=2,
+             progress=False, out_dir=tmp_path, chunk_size=64)
+  assert isinstance(info.value, FloatingPointError)
+  assert info.value.step == expected
+  hist = info.value.history
+  np.testing.assert_array_equal(hist["step"], np.arange(expected))
+  for name, values in hist.items():
+    assert np.all(np.isfinite(values)), name
+  lines = list(csv.DictReader(open(tmp_path / "metrics.csv")))
+  assert len(lines) == expected
+  assert all(np.isfinite(float(v)) for line in lines for v in line.values())
+
+
+def test_sam_settles_at_the_two_cycle(x64):
+  """DESIGN.md test vector: diag(50, 20, 5, 1), eta=0.01, rho=0.1."""
+  hess = jnp.array([[50.0, 20.0, 5.0, 1.0]])
+  result = se.train(quad_loss, jnp.ones(4), hess, learning_rate=0.01, rho=0.1,
+                    num_steps=3000, track_every=100, num_lanczos_iters=4,
+                    progress=False, eps=0.0)
+  last = {k: v[-5:] for k, v in result.history.items()}
+  expected_norm = 0.01 * 0.1 * 50.0 ** 2 / (2 - 0.01 * 50.0)
+  chex.assert_trees_all_close(last["grad_norm"], np.full(5, expected_norm), rtol=1e-8)
+  chex.assert_trees_all_close(last["sam_edge"], np.full(5, 50.0), rtol=1e-8)
+  chex.assert_trees_all_close(last["sharpness"], np.full(5, 50.0), rtol=1e-10)
+  # The iterate has collapsed onto the top eigenvector.
+  chex.assert_trees_all_close(last["grad_alignment"], np.ones(5), rtol=1e-8)
+
+
+def test_tracking_matches_dense_reference_on_mlp(x64):
+  params, data = mlp_problem(dtype=jnp.float64)
+  eta, rho = 0.1, 0.05
+  result = se.train(mlp_loss, params, data, learning_rate=eta, rho=rho,
+                    num_steps=30, track_every=3, num_lanczos_iters=12,
+                    progress=False)
+  hist = result.history
+  w = params
+  for t in range(30):
+    out = se.sam_gradient(mlp_loss, w, data, rho=rho)
+    if t % 3 == 0:
+      i = t // 3
+      top, vec = dense_top(mlp_loss, w, data)
+      g = np.asarray(jax.flatten_util.ravel_pytree(out.grads)[0])
+      gs = np.asarray(jax.flatten_util.ravel_pytree(out.sam_grads)[0])
+      chex.assert_trees_all_close(hist["sharpness"][i], top, rtol=1e-8)
+      chex.assert_trees_all_close(hist["loss"][i], out.loss, rtol=1e-10)
+      chex.assert_trees_all_close(hist["grad_norm"][i], np.linalg.norm(g), rtol=1e-10)
+      chex.assert_trees_all_close(hist["sam_edge"][i],
+                                  se.sam_edge(eta, rho, np.linalg.norm(g)), rtol=1e-10)
+      chex.assert_trees_all_close(hist["grad_alignment"][i],
+                                  abs(g @ vec) / np.linalg.norm(g), rtol=1e-6, atol=1e-9)
+      chex.assert_trees_all_close(hist["sam_grad_alignment"][i],
+                                  abs(gs @ vec) / np.linalg.norm(gs), rtol=1e-6, atol=1e-9)
+    w = jax.tree.map(lambda p, s: p - eta * s, w, out.sam_grads)
+  chex.assert_trees_all_close(result.params, w, rtol=1e-10)
+
+
+@pytest.mark.parametrize("kwargs, base", [
+    ({"momentum": 0.9}, lambda: optax.sgd(0.05, momentum=0.9)),
+    ({"optimizer": optax.adam(1e-2)}, lambda: optax.adam(1e-2)),
+])
+def test_loop_equals_optax_transform(x64, kwargs, base):
+  params, data = mlp_problem(dtype=jnp.float64, key=1)
+  rho = 0.05
+  result = se.train(mlp_loss, params, data, learning_rate=0.05, rho=rho,
+                    num_steps=8, track_every=4, num_lanczos_iters=3,
+                    progress=False, **kwargs)
+  opt = se.sam(base(), rho)
+  state = opt.init(params)
+  grad = jax.grad(mlp_loss)
+  w = params
+  for _ in range(8):
+    updates, state = opt.update(grad(w, data), state, w, grad_fn=lambda p: grad(p, data))
+    w = optax.apply_updates(w, updates)
+  chex.assert_trees_all_close(result.params, w, rtol=1e-10)
+  if "momentum" in kwargs:
+    chex.assert_trees_all_close(result.history["gd_edge"], np.full(2, 2 * 1.9 / 0.05))
+
+
+def test_resume_is_bit_identical(tmp_path):
+  params, data = mlp_problem(num_examples=16)
+  kwargs = dict(learning_rate=0.1, rho=0.05, batch_size=8, track_every=5,
+                num_lanczos_iters=5, progress=False, chunk_size=10, key=3)
+  full = se.train(mlp_loss, params, data, num_steps=40, out_dir=tmp_path / "a",
+                  **kwargs)
+  se.train(mlp_loss, params, data, num_steps=25, out_dir=tmp_path / "b", **kwargs)
+  resumed = se.train(mlp_loss, params, data, num_steps=40, out_dir=tmp_path / "b",
+                     **kwargs)
+  chex.assert_trees_all_equal(full.params, resumed.params)
+  for name in se.HISTORY_COLUMNS:
+    if name != "wall_time":
+      np.testing.assert_array_equal(full.history[name], resumed.history[name])
+  a = se.read_csv(tmp_path / "a" / "metrics.csv")
+  b = se.read_csv(tmp_path / "b" / "metrics.csv")
+  np.testing.assert_array_equal(a["step"], np.arange(0, 40, 5))
+  for name in a:
+    if name != "wall_time":
+      np.testing.assert_array_equal(a[name], b[name])
+  # Asking for no more steps than done just returns the stored result.
+  again = se.train(mlp_loss, params, data, num_steps=40, out_dir=tmp_path / "b",
+                   **kwargs)
+  chex.assert_trees_all_equal(again.params, full.params)
+  with pytest.raises(ValueError, match="other settings"):
+    se.train(mlp_loss, params, data, num_steps=50, out_dir=tmp_path / "b",
+             **{**kwargs, "rho": 0.1})
+
+
+def test_vmapped_sweep_equals_separate_runs(x64):
+  params, data = mlp_problem(dtype=jnp.float64, key=2)
+  rhos = [0.0, 0.02, 0.1]
+  kwargs = dict(learning_rate=0.1, num_steps=12, track_every=4,
+                num_lanczos_iters=8, progress=False, key=[0, 1, 2], batch_size=6)
+  sweep = se.train(mlp_loss, params, data, rho=rhos, **kwargs)
+  assert sweep.history["sharpness"].shape == (3, 3)
+  for i, rho in enumerate(rhos):
+    single = se.train(mlp_loss, params, data, rho=rho,
+                      **{**kwargs, "key": i})
+    chex.assert_trees_all_close(jax.tree.map(lambda x: x[i], sweep.params),
+                                single.params, rtol=1e-10)
+    for name in ("loss", "grad_norm", "sharpness", "sam_edge", "grad_alignment"):
+      chex.assert_trees_all_close(sweep.history[name][i], single.history[name],
+                                  rtol=1e-8, atol=1e-12)
+
+
+def test_minibatch_is_drawn_by_key(x64):
+  params, data = mlp_problem(num_examples=20, dtype=jnp.float64)
+  result = se.train(mlp_loss, params, data, learning_rate=0.1, num_steps=1,
+                    batch_size=5, key=7, track_every=1, num_lanczos_iters=30,
+                    progress=False)
+  batch = loop.sample_batch(data, jax.random.fold_in(jax.random.key(7), 0), 5)
+  chex.assert_trees_all_close(result.history["loss"][0], mlp_loss(params, batch),
+                              rtol=1e-12)
+  top, _ = dense_top(mlp_loss, params, batch)
+  assert result.history["sharpness"][0] == pytest.approx(top, rel=1e-8)
+  other = se.train(mlp_loss, params, data, learning_rate=0.1, num_steps=1,
+                   batch_size=5, key=8, track_every=1, num_lanczos_iters=4,
+                   progress=False)
+  assert other.history["loss"][0] != result.history["loss"][0]
+
+
+def test_progress_bar_and_files(tmp_path, capfd):
+  params, data = mlp_problem()
+  se.train(mlp_loss, params, data, learning_rate=0.1, rho=0.05, num_steps=20,
+           track_every=5, num_lanczos_iters=4, out_dir=tmp_path, chunk_size=10,
+           metadata={"experiment": "unit"})
+  err = capfd.readouterr().err
+  assert "20/20" in err and "sharp" in err and "sam_edge" in err
+  assert sorted(os.listdir(tmp_path)) == ["checkpoint.npz", "config.json", "metrics.csv"]
+  config = json.load(open(tmp_path / "config.json"))
+  assert config["configs"] == [{"learning_rate": 0.1, "rho": 0.05, "seed": 0}]
+  assert config["metadata"] == {"experiment": "unit"}
+  header = next(csv.reader(open(tmp_path / "metrics.csv")))
+  assert header == ["config", "learning_rate", "rho", "seed", *se.HISTORY_COLUMNS]
+  assert se.read_csv(tmp_path / "metrics.csv")["step"].tolist() == [0, 5, 10, 15]
+
+
+def test_compiled_once_across_chunks():
+  params, data = mlp_problem()
+  calls = []
+
+  def counting_loss(p, b):
+    calls.append(1)
+    return mlp_loss(p, b)
+
+  kwargs = dict(learning_rate=0.1, rho=0.05, track_every=2, num_lanczos_iters=3,
+                progress=False, chunk_size=4)
+  jax.clear_caches()
+  se.train(counting_loss, params, data, num_steps=4, **kwargs)
+  one_chunk = len(calls)
+  calls.clear()
+  jax.clear_caches()
+  se.train(counting_loss, params, data, num_steps=22, **kwargs)
+  assert len(calls) == one_chunk
+
+
+def test_bad_input(tmp_path):
+  params, data = mlp_problem(num_examples=10)
+  ok = dict(learning_rate=0.1, num_steps=5, progress=False)
+  cases = [
+      (dict(ok, track_every=0), "track_every"),
+      (dict(ok, num_steps=0), "num_steps"),
+      (dict(ok, batch_size=11), "batch_size"),
+      (dict(ok, learning_rate=-0.1), "learning_rate"),
+      (dict(ok, rho=-0.1), "rho"),
+      (dict(ok, num_lanczos_iters=0), "num_lanczos_iters"),
+      (dict(ok, rho=[0.1, 0.2], learning_rate=[0.1, 0.2, 0.3]), "common length"),
+  ]
+  for kwargs, match in cases:
+    with pytest.raises(ValueError, match=match):
+      se.train(mlp_loss, params, data, **kwargs)
+  with pytest.raises(ValueError, match="data"):
+    se.train(mlp_loss, params, (data[0], data[1][:5]), **ok)
+  with pytest.raises(ValueError, match="loss_fn"):
+    se.train(lambda p, b: jnp.mean((b[0] @ p["w1"]), axis=0), params, data, **ok)
+  blocker = tmp_path / "file"
+  blocker.write_text("x")
+  with pytest.raises(ValueError, match="out_dir"):
+    se.train(mlp_loss, params, data, out_dir=blocker / "sub", **ok)
