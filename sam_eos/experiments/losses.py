@@ -1,0 +1,180 @@
+"""Losses and metrics of the experiments, and the ``loss_fn`` they build.
+
+The paper's squared loss averages over examples *and* classes with no 1/2
+(the authors' code: ``mean(optax.squared_error(logits, y))``); Cohen et al.
+(2021) use half the squared error summed over classes, averaged over
+examples, which is ``num_classes / 2`` times larger, so its sharpness is too.
+The language model uses the mean token cross-entropy.
+
+References:
+  Long & Bartlett, "Sharpness-Aware Minimization and the Edge of Stability",
+  arXiv:2309.12488, 2023, Section 4 and the authors' released code.
+  Cohen, Kaur, Li, Kolter & Talwalkar, "Gradient Descent on Neural Networks
+  Typically Occurs at the Edge of Stability", ICLR 2021
+  (``locuslab/edge-of-stability``, ``SquaredLoss`` in ``src/utilities.py``).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Mapping
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+PyTree = Any
+LossFn = Callable[[jax.Array, jax.Array], jax.Array]
+
+
+def mse_loss(logits: jax.Array, targets: jax.Array) -> jax.Array:
+  """The paper's squared loss: ``mean((f(x) - y)^2)`` over examples and classes.
+
+  Args:
+    logits: predictions, shape ``(N, C)`` (any shape).
+    targets: targets of the same shape, e.g. one-hot labels.
+
+  Returns:
+    A scalar.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> mse_loss(jnp.array([[1.0, 0.0]]), jnp.array([[0.0, 0.0]]))
+    Array(0.5, dtype=float32)
+
+  References:
+    Long & Bartlett 2023, Section 4 (authors' code).
+  """
+  return jnp.mean(jnp.square(logits - targets))
+
+
+def half_sse_loss(logits: jax.Array, targets: jax.Array) -> jax.Array:
+  """Cohen et al.'s squared loss: ``1/2 sum_c (f(x)_c - y_c)^2``, example mean.
+
+  Args:
+    logits: predictions, shape ``(N, C)``.
+    targets: targets of the same shape.
+
+  Returns:
+    A scalar.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> half_sse_loss(jnp.array([[1.0, 1.0]]), jnp.array([[0.0, 0.0]]))
+    Array(1., dtype=float32)
+
+  References:
+    Cohen et al. 2021, ``SquaredLoss`` (``src/utilities.py``).
+  """
+  return 0.5 * jnp.mean(jnp.sum(jnp.square(logits - targets), axis=-1))
+
+
+def cross_entropy_loss(logits: jax.Array, targets: jax.Array) -> jax.Array:
+  """Mean cross-entropy of integer targets under softmax(logits).
+
+  Args:
+    logits: shape ``(..., V)``, e.g. ``(B, T, V)`` for a language model.
+    targets: integer labels in ``[0, V)``, shape ``(...)``.
+
+  Returns:
+    A scalar: ``mean(-log softmax(logits)[targets])`` over all positions.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> cross_entropy_loss(jnp.zeros((1, 4)), jnp.array([2]))  # log 4
+    Array(1.3862944, dtype=float32)
+
+  References:
+    Long & Bartlett 2023, Section 4 (Tiny Shakespeare).
+  """
+  log_probs = jax.nn.log_softmax(logits, axis=-1)
+  picked = jnp.take_along_axis(log_probs, targets[..., None], axis=-1)
+  return -jnp.mean(picked)
+
+
+def accuracy(logits: jax.Array, targets: jax.Array) -> jax.Array:
+  """Fraction of positions whose arg-max logit is the target class.
+
+  Args:
+    logits: shape ``(..., C)``.
+    targets: integer labels of shape ``(...)``, or one-hot (or any scores)
+      of shape ``(..., C)``, read by their arg-max.
+
+  Returns:
+    A scalar in ``[0, 1]``.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> accuracy(jnp.array([[0.0, 1.0], [1.0, 0.0]]), jnp.array([1, 1]))
+    Array(0.5, dtype=float32)
+  """
+  if targets.ndim == logits.ndim:
+    targets = jnp.argmax(targets, axis=-1)
+  return jnp.mean(jnp.argmax(logits, axis=-1) == targets, dtype=jnp.float32)
+
+
+LOSSES: dict[str, LossFn] = {
+    "mse": mse_loss,
+    "half_sse": half_sse_loss,
+    "cross_entropy": cross_entropy_loss,
+}
+
+
+def _split_batch(batch: Any) -> tuple[Any, Any]:
+  if isinstance(batch, Mapping) and "x" in batch and "y" in batch:
+    return batch["x"], batch["y"]
+  if isinstance(batch, (tuple, list)) and len(batch) == 2:
+    return batch[0], batch[1]
+  raise ValueError("`batch` must be a pair (x, y) or a mapping with keys 'x' "
+                   f"and 'y', got {type(batch).__name__}"
+                   f"{sorted(batch) if isinstance(batch, Mapping) else ''}.")
+
+
+def make_loss_fn(model: nn.Module, loss: str | LossFn
+                 ) -> Callable[[PyTree, Any], jax.Array]:
+  """The library's ``loss_fn(params, batch) -> scalar`` for a model and loss.
+
+  ``loss_fn(params, batch) = loss(model.apply({"params": params}, x), y)``.
+
+  Args:
+    model: a flax module (see ``models``); ``params`` are its
+      ``init(...)["params"]``.
+    loss: ``"mse"``, ``"half_sse"``, ``"cross_entropy"`` or a function
+      ``loss(logits, targets) -> scalar``.
+
+  Returns:
+    ``loss_fn(params, batch)`` where ``batch`` is ``(x, y)`` or
+    ``{"x": x, "y": y}`` with leading example axes; pure and jit-able.
+
+  Raises:
+    ValueError: for an unknown loss name (and, when called, for a batch of
+      another structure).
+
+  Examples:
+    >>> import jax, jax.numpy as jnp
+    >>> from sam_eos.experiments import models
+    >>> model = models.MLP((4,), num_outputs=2)
+    >>> x, y = jnp.ones((3, 5)), jnp.zeros((3, 2))
+    >>> params = models.init_params(model, jax.random.key(0), x)
+    >>> loss_fn = make_loss_fn(model, "mse")
+    >>> bool(loss_fn(params, (x, y)) == mse_loss(
+    ...     model.apply({"params": params}, x), y))
+    True
+
+  References:
+    Long & Bartlett 2023; the ``loss_fn(params, batch)`` convention of
+    ``sam_eos`` (DESIGN.md).
+  """
+  if isinstance(loss, str):
+    if loss not in LOSSES:
+      raise ValueError(f"Unknown loss {loss!r}; choose one of {sorted(LOSSES)} "
+                       "or pass a function loss(logits, targets).")
+    loss = LOSSES[loss]
+  elif not callable(loss):
+    raise ValueError(f"`loss` must be a name in {sorted(LOSSES)} or a "
+                     f"function, got {loss!r}.")
+
+  def loss_fn(params: PyTree, batch: Any) -> jax.Array:
+    x, y = _split_batch(batch)
+    return loss(model.apply({"params": params}, x), y)
+
+  return loss_fn
