@@ -13,6 +13,7 @@ from sam_eos.edges import gd_edge, sam_edge, usam_edge
 from sam_eos.hessian import hessian_matvec, hvp
 from sam_eos.history import HISTORY_COLUMNS, read_csv
 from sam_eos.lanczos import LanczosResult, lanczos
+from sam_eos.parallel import data_mesh, masked_mean, pad_to_multiple
 from sam_eos.sam import SAMGrad, sam_gradient, sam_perturbation
 from sam_eos.spectrum import (Eigenpairs, PowerIterationResult,
                               hessian_eigenpairs, power_iteration, sharpness)
@@ -30,11 +31,14 @@ __all__ = [
     "SAMState",
     "TrainResult",
     "TrainingDiverged",
+    "data_mesh",
     "gd_edge",
     "hessian_eigenpairs",
     "hessian_matvec",
     "hvp",
     "lanczos",
+    "masked_mean",
+    "pad_to_multiple",
     "power_iteration",
     "read_csv",
     "sam",

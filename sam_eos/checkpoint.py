@@ -15,6 +15,7 @@ from typing import Any, NamedTuple
 import jax
 import numpy as np
 
+from sam_eos import parallel
 from sam_eos.history import HISTORY_COLUMNS
 
 
@@ -35,10 +36,6 @@ class Checkpoint(NamedTuple):
   signature: dict[str, Any]
 
 
-def _is_key(x: Any) -> bool:
-  return jax.dtypes.issubdtype(getattr(x, "dtype", None), jax.dtypes.prng_key)
-
-
 def save(path: str | os.PathLike, state: Any, history: dict[str, np.ndarray],
          next_step: int, wall_time: float, signature: dict[str, Any]) -> None:
   """Writes a checkpoint atomically: a temp file, fsync, then rename.
@@ -51,8 +48,9 @@ def save(path: str | os.PathLike, state: Any, history: dict[str, np.ndarray],
     wall_time: training seconds spent so far.
     signature: JSON-serializable settings of the run.
   """
-  leaves = jax.tree.leaves(jax.device_get(
-      jax.tree.map(lambda x: jax.random.key_data(x) if _is_key(x) else x, state)))
+  raw = jax.tree.map(
+      lambda x: jax.random.key_data(x) if parallel.is_key(x) else x, state)
+  leaves = jax.tree.leaves(parallel.to_host(raw))
   arrays = {f"state_{i}": np.asarray(x) for i, x in enumerate(leaves)}
   arrays.update({f"history_{k}": v for k, v in history.items()})
   arrays["next_step"] = np.array(next_step)
@@ -88,7 +86,7 @@ def load(path: str | os.PathLike, template: Any) -> Checkpoint:
                        "structure; start a new out_dir.")
     restored = []
     for new, old in zip(stored, leaves):
-      if _is_key(old):
+      if parallel.is_key(old):
         new = jax.random.wrap_key_data(new, impl=jax.random.key_impl(old))
       if new.shape != old.shape or new.dtype != old.dtype:
         raise ValueError(

@@ -103,6 +103,14 @@ class LoopConfig:
     use_sam: compute the perturbed gradient (False only when every rho is 0).
     optimizer: a custom optax base optimizer, or None for SGD(learning_rate,
       momentum) built from the (possibly traced) hyperparameters.
+    m_sharpness: None for SAM with the whole batch's gradient (the paper's
+      algorithm), or the number ``m`` of equal groups the batch is split
+      into, each ascending with its own gradient and the SAM gradient being
+      the mean of the groups' perturbed gradients (Foret et al.'s
+      per-device "m-sharpness"; a different algorithm).
+    batch_sharding: sharding of a drawn minibatch (data parallelism), or
+      None.
+    group_sharding: sharding of the ``(m, B/m, ...)`` groups, or None.
   """
   loss_fn: Callable[[PyTree, Any], jax.Array]
   batch_size: int | None = None
@@ -113,6 +121,9 @@ class LoopConfig:
   eps: float = 1e-12
   use_sam: bool = True
   optimizer: optax.GradientTransformation | None = None
+  m_sharpness: int | None = None
+  batch_sharding: jax.sharding.Sharding | None = None
+  group_sharding: jax.sharding.Sharding | None = None
 
 
 def make_optimizer(config: LoopConfig, hparams: Hyperparams
@@ -155,13 +166,16 @@ def init_state(config: LoopConfig, params: PyTree, hparams: Hyperparams,
       diverged_at=jnp.array(-1, jnp.int32))
 
 
-def sample_batch(data: PyTree, key: jax.Array, batch_size: int | None) -> PyTree:
+def sample_batch(data: PyTree, key: jax.Array, batch_size: int | None,
+                 sharding: jax.sharding.Sharding | None = None) -> PyTree:
   """Full batch, or ``batch_size`` examples drawn without replacement.
 
   Args:
     data: pytree of arrays sharing the leading (example) axis ``N``.
     key: PRNG key of this step.
     batch_size: minibatch size ``B <= N`` or None.
+    sharding: if given, the drawn minibatch is constrained to it (e.g.
+      split along a ``"data"`` mesh axis).
 
   Returns:
     ``data`` itself, or the pytree of the ``B`` drawn examples.
@@ -170,7 +184,37 @@ def sample_batch(data: PyTree, key: jax.Array, batch_size: int | None) -> PyTree
     return data
   num_examples = jax.tree.leaves(data)[0].shape[0]
   idx = jax.random.choice(key, num_examples, (batch_size,), replace=False)
-  return jax.tree.map(lambda x: jnp.take(x, idx, axis=0), data)
+  batch = jax.tree.map(lambda x: jnp.take(x, idx, axis=0), data)
+  if sharding is not None:
+    batch = jax.lax.with_sharding_constraint(batch, sharding)
+  return batch
+
+
+def _perturbed_gradient(config: LoopConfig, hparams: Hyperparams,
+                        params: PyTree, grads: PyTree, batch: Any) -> PyTree:
+  """``grad L(w + e)``: whole-batch SAM, or the m-sharpness mean over groups.
+
+  With ``rho == 0`` the incoming ``grads`` are returned (selected with
+  ``jnp.where``, so ``rho`` may be traced).
+  """
+  grad_fn = jax.grad(config.loss_fn)
+
+  def ascend(g, b):
+    e = sam_perturbation(g, hparams.rho, normalize=config.normalize,
+                         eps=config.eps)
+    return grad_fn(optax.apply_updates(params, e), b)
+
+  if config.m_sharpness is None:
+    sam_grads = ascend(grads, batch)
+  else:
+    m = config.m_sharpness
+    groups = jax.tree.map(lambda x: x.reshape((m, -1) + x.shape[1:]), batch)
+    if config.group_sharding is not None:
+      groups = jax.lax.with_sharding_constraint(groups, config.group_sharding)
+    per_group = jax.vmap(lambda b: ascend(grad_fn(params, b), b))(groups)
+    sam_grads = jax.tree.map(lambda x: jnp.mean(x, axis=0), per_group)
+  return jax.tree.map(lambda g, s: jnp.where(hparams.rho == 0, g, s),
+                      grads, sam_grads)
 
 
 def _abs_cos(u: jax.Array, v: jax.Array) -> jax.Array:
@@ -217,7 +261,7 @@ def _train_step(config: LoopConfig, hparams: Hyperparams, data: PyTree,
                 ) -> tuple[TrainState, tuple[jax.Array, dict[str, jax.Array]]]:
   """One GD/SAM step at global step ``step``, measuring when it is due."""
   batch = sample_batch(data, jax.random.fold_in(state.key, step),
-                       config.batch_size)
+                       config.batch_size, config.batch_sharding)
   tracked = step % config.track_every == 0
 
   def with_tracking(params, eigvec):
@@ -231,12 +275,7 @@ def _train_step(config: LoopConfig, hparams: Hyperparams, data: PyTree,
       tracked, with_tracking, without_tracking, state.params, state.eigvec)
   grad_norm = optax.tree.norm(grads)
   if config.use_sam:
-    perturbation = sam_perturbation(grads, hparams.rho,
-                                    normalize=config.normalize, eps=config.eps)
-    sam_grads = jax.grad(config.loss_fn)(
-        optax.apply_updates(state.params, perturbation), batch)
-    sam_grads = jax.tree.map(lambda g, s: jnp.where(hparams.rho == 0, g, s),
-                             grads, sam_grads)
+    sam_grads = _perturbed_gradient(config, hparams, state.params, grads, batch)
   else:
     sam_grads = grads
   optimizer = make_optimizer(config, hparams)

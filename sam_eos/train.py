@@ -28,7 +28,7 @@ import optax
 from jax.flatten_util import ravel_pytree
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from sam_eos import _checks, checkpoint, history as hist, loop
+from sam_eos import _checks, checkpoint, history as hist, loop, parallel
 
 PyTree = Any
 CHECKPOINT_FILE = "checkpoint.npz"
@@ -150,6 +150,41 @@ def _check_loss(loss_fn: Callable, params: PyTree, data: PyTree,
         f"{out}. Reduce it with a mean, and drop any aux output.")
 
 
+def _check_mesh(mesh: Mesh, num_configs: int, batch_size: int | None,
+                m_sharpness: int | None
+                ) -> tuple[NamedSharding | None, NamedSharding | None]:
+  """Validates ``mesh``; returns the minibatch and m-sharpness group shardings."""
+  if parallel.DATA_AXIS not in mesh.axis_names:
+    raise ValueError(f"`mesh` must have a '{parallel.DATA_AXIS}' axis, got axes "
+                     f"{mesh.axis_names}; build one with se.data_mesh().")
+  num_data = parallel.axis_size(mesh, parallel.DATA_AXIS)
+  num_config_shards = parallel.axis_size(mesh, parallel.CONFIG_AXIS)
+  if num_configs % num_config_shards:
+    raise ValueError(f"The {num_configs} configurations must divide evenly over "
+                     f"the mesh's '{parallel.CONFIG_AXIS}' axis of size "
+                     f"{num_config_shards}.")
+  data_spec = NamedSharding(mesh, PartitionSpec(parallel.DATA_AXIS))
+  batch_sharding = group_sharding = None
+  if batch_size is not None:
+    if batch_size % num_data:
+      raise ValueError(f"`batch_size` ({batch_size}) must be a multiple of the "
+                       f"{num_data} devices of the mesh's 'data' axis.")
+    batch_sharding = data_spec
+  if m_sharpness is not None and m_sharpness % num_data == 0:
+    group_sharding = data_spec
+  return batch_sharding, group_sharding
+
+
+def _prepare_out_dir(out_dir: str) -> None:
+  """Creates ``out_dir``, raising ValueError if it cannot be written."""
+  try:
+    os.makedirs(out_dir, exist_ok=True)
+  except OSError as e:
+    raise ValueError(f"`out_dir` {out_dir!r} cannot be created: {e}") from e
+  if not os.access(out_dir, os.W_OK):
+    raise ValueError(f"`out_dir` {out_dir!r} is not writable.")
+
+
 def _default_chunk(num_steps: int, track_every: int) -> int:
   """About 200 steps per chunk, a multiple of ``track_every``."""
   per = track_every * max(1, 200 // track_every)
@@ -187,8 +222,8 @@ def train(loss_fn: Callable[[PyTree, Any], jax.Array], params: PyTree,
           num_lanczos_iters: int = 20, key: Any = None,
           out_dir: str | os.PathLike | None = None, progress: bool = True,
           mesh: Mesh | None = None, chunk_size: int | None = None,
-          eps: float = 1e-12, metadata: dict[str, Any] | None = None
-          ) -> TrainResult:
+          eps: float = 1e-12, m_sharpness: int | None = None,
+          metadata: dict[str, Any] | None = None) -> TrainResult:
   """Trains with GD/SGD or SAM, recording sharpness and the edges.
 
   Runs ``num_steps`` steps of ``w <- w - eta * grad L(w + e)`` with
@@ -225,11 +260,23 @@ def train(loss_fn: Callable[[PyTree, Any], jax.Array], params: PyTree,
     out_dir: folder for ``config.json``, ``metrics.csv`` and
       ``checkpoint.npz``; None keeps everything in memory.
     progress: show a progress bar (stderr).
-    mesh: optional ``jax.sharding.Mesh`` with a ``"data"`` axis: the data are
-      sharded along it, everything else replicated.
+    mesh: optional ``jax.sharding.Mesh`` with a ``"data"`` axis (see
+      ``se.data_mesh``): the (full or mini) batch is sharded along it,
+      params, optimizer state and Lanczos vectors are replicated, and a
+      ``"config"`` axis, if present, splits a sweep's configurations. Results
+      equal the single-device ones up to float reduction order. The example
+      count (full batch) or ``batch_size`` must divide evenly: pad with
+      ``se.pad_to_multiple`` and a ``se.masked_mean`` loss otherwise. Across
+      hosts, call ``jax.distributed.initialize()`` first; only process 0
+      writes files and shows progress.
     chunk_size: steps per compiled chunk (default about 200, a multiple of
       ``track_every``); files are written after every chunk.
     eps: added to ``||g||`` in the SAM normalization.
+    m_sharpness: None (default) perturbs with the whole batch's gradient,
+      the algorithm Long & Bartlett analyse. An int ``m`` splits each batch
+      into ``m`` equal groups that each ascend with their own gradient and
+      averages their perturbed gradients (Foret et al.'s per-device SAM,
+      "m-sharpness": a different algorithm, one extra gradient per step).
     metadata: extra JSON-serializable settings saved in ``config.json``.
 
   Returns:
@@ -270,14 +317,24 @@ def train(loss_fn: Callable[[PyTree, Any], jax.Array], params: PyTree,
   if chunk_size is None:
     chunk_size = _default_chunk(num_steps, track_every)
   chunk_size = _checks.check_int("chunk_size", chunk_size, 1)
-  _check_data(data, batch_size)
+  num_examples = _check_data(data, batch_size)
   _check_loss(loss_fn, params, data, batch_size)
+  if m_sharpness is not None:
+    m_sharpness = _checks.check_int("m_sharpness", m_sharpness, 1)
+    if (batch_size or num_examples) % m_sharpness:
+      raise ValueError(f"`m_sharpness` ({m_sharpness}) must divide the batch "
+                       f"size ({batch_size or num_examples}).")
+  batch_sharding = group_sharding = None
+  if mesh is not None:
+    batch_sharding, group_sharding = _check_mesh(
+        mesh, len(lrs), batch_size, m_sharpness)
 
   config = loop.LoopConfig(
       loss_fn=loss_fn, batch_size=batch_size, track_every=track_every,
       num_lanczos_iters=num_lanczos_iters, momentum=float(momentum),
       normalize=normalize, eps=float(eps), use_sam=bool(np.any(rhos > 0)),
-      optimizer=optimizer)
+      optimizer=optimizer, m_sharpness=m_sharpness,
+      batch_sharding=batch_sharding, group_sharding=group_sharding)
   dtype = jnp.result_type(float)
   hparams = loop.Hyperparams(learning_rate=jnp.asarray(lrs, dtype),
                              rho=jnp.asarray(rhos, dtype))
@@ -288,32 +345,32 @@ def train(loss_fn: Callable[[PyTree, Any], jax.Array], params: PyTree,
       "batch_size": batch_size, "track_every": track_every,
       "num_lanczos_iters": num_lanczos_iters, "eps": float(eps),
       "optimizer": None if optimizer is None else repr(optimizer),
-      "num_params": int(num_params),
+      "num_params": int(num_params), "m_sharpness": m_sharpness,
   }
+  writer = jax.process_index() == 0
 
-  if mesh is not None:
-    data = jax.device_put(data, NamedSharding(mesh, PartitionSpec("data")))
   vinit = jax.vmap(lambda p, h, k: loop.init_state(config, p, h, k),
                    in_axes=(None, 0, 0))
   state = vinit(params, hparams, keys)
+  spmd_axis = None
+  if mesh is not None:
+    data = parallel.shard_data(data, mesh)
+    if parallel.CONFIG_AXIS in mesh.axis_names:
+      spmd_axis = parallel.CONFIG_AXIS
+    per_config = NamedSharding(mesh, PartitionSpec(spmd_axis))
+    state, hparams = parallel.place(
+        parallel.to_host((state, hparams)), per_config)
   run = jax.vmap(lambda s, d, h, a, b: loop.run_chunk(config, s, d, h, a, b,
                                                       chunk_size),
-                 in_axes=(0, None, 0, None, None))
-  if mesh is not None:
-    replicated = NamedSharding(mesh, PartitionSpec())
-    state, hparams = jax.device_put((state, hparams), replicated)
+                 in_axes=(0, None, 0, None, None), spmd_axis_name=spmd_axis)
 
   history = hist.empty_history(len(configs))
   next_step, wall = 0, 0.0
   ckpt_path = metrics_path = None
   if out_dir is not None:
     out_dir = os.fspath(out_dir)
-    try:
-      os.makedirs(out_dir, exist_ok=True)
-    except OSError as e:
-      raise ValueError(f"`out_dir` {out_dir!r} cannot be created: {e}") from e
-    if not os.access(out_dir, os.W_OK):
-      raise ValueError(f"`out_dir` {out_dir!r} is not writable.")
+    if writer:
+      _prepare_out_dir(out_dir)
     ckpt_path = os.path.join(out_dir, CHECKPOINT_FILE)
     metrics_path = os.path.join(out_dir, METRICS_FILE)
     if os.path.exists(ckpt_path):
@@ -322,26 +379,33 @@ def train(loss_fn: Callable[[PyTree, Any], jax.Array], params: PyTree,
         raise ValueError(
             f"`out_dir` {out_dir!r} holds a checkpoint of a run with other "
             f"settings ({saved.signature}); use a new out_dir to start afresh.")
-      state, history = saved.state, saved.history
+      state = saved.state if mesh is None else parallel.place(
+          saved.state, per_config)
+      history = saved.history
       next_step, wall = saved.next_step, saved.wall_time
-      hist.write_csv(metrics_path, history, configs)
-    elif os.path.exists(metrics_path):
+      if writer:
+        hist.write_csv(metrics_path, history, configs)
+    elif writer and os.path.exists(metrics_path):
       os.remove(metrics_path)
-    with open(os.path.join(out_dir, CONFIG_FILE), "w") as f:
-      json.dump({**signature, "num_steps": num_steps, "metadata": metadata,
-                 "jax_version": jax.__version__,
-                 "device": str(jax.devices()[0].device_kind)}, f, indent=2)
+    if writer:
+      with open(os.path.join(out_dir, CONFIG_FILE), "w") as f:
+        json.dump({**signature, "num_steps": num_steps, "metadata": metadata,
+                   "jax_version": jax.__version__,
+                   "num_devices": 1 if mesh is None else int(mesh.size),
+                   "device": str(jax.devices()[0].device_kind)}, f, indent=2)
+    else:
+      ckpt_path = metrics_path = None
 
   if next_step < num_steps:
     compiled = jax.jit(run, donate_argnums=(0,)).lower(
         state, data, hparams, jnp.int32(0), jnp.int32(0)).compile()
-    bar = _progress(num_steps, next_step, progress)
+    bar = _progress(num_steps, next_step, progress and writer)
     try:
       while next_step < num_steps:
         start_time = time.perf_counter()
         state, out = compiled(state, data, hparams, jnp.int32(next_step),
                               jnp.int32(num_steps))
-        out, diverged_at = jax.device_get((out, state.diverged_at))
+        out, diverged_at = parallel.to_host((out, state.diverged_at))
         elapsed = time.perf_counter() - start_time
         num_active = min(chunk_size, num_steps - next_step)
         rows = hist.chunk_rows(out.step[0], out.tracked[0], out.metrics, wall,
@@ -362,9 +426,10 @@ def train(loss_fn: Callable[[PyTree, Any], jax.Array], params: PyTree,
               step=step, config=bad, history=_squeeze(history, sweep))
         history = hist.concat(history, rows)
         next_step += num_active
-        if out_dir is not None:
+        if ckpt_path is not None:
           hist.append_csv(metrics_path, rows, configs)
-          checkpoint.save(ckpt_path, state, history, next_step, wall, signature)
+          checkpoint.save(ckpt_path, state, history, next_step, wall,
+                          signature)
         if bar is not None:
           bar.set_postfix(_postfix(history), refresh=False)
           bar.update(num_active)
@@ -372,7 +437,7 @@ def train(loss_fn: Callable[[PyTree, Any], jax.Array], params: PyTree,
       if bar is not None:
         bar.close()
 
-  finite = jax.device_get(jax.vmap(
+  finite = parallel.to_host(jax.vmap(
       lambda p: jnp.all(jnp.isfinite(ravel_pytree(p)[0])))(state.params))
   if not np.all(finite):
     bad = int(np.argmin(finite))

@@ -1,4 +1,4 @@
-"""Shared test setup: the real data folder, a float64 fixture, no network.
+"""Shared test setup: 8 CPU devices, the real data, float64, no network.
 
 ``$SAM_EOS_DATA`` defaults to the project's ``shared/data`` folder (beside the
 repository root) when it exists, so tests read the real files; otherwise the
@@ -10,7 +10,13 @@ disabled for every test: a test that needs one patches
 from __future__ import annotations
 
 import os
-import pathlib
+
+# Eight fake CPU devices for the data-parallel tests; set before JAX starts.
+if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                             " --xla_force_host_platform_device_count=8").strip()
+
+import pathlib  # pylint: disable=g-import-not-at-top,wrong-import-position
 from typing import Iterator
 
 import jax
