@@ -12,7 +12,7 @@ import optax
 import pytest
 
 import sam_eos as se
-from sam_eos import loop
+from sam_eos import checkpoint, loop
 
 
 @pytest.fixture
@@ -291,3 +291,28 @@ def test_bad_input(tmp_path):
   blocker.write_text("x")
   with pytest.raises(ValueError, match="out_dir"):
     se.train(mlp_loss, params, data, out_dir=blocker / "sub", **ok)
+
+
+def test_interrupted_run_keeps_finished_chunks_and_resumes(tmp_path, monkeypatch):
+  params, data = mlp_problem()
+  kwargs = dict(learning_rate=0.1, rho=0.05, track_every=5, num_lanczos_iters=4,
+                progress=False, chunk_size=10, num_steps=40)
+  full = se.train(mlp_loss, params, data, out_dir=tmp_path / "full", **kwargs)
+  real_save = checkpoint.save
+  calls = []
+
+  def interrupting_save(*args, **kw):
+    real_save(*args, **kw)
+    calls.append(1)
+    if len(calls) == 2:
+      raise KeyboardInterrupt
+
+  monkeypatch.setattr(checkpoint, "save", interrupting_save)
+  with pytest.raises(KeyboardInterrupt):
+    se.train(mlp_loss, params, data, out_dir=tmp_path / "cut", **kwargs)
+  monkeypatch.setattr(checkpoint, "save", real_save)
+  kept = se.read_csv(tmp_path / "cut" / "metrics.csv")
+  assert kept["step"].tolist() == [0, 5, 10, 15]
+  resumed = se.train(mlp_loss, params, data, out_dir=tmp_path / "cut", **kwargs)
+  chex.assert_trees_all_equal(resumed.params, full.params)
+  np.testing.assert_array_equal(resumed.history["sharpness"], full.history["sharpness"])
