@@ -134,8 +134,11 @@ def _step(matvec: Matvec, base: jax.Array, index: jax.Array,
   beta = jnp.linalg.norm(residual)
   tol = 10 * jnp.finfo(dtype).eps * jnp.linalg.norm(product)
   breakdown = beta <= tol
-  next_vector = jnp.where(breakdown, _restart_direction(basis, base, index + 1),
-                          _safe_normalize(residual, beta))
+  # A cond, not a where: the restart costs two more passes over the basis,
+  # paid only on a breakdown (under vmap both branches run, as with where).
+  next_vector = jax.lax.cond(
+      breakdown, lambda: _restart_direction(basis, base, index + 1),
+      lambda: _safe_normalize(residual, beta))
   basis = basis.at[index + 1].set(next_vector, mode="drop")
   alphas = alphas.at[index].set(coeffs[index])
   betas = betas.at[index].set(jnp.where(breakdown, 0, beta))
