@@ -178,3 +178,49 @@ def make_loss_fn(model: nn.Module, loss: str | LossFn
     return loss(model.apply({"params": params}, x), y)
 
   return loss_fn
+
+
+def make_per_example_loss_fn(model: nn.Module, loss: str | LossFn
+                             ) -> Callable[[PyTree, Any], jax.Array]:
+  """Per-example losses ``(params, batch) -> (N,)`` for masked padding.
+
+  Every loss of ``LOSSES`` is a mean over examples of equally sized terms, so
+  the mean of these ``N`` values is ``make_loss_fn(model, loss)``; wrapped in
+  ``sam_eos.masked_mean`` it ignores padded examples exactly (data-parallel
+  runs whose example count the device count does not divide).
+
+  Args:
+    model: a flax module; ``params`` are its ``init(...)["params"]``.
+    loss: a name of ``LOSSES`` or ``loss(logits, targets) -> scalar`` that
+      averages over examples.
+
+  Returns:
+    ``per_example(params, batch) -> (N,)``, ``batch`` as in ``make_loss_fn``.
+
+  Raises:
+    ValueError: for an unknown loss name.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp
+    >>> from sam_eos.experiments import models
+    >>> model = models.MLP((4,), num_outputs=2)
+    >>> x, y = jnp.ones((3, 5)), jnp.zeros((3, 2))
+    >>> params = models.init_params(model, jax.random.key(0), x)
+    >>> per_example = make_per_example_loss_fn(model, "mse")
+    >>> per_example(params, (x, y)).shape
+    (3,)
+    >>> bool(jnp.allclose(per_example(params, (x, y)).mean(),
+    ...                   make_loss_fn(model, "mse")(params, (x, y))))
+    True
+
+  References:
+    The padding contract of ``sam_eos.pad_to_multiple``/``masked_mean``.
+  """
+  batch_loss = make_loss_fn(model, loss)
+
+  def per_example(params: PyTree, batch: Any) -> jax.Array:
+    x, y = _split_batch(batch)
+    return jax.vmap(lambda xi, yi: batch_loss(params, (xi[None], yi[None])))(
+        x, y)
+
+  return per_example

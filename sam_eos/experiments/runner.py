@@ -1,0 +1,309 @@
+"""Runs a named experiment: data, model, loss, one vmapped ``se.train`` sweep.
+
+``run_experiment(config, out_dir)`` is the whole pipeline behind
+``sam-eos run``: it loads and preprocesses the data set, builds the model and
+its ``loss_fn(params, batch)``, initializes the parameters from
+``config.init_seed``, trains every configuration of the sweep
+``learning_rates x rhos x seeds`` as ONE vmapped program (``se.train``), saves
+the config as ``metadata`` in ``config.json`` beside ``metrics.csv`` and
+``checkpoint.npz``, and draws the figures (``plots.plot_runs``). The
+structure follows the flax examples and nanodo: a thin entry point, a fully
+commented config, and a smoke test that runs the real entry point shrunk.
+
+References:
+  Long & Bartlett, "Sharpness-Aware Minimization and the Edge of Stability",
+  arXiv:2309.12488, 2023, Section 4 and the authors' code
+  (``google-deepmind/sam_edge``).
+  Cohen et al., "Gradient Descent on Neural Networks Typically Occurs at the
+  Edge of Stability", ICLR 2021.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import sam_eos as se
+from sam_eos import parallel
+from sam_eos.experiments import data as data_lib
+from sam_eos.experiments import losses as losses_lib
+from sam_eos.experiments import models as models_lib
+from sam_eos.experiments.presets import DESCRIPTIVE_FIELDS, ExperimentConfig
+
+PyTree = Any
+# Files a run writes; ``overwrite=True`` deletes exactly these.
+RUN_FILES = ("config.json", "metrics.csv", "checkpoint.npz")
+
+
+class Problem(NamedTuple):
+  """What ``se.train`` needs for one experiment.
+
+  Attributes:
+    loss_fn: ``loss_fn(params, batch) -> scalar``.
+    params: the initial parameters (shared by every configuration).
+    data: pytree of arrays with a leading example axis.
+    num_params: number of scalars in ``params``.
+  """
+  loss_fn: Callable[[PyTree, Any], jax.Array]
+  params: PyTree
+  data: PyTree
+  num_params: int
+
+
+def _text_crops(config: ExperimentConfig) -> tuple[np.ndarray, np.ndarray]:
+  """Non-overlapping crops of ``context_length + 1`` bytes of the train text.
+
+  As in the authors' code (``dataset.load_ascii_dataset``): the text is cut
+  into consecutive crops; ``num_examples`` of them are drawn without
+  replacement (seed ``init_seed``), or all are used.
+  """
+  text = data_lib.load_shakespeare("train")
+  crop_len = config.context_length + 1
+  crops = text[:len(text) // crop_len * crop_len].reshape(-1, crop_len)
+  if config.num_examples is not None:
+    if config.num_examples > len(crops):
+      raise ValueError(
+          f"`num_examples` ({config.num_examples}) exceeds the {len(crops)} "
+          f"non-overlapping crops of {crop_len} characters in the Tiny "
+          "Shakespeare training text; lower it or use None for all.")
+    rng = np.random.default_rng(config.init_seed)
+    crops = crops[np.sort(rng.choice(len(crops), config.num_examples,
+                                     replace=False))]
+  crops = crops.astype(np.int32)
+  return crops[:, :-1], crops[:, 1:]
+
+
+def load_data(config: ExperimentConfig) -> tuple[np.ndarray, np.ndarray]:
+  """The training data of an experiment as ``(inputs, targets)``.
+
+  Images: the first ``num_examples`` training images, pixels / 256 centred
+  by their mean image (and standardized if ``config.standardize``), one-hot
+  targets. Text: crops (``_text_crops``). Quadratic: the diagonal, shape
+  ``(1, d)``, as both entries.
+
+  Args:
+    config: the experiment.
+
+  Returns:
+    NumPy arrays with a shared leading example axis.
+
+  Raises:
+    ValueError: if ``num_examples`` exceeds the data set.
+    data.DataUnavailableError: if the files are missing and cannot be
+      downloaded.
+
+  References:
+    Long & Bartlett 2023, Section 4; Cohen et al. 2021 (standardization);
+    LeCun et al. 1998 (MNIST); Krizhevsky 2009 (CIFAR-10); Karpathy 2015
+    (Tiny Shakespeare).
+  """
+  if config.dataset == "quadratic":
+    diagonal = np.asarray(config.model_kwargs["diagonal"], np.float32)[None]
+    return diagonal, diagonal
+  if config.dataset == "shakespeare":
+    return _text_crops(config)
+  loader = {"mnist": data_lib.load_mnist, "cifar10": data_lib.load_cifar10}
+  images, labels = loader[config.dataset]("train",
+                                          num_examples=config.num_examples)
+  return data_lib.preprocess_images(images, labels,
+                                    standardize=config.standardize)
+
+
+def _quadratic_loss(params: jax.Array, batch: tuple[jax.Array, jax.Array]
+                    ) -> jax.Array:
+  """``1/2 sum_i h_i w_i^2`` with the diagonal ``h`` as the (only) example."""
+  return 0.5 * jnp.sum(batch[0][0] * params ** 2)
+
+
+def build_problem(config: ExperimentConfig, *, pad_to_multiple: int = 1
+                  ) -> Problem:
+  """Data, model, loss and initial parameters of an experiment.
+
+  Args:
+    config: the experiment.
+    pad_to_multiple: for a full-batch run on a data-parallel mesh, the size
+      of its ``data`` axis. When it does not divide the example count, the
+      data are padded with masked examples (``se.pad_to_multiple``) and the
+      loss becomes the masked mean (``se.masked_mean``), which ignores them
+      exactly: ``data = ((inputs, targets), mask)``. Nothing is dropped.
+
+  Returns:
+    A ``Problem``; the data arrays are on the default device.
+
+  Raises:
+    ValueError: for data requests that cannot be met (see ``load_data``), or
+      padding asked of the quadratic (a single example).
+  """
+  inputs, targets = load_data(config)
+  data = (jnp.asarray(inputs), jnp.asarray(targets))
+  key = jax.random.key(config.init_seed)
+  pad = len(inputs) % pad_to_multiple != 0
+  if config.model == "quadratic":
+    if pad:
+      raise ValueError("The quadratic has a single example, which cannot be "
+                       "split over devices; run it without --data-parallel.")
+    params = jax.random.normal(key, inputs.shape[1:], jnp.float32)
+    loss_fn = _quadratic_loss
+  else:
+    kwargs = dict(config.model_kwargs)
+    if config.model == "transformer":
+      kwargs["context_length"] = config.context_length
+    model = models_lib.make_model(config.model, **kwargs)
+    params = jax.jit(models_lib.init_params, static_argnums=0)(
+        model, key, data[0][:1])
+    if pad:
+      loss_fn = se.masked_mean(
+          losses_lib.make_per_example_loss_fn(model, config.loss))
+      data = se.pad_to_multiple(data, pad_to_multiple)
+    else:
+      loss_fn = losses_lib.make_loss_fn(model, config.loss)
+  return Problem(loss_fn=loss_fn, params=params, data=data,
+                 num_params=models_lib.count_params(params))
+
+
+def sweep(config: ExperimentConfig
+          ) -> tuple[list[float], list[float], list[int]]:
+  """The configurations ``learning_rates x rhos x seeds``, as three lists.
+
+  Args:
+    config: the experiment.
+
+  Returns:
+    ``(learning_rates, rhos, seeds)`` of equal length ``config.num_configs``,
+    learning rate slowest, seed fastest; configuration ``c`` of the run is
+    entry ``c``.
+
+  Examples:
+    >>> from sam_eos.experiments.presets import get_experiment
+    >>> sweep(get_experiment("mnist-mlp").replace(seeds=(0, 1)))
+    ([1.0, 1.0, 1.0, 1.0], [0.0, 0.0, 0.1, 0.1], [0, 1, 0, 1])
+  """
+  product = list(itertools.product(config.learning_rates, config.rhos,
+                                   config.seeds))
+  return ([p[0] for p in product], [p[1] for p in product],
+          [p[2] for p in product])
+
+
+def _clear(out_dir: str) -> None:
+  """Deletes the files of a previous run (only those) from ``out_dir``."""
+  from sam_eos.experiments import plots  # pylint: disable=g-import-not-at-top
+  for name in RUN_FILES + plots.FIGURES:
+    path = os.path.join(out_dir, name)
+    if os.path.exists(path):
+      os.remove(path)
+
+
+def _comparable(settings: dict[str, Any]) -> dict[str, Any]:
+  """Settings as JSON would store them, without ``num_steps`` and prose."""
+  return {k: v for k, v in json.loads(json.dumps(settings)).items()
+          if k not in DESCRIPTIVE_FIELDS + ("num_steps",)}
+
+
+def _check_resumable(config: ExperimentConfig, out_dir: str) -> None:
+  """Raises ValueError if ``out_dir`` holds a run of other settings.
+
+  ``se.train`` resumes from a checkpoint when its own settings match; this
+  also compares the experiment (data, model, ...), except ``num_steps``,
+  which a resumed run may extend.
+  """
+  config_path = os.path.join(out_dir, "config.json")
+  if not (os.path.exists(config_path)
+          and os.path.exists(os.path.join(out_dir, "checkpoint.npz"))):
+    return
+  with open(config_path) as f:
+    saved = json.load(f).get("metadata") or {}
+  if _comparable(saved) != _comparable(config.to_dict()):
+    raise ValueError(
+        f"`out_dir` {out_dir!r} holds a run with other settings; resume it "
+        "with the same settings, pick another out_dir, or overwrite it "
+        "(sam-eos run --overwrite).")
+
+
+def run_experiment(config: ExperimentConfig, out_dir: str | os.PathLike,
+                   *, progress: bool = True, overwrite: bool = False,
+                   plot: bool = True, x_axis: str = "step",
+                   mesh: jax.sharding.Mesh | None = None) -> se.TrainResult:
+  """Runs every configuration of an experiment as one vmapped program.
+
+  Writes ``config.json`` (with ``config.to_dict()`` as ``metadata``),
+  ``metrics.csv``, ``checkpoint.npz`` and, if ``plot``, the figures of
+  ``plots.FIGURES`` to ``out_dir``. An existing run of the same settings in
+  ``out_dir`` is resumed (and extended if ``num_steps`` grew).
+
+  Args:
+    config: the experiment (see ``presets``).
+    out_dir: the run folder (created if needed).
+    progress: show a progress bar on stderr.
+    overwrite: delete a previous run's files in ``out_dir`` first.
+    plot: draw the figures after training (also after a divergence, from
+      the rows recorded before it).
+    x_axis: ``"step"`` or ``"wall_time"``, the figures' x-axis.
+    mesh: a device mesh (``se.data_mesh``) for data-parallel training: the
+      batch is sharded along its ``data`` axis (a full batch that the axis
+      does not divide is padded with masked examples, see
+      ``build_problem``), the sweep along its ``config`` axis. Results equal
+      the single-device run up to float rounding.
+
+  Returns:
+    ``se.TrainResult`` with a leading configuration axis (see ``sweep``).
+
+  Raises:
+    ValueError: for data requests that cannot be met, an unwritable
+      ``out_dir``, an ``out_dir`` holding a run of other settings, or a bad
+      ``x_axis``.
+    se.TrainingDiverged: if a configuration's loss became non-finite; the
+      rows before it are in ``metrics.csv`` and the figures.
+  """
+  if x_axis not in ("step", "wall_time"):
+    raise ValueError(f"`x_axis` must be 'step' or 'wall_time', got {x_axis!r}.")
+  out_dir = os.fspath(out_dir)
+  try:
+    os.makedirs(out_dir, exist_ok=True)
+  except OSError as e:
+    raise ValueError(f"`out_dir` {out_dir!r} cannot be created: {e}") from e
+  if overwrite:
+    if jax.process_index() == 0:
+      _clear(out_dir)
+  else:
+    _check_resumable(config, out_dir)
+  multiple = 1
+  if mesh is not None and config.batch_size is None:
+    multiple = parallel.axis_size(mesh, parallel.DATA_AXIS)
+  problem = build_problem(config, pad_to_multiple=multiple)
+  learning_rates, rhos, seeds = sweep(config)
+  try:
+    result = se.train(
+        problem.loss_fn, problem.params, problem.data,
+        learning_rate=learning_rates, rho=rhos, key=seeds,
+        num_steps=config.num_steps, momentum=config.momentum,
+        normalize=config.normalize, batch_size=config.batch_size,
+        track_every=config.track_every,
+        num_lanczos_iters=config.num_lanczos_iters, eps=config.eps,
+        out_dir=out_dir, progress=progress, metadata=config.to_dict(),
+        mesh=mesh)
+  except se.TrainingDiverged:
+    if plot:
+      _plot(out_dir, x_axis)
+    raise
+  if plot:
+    _plot(out_dir, x_axis)
+  return result
+
+
+def _plot(out_dir: str, x_axis: str) -> None:
+  """Draws the figures of the run in ``out_dir`` if it recorded any rows.
+
+  Only process 0 draws (it alone writes ``metrics.csv``).
+  """
+  if jax.process_index() != 0:
+    return
+  from sam_eos.experiments import plots  # pylint: disable=g-import-not-at-top
+  metrics_path = os.path.join(out_dir, "metrics.csv")
+  if os.path.exists(metrics_path) and os.path.getsize(metrics_path):
+    plots.plot_runs([out_dir], out_dir, x_axis=x_axis)
