@@ -134,6 +134,28 @@ def read_csv(path: str | os.PathLike) -> dict[str, np.ndarray]:
 
   Returns:
     Dict column -> 1-D array; ``config``, ``step`` and ``seed`` as integers.
+    The file is long-format: one line per tracked step per configuration,
+    in step order, the configurations told apart by ``config`` (``train``
+    returns the same history with a leading configuration axis instead).
+
+  Examples:
+    A sweep over two ``rho`` values, tracked at steps 0 and 5:
+
+    >>> import os, tempfile, jax.numpy as jnp, sam_eos as se
+    >>> loss = lambda w, h: 0.5 * jnp.sum(h[0] * w ** 2)
+    >>> out = os.path.join(tempfile.mkdtemp(), "run")
+    >>> _ = se.train(loss, jnp.ones(2), jnp.array([[3.0, 1.0]]),
+    ...              learning_rate=0.1, rho=[0.0, 0.1], num_steps=10,
+    ...              track_every=5, num_lanczos_iters=2, out_dir=out,
+    ...              progress=False)
+    >>> rows = se.read_csv(os.path.join(out, "metrics.csv"))
+    >>> rows["config"].tolist(), rows["step"].tolist(), rows["rho"].tolist()
+    ([0, 1, 0, 1], [0, 0, 5, 5], [0.0, 0.1, 0.0, 0.1])
+    >>> rows["sharpness"].round(4).tolist()
+    [3.0, 3.0, 3.0, 3.0]
+
+  References:
+    The ``metrics.csv`` format of ``sam_eos.train`` (DESIGN.md).
   """
   with open(path, newline="") as f:
     reader = csv.DictReader(f)

@@ -44,7 +44,12 @@ class Eigenpairs(NamedTuple):
     vectors: pytree like ``params`` whose leaves carry a leading axis ``k``;
       slice ``i`` is the unit-norm (in the flattened space) Ritz vector of
       ``values[i]``, sign arbitrary.
-    residuals: ``(k,)`` Lanczos bounds ``||H y_i - values[i] y_i||``.
+    residuals: ``(k,)`` Lanczos estimates ``|beta_m s_i[m-1]|`` of
+      ``||H y_i - values[i] y_i||``, exact in exact arithmetic. In floating
+      point they can fall below the rounding level of the products (even to
+      0 after a breakdown); the attainable accuracy is about
+      ``eps * ||H||``, so read a residual below that as "converged to
+      working precision", not as an error bound.
   """
   values: jax.Array
   vectors: PyTree
