@@ -255,7 +255,8 @@ def train(loss_fn: Callable[[PyTree, Any], jax.Array], params: PyTree,
     optimizer: optional optax base optimizer replacing SGD.
     batch_size: minibatch size, or None for full batch.
     track_every: measure every this many steps (step 0 included).
-    num_lanczos_iters: Lanczos iterations per measurement.
+    num_lanczos_iters: Lanczos iterations per measurement, capped at the
+      number of parameters (which gives the exact spectrum).
     key: int seed, list of seeds, or PRNG key(s); default seed 0.
     out_dir: folder for ``config.json``, ``metrics.csv`` and
       ``checkpoint.npz``; None keeps everything in memory.
@@ -307,10 +308,9 @@ def train(loss_fn: Callable[[PyTree, Any], jax.Array], params: PyTree,
   num_lanczos_iters = _checks.check_int("num_lanczos_iters", num_lanczos_iters, 1)
   _checks.check_momentum(momentum)
   _checks.check_nonnegative("eps", eps)
+  # As in hessian_eigenpairs: n steps already give the exact spectrum.
   num_params = ravel_pytree(params)[0].size
-  if num_lanczos_iters > num_params:
-    raise ValueError(f"`num_lanczos_iters` ({num_lanczos_iters}) exceeds the "
-                     f"number of parameters ({num_params}).")
+  num_lanczos_iters = min(num_lanczos_iters, num_params)
   lrs, rhos, keys, seeds, sweep = _broadcast_configs(learning_rate, rho, key)
   _checks.check_positive("learning_rate", lrs)
   _checks.check_nonnegative("rho", rhos)
