@@ -13,7 +13,7 @@ Figures, as in Long & Bartlett (2023), Figs. 1-6:
 
 - ``sharpness.png``: sharpness (solid), SAM-edge (dashed) and ``2/eta``
   (dotted) per configuration.
-- ``sharpness_sam_edge.png``: sharpness and SAM-edge only (SAM's edge lies
+- ``sharpness_sam_edge.png``: SAM's sharpness and SAM-edge only (they lie
   far below ``2/eta``), log y when the curves span more than a decade.
 - ``alignment.png``: ``|cos(g, v1)|`` and ``|cos(g_SAM, v1)|`` with the top
   Hessian eigenvector ``v1``.
@@ -132,7 +132,9 @@ def plot_sharpness(runs: Runs | Metrics, path: str | os.PathLike, *,
   """Sharpness with the SAM-edge (dashed) and ``2/eta`` (dotted).
 
   For GD (``rho = 0``) the SAM-edge equals ``2/eta``; with
-  ``show_gd_edge`` only the latter is drawn.
+  ``show_gd_edge`` only the latter is drawn. Without it the figure zooms in
+  on SAM: GD configurations are left out (their sharpness sits at ``2/eta``),
+  unless the runs have no SAM configuration at all.
 
   Args:
     runs: ``(label, metrics)`` pairs, or one metrics dict (``se.read_csv``).
@@ -155,7 +157,10 @@ def plot_sharpness(runs: Runs | Metrics, path: str | os.PathLike, *,
   """
   fig, (ax,) = _figure()
   values = []
-  for curve in _curves(runs):
+  curves = _curves(runs)
+  if not show_gd_edge and any(c["rho"] > 0 for c in curves):
+    curves = [c for c in curves if c["rho"] > 0]
+  for curve in curves:
     x, rows = _x(curve, x_axis), curve["rows"]
     ax.plot(x, rows["sharpness"], color=curve["color"], lw=1.2,
             label=curve["label"])

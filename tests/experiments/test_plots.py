@@ -102,3 +102,19 @@ def test_core_and_experiments_import_no_matplotlib():
   code = ("import sys, sam_eos, sam_eos.experiments, sam_eos.experiments.cli; "
           "assert not any(m.startswith('matplotlib') for m in sys.modules)")
   subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_sam_edge_figure_leaves_out_gd(tmp_path, monkeypatch):
+  # sharpness_sam_edge.png zooms in on SAM: GD (at 2/eta = 4) is left out,
+  # so the y-axis ends well below 2/eta; sharpness.png keeps both.
+  figures = {}
+  monkeypatch.setattr(plots, "_save",
+                      lambda fig, path, title: figures.setdefault(path, fig))
+  metrics = history.read_csv(os.path.join(write_run(str(tmp_path / "r")),
+                                          "metrics.csv"))
+  plots.plot_sharpness(metrics, "zoom", show_gd_edge=False, log_y=False)
+  plots.plot_sharpness(metrics, "full", log_y=False)
+  zoom, full = (figures[k].axes[0] for k in ("zoom", "full"))
+  assert zoom.get_ylim()[1] < 0.5 * 4.0 < full.get_ylim()[1]
+  assert [line.get_label() for line in zoom.get_legend().get_lines()][0] == (
+      "SAM rho=0.1")
