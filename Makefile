@@ -6,7 +6,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 PYTEST_ARGS ?=
 
-.PHONY: demo test test-quick venv clean
+.PHONY: demo test test-quick venv clean figures
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -29,3 +29,7 @@ test-quick: venv
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
+
+# Reruns the cpu presets into docs/figures and rewrites the README's table.
+figures: venv
+	$(BIN)/python docs/make_figures.py

@@ -12,17 +12,17 @@ baseline is registered under a name with two presets:
   sustained on one H100 in float32.
 - ``cpu``: a shrunk version (fewer examples, a smaller network, another step
   size where needed) that shows the same claims on a 2-core CPU; the times
-  below were measured with ``sam-eos run NAME`` on a shared 2-core machine
-  (load 2-4), GD and SAM as one vmapped program, compilation and figures
-  included; under ``pytest -n 2`` with heavy load they took 1.5-3.2 min.
+  below were measured by ``make figures`` (``sam-eos run NAME``) on a shared
+  2-core machine (load 1-3), GD and SAM as one vmapped program, compilation
+  and figures included; ``docs/figures/times.json`` has the latest.
 
 =============================  ===============  ============================
 experiment                     cpu (measured)   paper (estimated, one H100)
 =============================  ===============  ============================
-``mnist-mlp``                  55 s             1-2 h (~1e13 FLOP per step)
-``cifar10-cnn``                90 s             5-15 min (~1e11 per step)
-``shakespeare-transformer``    30 s             10-20 min (~7e11 per step)
-``cifar10-5k``                 22 s             3-5 min (~2e11 per step)
+``mnist-mlp``                  90 s             1-2 h (~1e13 FLOP per step)
+``cifar10-cnn``                150 s            5-15 min (~1e11 per step)
+``shakespeare-transformer``    36 s             10-20 min (~7e11 per step)
+``cifar10-5k``                 53 s             3-5 min (~2e11 per step)
 ``cifar10-5k-cnn``             ~2.5 min         15-30 min (~1e12 per step)
 ``quadratic``                  3 s              3 s
 =============================  ===============  ============================
