@@ -350,10 +350,16 @@ def run(quick: bool = False, repeats: int | None = None) -> str:
         + (f"{cheap.num_iters} warm iterations already give a median error "
            f"of {_common.fmt_err(cheap.median_err)} but a worst check of "
            f"{_common.fmt_err(cheap.max_err)}. " if cheap else "")
-        + "What would close it: a block warm start (keep the top few Ritz "
-        "vectors in the carry and restart Lanczos from that subspace), "
-        "cheaper Lanczos bookkeeping (see the sharpness section), checking "
-        "less often, or accepting 1e-2 accuracy.")
+        + "Tried and rejected (2026-11-25): starting each check from the "
+        "unit sum of the previous top 4 Ritz vectors, a one-vector stand-in "
+        "for a block restart, was worse (median 3.3e-02 at 4 iterations, "
+        "worst 7.5e-03 at 16). The floor for 70% is 10 steps x 2 gradients "
+        "x 0.7 = 14 gradients per check, about 11 linearized products, "
+        "fewer than a cold start needs for 1e-3 (14, see the sharpness "
+        "section) whenever a new direction takes over the top of the "
+        "spectrum. What could close it: block Lanczos warm-started from "
+        "the top Ritz subspace, checking less often, or accepting 1e-2 "
+        "accuracy on the worst check (8 iterations).")
   n = _common.num_params(params)
   return "\n".join([
       "## Training loop (bench_training.py)\n",
