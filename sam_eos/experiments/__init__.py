@@ -21,21 +21,23 @@ References:
 
 from __future__ import annotations
 
-from sam_eos.experiments.claims import Claim, check_claims
+from sam_eos.experiments.claims import Claim, check_claims, check_history
 from sam_eos.experiments.data import (DataChecksumError, DataUnavailableError,
                                       char_crops, load_cifar10, load_mnist,
                                       load_shakespeare, preprocess_images)
 from sam_eos.experiments.losses import (cross_entropy_loss, half_sse_loss,
-                                        make_loss_fn, mse_loss)
+                                        make_loss_fn, make_per_example_loss_fn,
+                                        mse_loss)
 from sam_eos.experiments.models import (CNN, MLP, Transformer, count_params,
                                         init_params, make_model)
-from sam_eos.experiments.plots import (FIGURES, plot_alignment, plot_loss,
-                                       plot_runs, plot_sharpness)
+from sam_eos.experiments.plots import (FIGURES, load_run, plot_alignment,
+                                       plot_loss, plot_runs, plot_sharpness)
 from sam_eos.experiments.presets import (EXPERIMENTS, PRESETS,
                                          ExperimentConfig, get_experiment,
                                          list_experiments)
-from sam_eos.experiments.runner import (Problem, build_problem, load_data,
-                                        run_experiment, sweep)
+from sam_eos.experiments.runner import (ExperimentRun, Problem,
+                                        build_problem, find_run, load_data,
+                                        run_experiment, run_or_load, sweep)
 
 __all__ = [
     "CNN",
@@ -44,6 +46,7 @@ __all__ = [
     "DataUnavailableError",
     "EXPERIMENTS",
     "ExperimentConfig",
+    "ExperimentRun",
     "FIGURES",
     "MLP",
     "PRESETS",
@@ -52,23 +55,28 @@ __all__ = [
     "build_problem",
     "char_crops",
     "check_claims",
+    "check_history",
     "count_params",
     "cross_entropy_loss",
+    "find_run",
     "get_experiment",
     "half_sse_loss",
     "init_params",
     "list_experiments",
     "load_cifar10",
     "load_data",
+    "load_run",
     "load_mnist",
     "load_shakespeare",
     "make_loss_fn",
     "make_model",
+    "make_per_example_loss_fn",
     "mse_loss",
     "plot_alignment",
     "plot_loss",
     "plot_runs",
     "plot_sharpness",
     "run_experiment",
+    "run_or_load",
     "sweep",
 ]

@@ -6,7 +6,10 @@ its ``loss_fn(params, batch)``, initializes the parameters from
 ``config.init_seed``, trains every configuration of the sweep
 ``learning_rates x rhos x seeds`` as ONE vmapped program (``se.train``), saves
 the config as ``metadata`` in ``config.json`` beside ``metrics.csv`` and
-``checkpoint.npz``, and draws the figures (``plots.plot_runs``). The
+``checkpoint.npz``, and draws the figures (``plots.plot_runs``).
+``run_or_load(config, ...)`` trains a run (or, given ``run_dir``, finds a
+finished one with ``find_run``) and reads it back from its folder, as the
+notebooks do. The
 structure follows the flax examples and nanodo: a thin entry point, a fully
 commented config, and a smoke test that runs the real entry point shrunk.
 
@@ -23,6 +26,8 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import pathlib
+import tempfile
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -31,6 +36,7 @@ import numpy as np
 
 import sam_eos as se
 from sam_eos import parallel
+from sam_eos.experiments import claims as claims_lib
 from sam_eos.experiments import data as data_lib
 from sam_eos.experiments import losses as losses_lib
 from sam_eos.experiments import models as models_lib
@@ -39,6 +45,28 @@ from sam_eos.experiments.presets import DESCRIPTIVE_FIELDS, ExperimentConfig
 PyTree = Any
 # Files a run writes; ``overwrite=True`` deletes exactly these.
 RUN_FILES = ("config.json", "metrics.csv", "checkpoint.npz")
+
+
+class ExperimentRun(NamedTuple):
+  """A run of an experiment as read back from its folder (``run_or_load``).
+
+  Attributes:
+    metrics: the flat columns of its ``metrics.csv`` (``se.read_csv``): one
+      entry per tracked step and configuration.
+    config: its settings, from the ``metadata`` of its ``config.json``.
+    out_dir: the run folder.
+    result: the ``se.TrainResult`` when ``run_or_load`` trained the run;
+      None when it loaded a finished one.
+  """
+  metrics: dict[str, np.ndarray]
+  config: ExperimentConfig
+  out_dir: pathlib.Path
+  result: se.TrainResult | None
+
+  @property
+  def trained(self) -> bool:
+    """Whether this run was trained by the call (not loaded from disk)."""
+    return self.result is not None
 
 
 class Problem(NamedTuple):
@@ -307,3 +335,125 @@ def _plot(out_dir: str, x_axis: str) -> None:
   metrics_path = os.path.join(out_dir, "metrics.csv")
   if os.path.exists(metrics_path) and os.path.getsize(metrics_path):
     plots.plot_runs([out_dir], out_dir, x_axis=x_axis)
+
+
+def find_run(run_dir: str | os.PathLike, name: str) -> pathlib.Path:
+  """The run folder of experiment ``name`` at or directly under ``run_dir``.
+
+  The candidates, in order: ``run_dir`` itself, then ``run_dir/NAME-paper``,
+  ``run_dir/NAME-cpu`` and ``run_dir/NAME`` (the folder names ``sam-eos run``
+  suggests); the first that holds a ``metrics.csv`` wins. Which experiment
+  the folder holds is not checked here (``run_or_load`` checks it).
+
+  Args:
+    run_dir: a run folder (with ``metrics.csv``) or a folder of run folders;
+      ``~`` is expanded.
+    name: the experiment's registry name, e.g. ``"mnist-mlp"``.
+
+  Returns:
+    The run folder.
+
+  Raises:
+    FileNotFoundError: if no candidate holds a ``metrics.csv``; the message
+      lists the candidates.
+
+  Examples:
+    >>> import pathlib, tempfile
+    >>> root = pathlib.Path(tempfile.mkdtemp())
+    >>> for folder in ("mnist-mlp-cpu", "mnist-mlp-paper"):
+    ...   (root / folder).mkdir()
+    ...   (root / folder / "metrics.csv").touch()
+    >>> find_run(root, "mnist-mlp").name
+    'mnist-mlp-paper'
+    >>> find_run(root / "mnist-mlp-cpu", "mnist-mlp").name
+    'mnist-mlp-cpu'
+  """
+  root = pathlib.Path(run_dir).expanduser()
+  candidates = [root] + [root / f"{name}{suffix}"
+                         for suffix in ("-paper", "-cpu", "")]
+  for folder in candidates:
+    if (folder / "metrics.csv").is_file():
+      return folder
+  raise FileNotFoundError(
+      f"No run of {name!r} in `run_dir` {os.fspath(run_dir)!r}: none of "
+      f"{[str(c) for c in candidates]} holds a metrics.csv.")
+
+
+def run_or_load(config: ExperimentConfig, *,
+                run_dir: str | os.PathLike | None = None,
+                out_dir: str | os.PathLike | None = None,
+                progress: bool = True, overwrite: bool = False,
+                check: bool = True) -> ExperimentRun:
+  """Trains ``config`` (or loads a finished run) and reads it back from disk.
+
+  Without ``run_dir``: ``run_experiment(config, out_dir, plot=False)``, then
+  the run folder is read back. With ``run_dir``: nothing is trained; the run
+  of ``config.name`` is found by ``find_run(run_dir, config.name)`` and read,
+  whatever its settings (a ``paper`` run, say). Either way the settings
+  returned are the ones saved in the folder's ``config.json``, and, if
+  ``check``, the history is checked by ``claims.check_history``: complete
+  and equal to the returned history for a run trained here, a prefix for a
+  loaded one.
+
+  Args:
+    config: the experiment to train; with ``run_dir``, only its ``name`` is
+      used.
+    run_dir: a finished run folder, or a folder of run folders (see
+      ``find_run``), to load instead of training; None to train.
+    out_dir: where to train (see ``run_experiment``); None for a fresh
+      temporary folder (``ExperimentRun.out_dir``; the caller may delete
+      it). Ignored with ``run_dir``.
+    progress: show a progress bar on stderr while training.
+    overwrite: delete a previous run's files in ``out_dir`` first instead of
+      resuming it.
+    check: run ``claims.check_history`` on the metrics read back.
+
+  Returns:
+    An ``ExperimentRun``: the metrics, the saved config, the folder, and the
+    ``se.TrainResult`` (None when loaded).
+
+  Raises:
+    FileNotFoundError: if ``run_dir`` holds no run (see ``find_run``).
+    ValueError: if the run found is of another experiment or has no
+      ``config.json`` metadata, if ``check`` and its history fails
+      ``claims.check_history``, or for the errors of ``run_experiment``.
+    se.TrainingDiverged: if training diverged (see ``run_experiment``).
+
+  Examples:
+    >>> from sam_eos.experiments.presets import get_experiment
+    >>> config = get_experiment("quadratic").replace(num_steps=20)
+    >>> run = run_or_load(config, progress=False)
+    >>> run.trained, run.config == config, len(run.metrics["step"])
+    (True, True, 8)
+    >>> again = run_or_load(config, run_dir=run.out_dir)
+    >>> again.trained, again.out_dir == run.out_dir
+    (False, True)
+    >>> import shutil; shutil.rmtree(run.out_dir)
+  """
+  from sam_eos.experiments import plots  # pylint: disable=g-import-not-at-top
+  result = None
+  if run_dir is not None:
+    folder = find_run(run_dir, config.name)
+  else:
+    if out_dir is None:
+      out_dir = tempfile.mkdtemp(prefix=f"sam_eos_{config.name}_")
+    folder = pathlib.Path(out_dir)
+    result = run_experiment(config, folder, progress=progress,
+                            overwrite=overwrite, plot=False)
+  metrics, metadata = plots.load_run(folder)
+  if not metadata:
+    raise ValueError(
+        f"{folder} has no experiment settings (no `metadata` in its "
+        "config.json): load a folder written by `sam-eos run` or "
+        "run_experiment.")
+  if metadata.get("name") != config.name:
+    raise ValueError(
+        f"{folder} holds a run of {metadata.get('name')!r}, not "
+        f"{config.name!r}; point `run_dir` at a {config.name} run.")
+  saved = ExperimentConfig.from_dict(metadata)
+  if check:
+    claims_lib.check_history(metrics, saved, complete=result is not None,
+                             history=None if result is None
+                             else result.history)
+  return ExperimentRun(metrics=metrics, config=saved, out_dir=folder,
+                       result=result)
