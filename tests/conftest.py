@@ -5,6 +5,12 @@ repository root) when it exists, so tests read the real files; otherwise the
 loaders fall back to the subset bundled with the package. Downloads are
 disabled for every test: a test that needs one patches
 ``sam_eos.experiments.data._download`` itself.
+
+Tests that need a data set the bundled subset lacks (CIFAR-10, Tiny
+Shakespeare, more than 2,000 MNIST images) are skipped, with the reason,
+on a machine without ``shared/data``: those marked
+``@pytest.mark.dataset("cifar10")`` and those parametrized by an
+experiment ``name``.
 """
 
 from __future__ import annotations
@@ -16,13 +22,14 @@ if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "")
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                              " --xla_force_host_platform_device_count=8").strip()
 
+import functools  # pylint: disable=g-import-not-at-top,wrong-import-position
 import pathlib  # pylint: disable=g-import-not-at-top,wrong-import-position
 from typing import Iterator
 
 import jax
 import pytest
 
-from sam_eos.experiments import data
+from sam_eos.experiments import data, presets
 
 _REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 _SHARED_DATA = _REPO_ROOT.parent / "shared" / "data"
@@ -45,3 +52,34 @@ def _no_download(url: str, path: pathlib.Path) -> None:
 def _offline(monkeypatch: pytest.MonkeyPatch) -> None:
   """Makes every download fail, so no test can reach the network."""
   monkeypatch.setattr(data, "_download", _no_download)
+
+
+@functools.lru_cache(maxsize=None)
+def _available(dataset: str) -> bool:
+  """Whether the loaders find ``dataset`` locally (no download)."""
+  load = {"mnist": lambda: data.load_mnist("train", num_examples=2_001),
+          "cifar10": lambda: data.load_cifar10("train", num_examples=1),
+          "shakespeare": lambda: data.load_shakespeare("train"),
+          "quadratic": lambda: None}[dataset]
+  original, data._download = data._download, _no_download  # pylint: disable=protected-access
+  try:
+    load()
+    return True
+  except data.DataUnavailableError:
+    return False
+  finally:
+    data._download = original  # pylint: disable=protected-access
+
+
+@pytest.fixture(autouse=True)
+def _needs_data(request: pytest.FixtureRequest) -> None:
+  """Skips a test whose data set is not on this machine (see above)."""
+  needed = [m.args[0] for m in request.node.iter_markers("dataset")]
+  callspec = getattr(request.node, "callspec", None)
+  name = callspec.params.get("name") if callspec else None
+  if isinstance(name, str) and name in presets.EXPERIMENTS:
+    needed.append(presets.get_experiment(name, "cpu").dataset)
+  for dataset in needed:
+    if not _available(dataset):
+      pytest.skip(f"the {dataset} data set is not available: point "
+                  f"${data.ENV_VAR} at a copy (see shared/data/README.md)")

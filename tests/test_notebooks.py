@@ -104,7 +104,15 @@ def _kernel_manager(tmp_path: pathlib.Path):
   return KernelManager(kernel_name=KERNEL_NAME, kernel_spec_manager=specs)
 
 
-@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+# Notebooks that need a data set beyond the bundled MNIST subset.
+DATASETS = {"04_cifar10_cnn": "cifar10",
+            "05_shakespeare_transformer": "shakespeare"}
+
+
+@pytest.mark.parametrize("path", [
+    pytest.param(p, marks=[pytest.mark.dataset(DATASETS[p.stem])]
+                 if p.stem in DATASETS else [])
+    for p in NOTEBOOKS], ids=lambda p: p.stem)
 def test_notebook_runs(path: pathlib.Path, tmp_path: pathlib.Path):
   nbclient = pytest.importorskip("nbclient")
   nb = nbformat.read(path, as_version=4)

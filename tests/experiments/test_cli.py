@@ -126,6 +126,7 @@ def test_unwritable_out_exits_2(tmp_path, capsys):
   assert "argument --out" in capsys.readouterr().err
 
 
+@pytest.mark.dataset("shakespeare")
 def test_invalid_preset_value_exits_2(tmp_path, capsys):
   # More examples than the data set holds: caught before training.
   assert cli.main(["run", "shakespeare-transformer", "--num-examples",

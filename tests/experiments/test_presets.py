@@ -132,6 +132,7 @@ def test_mnist_data_are_centred_paper_pixels():
   np.testing.assert_array_equal(targets.argmax(axis=1), labels)
 
 
+@pytest.mark.dataset("shakespeare")
 def test_text_crops_are_non_overlapping_windows():
   config = presets.get_experiment("shakespeare-transformer").replace(
       num_examples=50, context_length=16)
