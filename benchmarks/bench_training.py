@@ -331,8 +331,12 @@ def run(quick: bool = False, repeats: int | None = None) -> str:
       f"{_common.fmt_time(core)} vs loop {_common.fmt_time(python)} per step "
       f"({core / python:.2f}x) -> {_common.met(core <= python)}; se.train "
       f"end to end {_common.fmt_time(untracked)} ({untracked / python:.2f}x), "
-      f"its driver adding {_common.fmt_time((untracked - core) * case.num_steps)}"
-      f" per call (argument checks, state init, history to host).",
+      + (f"its driver adding "
+         f"{_common.fmt_time((untracked - core) * case.num_steps)} per call "
+         "(argument checks, state init, history to host)."
+         if untracked > core else
+         "its driver's cost per call (argument checks, state init, history "
+         "to host) is below the timing noise."),
       f"- (iii) authors' loop style / se.train with tracking: "
       f"{authors / tracked:.1f}x per step.",
   ]
