@@ -185,7 +185,7 @@ def scan_core(case: Case, params: PyTree, batch: Any, *, num_iters: int
                              rho=jnp.float32(case.rho))
   state = loop.init_state(config, params, hparams, jax.random.key(0))
   args = (state, batch, hparams, jnp.int32(0), jnp.int32(case.num_steps))
-  fn = lambda s, d, h, a, b: loop.run_chunk(config, s, d, h, a, b,
+  fn = lambda s, d, h, a, b: loop.run_chunk(config, s, d, None, h, a, b,
                                             case.num_steps)
   compiled = jax.jit(fn).lower(*args).compile()
   jax.block_until_ready(compiled(*args))

@@ -16,7 +16,6 @@ import jax
 import numpy as np
 
 from sam_eos import parallel
-from sam_eos.history import HISTORY_COLUMNS
 
 
 class Checkpoint(NamedTuple):
@@ -53,6 +52,7 @@ def save(path: str | os.PathLike, state: Any, history: dict[str, np.ndarray],
   leaves = jax.tree.leaves(parallel.to_host(raw))
   arrays = {f"state_{i}": np.asarray(x) for i, x in enumerate(leaves)}
   arrays.update({f"history_{k}": v for k, v in history.items()})
+  arrays["history_columns"] = np.array(json.dumps(list(history)))
   arrays["next_step"] = np.array(next_step)
   arrays["wall_time"] = np.array(wall_time)
   arrays["signature"] = np.array(json.dumps(signature, sort_keys=True))
@@ -93,7 +93,8 @@ def load(path: str | os.PathLike, template: Any) -> Checkpoint:
             f"Checkpoint {path} holds an array {new.shape} {new.dtype} where "
             f"this run has {old.shape} {old.dtype}; start a new out_dir.")
       restored.append(new)
-    history = {k: f[f"history_{k}"] for k in HISTORY_COLUMNS}
+    names = json.loads(str(f["history_columns"]))
+    history = {k: f[f"history_{k}"] for k in names}
     return Checkpoint(state=jax.tree.unflatten(treedef, restored),
                       history=history, next_step=int(f["next_step"]),
                       wall_time=float(f["wall_time"]),

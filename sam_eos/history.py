@@ -2,8 +2,10 @@
 
 The history of a run is a dict of NumPy arrays of shape
 ``(num_configs, num_rows)``, one row per tracked step; a single run is
-squeezed to ``(num_rows,)`` by the driver. ``metrics.csv`` holds one line per
-tracked step per configuration, with the configuration columns first.
+squeezed to ``(num_rows,)`` by the driver. Its columns are
+``HISTORY_COLUMNS`` followed by the keys of ``eval_fn``'s dict, if
+``se.train`` was given one. ``metrics.csv`` holds one line per tracked step
+per configuration, with the configuration columns first.
 """
 
 from __future__ import annotations
@@ -14,24 +16,53 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-HISTORY_COLUMNS = ("step", "loss", "grad_norm", "sharpness", "gd_edge",
-                   "sam_edge", "grad_alignment", "sam_grad_alignment",
-                   "wall_time")
+HISTORY_COLUMNS = ("step", "loss", "grad_norm", "sharpness", "lambda_min",
+                   "gd_edge", "sam_edge", "grad_alignment",
+                   "sam_grad_alignment", "wall_time")
 CONFIG_COLUMNS = ("config", "learning_rate", "rho", "seed")
 
 
-def empty_history(num_configs: int) -> dict[str, np.ndarray]:
+def columns(extra: Sequence[str] = ()) -> tuple[str, ...]:
+  """The history's columns: ``HISTORY_COLUMNS``, then the ``extra`` ones.
+
+  Args:
+    extra: names of additional columns (the keys of ``eval_fn``'s dict).
+
+  Returns:
+    The column names in file order.
+
+  Raises:
+    ValueError: if an extra name repeats or clashes with a built-in column.
+  """
+  extra = tuple(extra)
+  clash = sorted((set(extra) & set(HISTORY_COLUMNS + CONFIG_COLUMNS))
+                 | {n for n in extra if extra.count(n) > 1})
+  if clash:
+    raise ValueError(f"Extra history columns {clash} repeat or clash with the "
+                     f"built-in columns {HISTORY_COLUMNS + CONFIG_COLUMNS}; "
+                     "rename them (e.g. prefix them with 'test_').")
+  return HISTORY_COLUMNS + extra
+
+
+def extra_columns(history: Mapping[str, np.ndarray]) -> tuple[str, ...]:
+  """The columns of ``history`` beyond ``HISTORY_COLUMNS``, in order."""
+  return tuple(k for k in history if k not in HISTORY_COLUMNS)
+
+
+def empty_history(num_configs: int, extra: Sequence[str] = ()
+                  ) -> dict[str, np.ndarray]:
   """A history with no rows.
 
   Args:
     num_configs: number of configurations ``C``.
+    extra: names of additional (evaluation) columns.
 
   Returns:
     Dict column -> array of shape ``(C, 0)`` (``step`` int64, others float64).
   """
   return {name: np.zeros((num_configs, 0),
                          np.int64 if name == "step" else np.float64)
-          for name in HISTORY_COLUMNS}
+          for name in columns(extra)}
 
 
 def chunk_rows(step: np.ndarray, tracked: np.ndarray,
@@ -64,14 +95,15 @@ def chunk_rows(step: np.ndarray, tracked: np.ndarray,
   rows["step"] = np.broadcast_to(steps.astype(np.int64), (num_configs, len(steps)))
   rows["wall_time"] = np.broadcast_to(wall_start + frac * (wall_end - wall_start),
                                       (num_configs, len(steps)))
-  return {name: np.array(rows[name]) for name in HISTORY_COLUMNS}
+  extra = [name for name in metrics if name not in HISTORY_COLUMNS]
+  return {name: np.array(rows[name]) for name in columns(extra)}
 
 
 def concat(history: Mapping[str, np.ndarray], rows: Mapping[str, np.ndarray]
            ) -> dict[str, np.ndarray]:
   """Appends ``rows`` to ``history`` along the row axis."""
   return {name: np.concatenate([history[name], rows[name]], axis=1)
-          for name in HISTORY_COLUMNS}
+          for name in history}
 
 
 def truncate(history: Mapping[str, np.ndarray], before_step: int
@@ -90,7 +122,7 @@ def _csv_lines(history: Mapping[str, np.ndarray],
     for c, cfg in enumerate(configs):
       line = [str(c), repr(float(cfg["learning_rate"])), repr(float(cfg["rho"])),
               str(cfg["seed"])]
-      for name in HISTORY_COLUMNS:
+      for name in history:
         value = history[name][c, row]
         line.append(str(int(value)) if name == "step" else repr(float(value)))
       lines.append(line)
@@ -110,7 +142,7 @@ def append_csv(path: str | os.PathLike, history: Mapping[str, np.ndarray],
   with open(path, "a", newline="") as f:
     writer = csv.writer(f)
     if new:
-      writer.writerow(CONFIG_COLUMNS + HISTORY_COLUMNS)
+      writer.writerow(CONFIG_COLUMNS + tuple(history))
     writer.writerows(_csv_lines(history, configs))
     f.flush()
     os.fsync(f.fileno())

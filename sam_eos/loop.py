@@ -9,9 +9,15 @@ real branch under ``vmap``), measures at ``w_t`` on the step's batch:
 * ``sharpness``: the top Hessian eigenvalue, by Lanczos warm-started from the
   previous top eigenvector (kept in the carry), reusing the linearization
   that produced the gradient (no extra gradient on tracked steps);
+* ``lambda_min``: the bottom Ritz value of the same Lanczos run (free). It is
+  an upper bound on the smallest Hessian eigenvalue, so ``|lambda_min| >
+  sharpness`` proves that the dominant eigenvalue ``|lambda|`` the authors
+  measure by power iteration is a negative one;
 * ``grad_norm``, ``loss``, ``gd_edge``, ``sam_edge`` (``usam_edge`` for
   unnormalized SAM), ``grad_alignment = |cos(g, v1)|`` and
-  ``sam_grad_alignment = |cos(g_SAM, v1)|``.
+  ``sam_grad_alignment = |cos(g_SAM, v1)|``;
+* if the config has an ``eval_fn``, its scalars ``eval_fn(w_t, eval_data)``
+  (e.g. test loss and accuracy), inside the same compiled program.
 
 It then takes the step ``w_{t+1} = w_t + base_update(grad L(w_t + e_t))``.
 Steps with ``t >= end`` are skipped (``lax.cond``), so a partial last chunk
@@ -43,8 +49,8 @@ from sam_eos.sam import sam_perturbation
 
 PyTree = Any
 
-METRIC_NAMES = ("loss", "grad_norm", "sharpness", "gd_edge", "sam_edge",
-                "grad_alignment", "sam_grad_alignment")
+METRIC_NAMES = ("loss", "grad_norm", "sharpness", "lambda_min", "gd_edge",
+                "sam_edge", "grad_alignment", "sam_grad_alignment")
 
 
 class Hyperparams(NamedTuple):
@@ -81,7 +87,8 @@ class ChunkOutput(NamedTuple):
   Attributes:
     step: global step index ``t``.
     tracked: whether row ``t`` was measured.
-    metrics: dict name -> values (NaN on untracked rows, never used).
+    metrics: dict name -> values (NaN on untracked rows, never used):
+      ``METRIC_NAMES``, then the keys of ``eval_fn``'s dict.
   """
   step: jax.Array
   tracked: jax.Array
@@ -111,6 +118,8 @@ class LoopConfig:
     batch_sharding: sharding of a drawn minibatch (data parallelism), or
       None.
     group_sharding: sharding of the ``(m, B/m, ...)`` groups, or None.
+    eval_fn: ``eval_fn(params, eval_data) -> dict`` of real scalars,
+      evaluated at tracked steps, or None.
   """
   loss_fn: Callable[[PyTree, Any], jax.Array]
   batch_size: int | None = None
@@ -124,6 +133,7 @@ class LoopConfig:
   m_sharpness: int | None = None
   batch_sharding: jax.sharding.Sharding | None = None
   group_sharding: jax.sharding.Sharding | None = None
+  eval_fn: Callable[[PyTree, Any], dict[str, jax.Array]] | None = None
 
 
 def make_optimizer(config: LoopConfig, hparams: Hyperparams
@@ -238,8 +248,9 @@ def _edges(config: LoopConfig, hparams: Hyperparams, grad_norm: jax.Array
 
 
 def _measure(config: LoopConfig, params: PyTree, batch: Any,
-             eigvec: jax.Array) -> tuple[jax.Array, PyTree, jax.Array, jax.Array]:
-  """Loss, gradient, top eigenvector and eigenvalue at ``params``.
+             eigvec: jax.Array
+             ) -> tuple[jax.Array, PyTree, jax.Array, jax.Array, jax.Array]:
+  """Loss, gradient, top eigenvector, top and bottom Ritz values at ``params``.
 
   Linearizes ``value_and_grad`` once: its primal output is the step's loss
   and gradient and its tangent map the Hessian-vector product fed to
@@ -253,11 +264,21 @@ def _measure(config: LoopConfig, params: PyTree, batch: Any,
     return ravel_pytree(jvp(unravel(v.astype(flat.dtype)))[1])[0]
 
   result = lanczos(matvec, eigvec, config.num_lanczos_iters)
-  return loss, grads, result.ritz_vectors[0], result.ritz_values[0]
+  return (loss, grads, result.ritz_vectors[0], result.ritz_values[0],
+          result.ritz_values[-1])
+
+
+def _evaluate(config: LoopConfig, params: PyTree, eval_data: Any
+              ) -> dict[str, jax.Array]:
+  """``eval_fn(params, eval_data)`` as a dict of arrays (empty without one)."""
+  if config.eval_fn is None:
+    return {}
+  return {k: jnp.asarray(v) for k, v in
+          config.eval_fn(params, eval_data).items()}
 
 
 def _train_step(config: LoopConfig, hparams: Hyperparams, data: PyTree,
-                state: TrainState, step: jax.Array
+                eval_data: Any, state: TrainState, step: jax.Array
                 ) -> tuple[TrainState, tuple[jax.Array, dict[str, jax.Array]]]:
   """One GD/SAM step at global step ``step``, measuring when it is due."""
   batch = sample_batch(data, jax.random.fold_in(state.key, step),
@@ -265,13 +286,17 @@ def _train_step(config: LoopConfig, hparams: Hyperparams, data: PyTree,
   tracked = step % config.track_every == 0
 
   def with_tracking(params, eigvec):
-    return _measure(config, params, batch, eigvec)
+    return (*_measure(config, params, batch, eigvec),
+            _evaluate(config, params, eval_data))
 
   def without_tracking(params, eigvec):
     loss, grads = jax.value_and_grad(config.loss_fn)(params, batch)
-    return loss, grads, eigvec, jnp.full((), jnp.nan, eigvec.dtype)
+    nan = jnp.full((), jnp.nan, eigvec.dtype)
+    evals = jax.tree.map(lambda x: jnp.full(x.shape, jnp.nan, x.dtype),
+                         jax.eval_shape(lambda p: _evaluate(config, p, eval_data), params))
+    return loss, grads, eigvec, nan, nan, evals
 
-  loss, grads, eigvec, top_value = jax.lax.cond(
+  loss, grads, eigvec, top_value, bottom_value, evals = jax.lax.cond(
       tracked, with_tracking, without_tracking, state.params, state.eigvec)
   grad_norm = optax.tree.norm(grads)
   if config.use_sam:
@@ -290,10 +315,12 @@ def _train_step(config: LoopConfig, hparams: Hyperparams, data: PyTree,
       "loss": loss,
       "grad_norm": grad_norm,
       "sharpness": top_value,
+      "lambda_min": bottom_value,
       "gd_edge": gd_edge,
       "sam_edge": sam_edge,
       "grad_alignment": _abs_cos(ravel_pytree(grads)[0], eigvec),
       "sam_grad_alignment": _abs_cos(ravel_pytree(sam_grads)[0], eigvec),
+      **evals,
   }
   dtype = jnp.result_type(float)
   metrics = {k: jnp.where(tracked, v, jnp.nan).astype(dtype)
@@ -304,8 +331,9 @@ def _train_step(config: LoopConfig, hparams: Hyperparams, data: PyTree,
 
 
 def run_chunk(config: LoopConfig, state: TrainState, data: PyTree,
-              hparams: Hyperparams, start: jax.Array, end: jax.Array,
-              chunk_len: int) -> tuple[TrainState, ChunkOutput]:
+              eval_data: Any, hparams: Hyperparams, start: jax.Array,
+              end: jax.Array, chunk_len: int
+              ) -> tuple[TrainState, ChunkOutput]:
   """Runs steps ``start, ..., start + chunk_len - 1`` (those below ``end``).
 
   Pure and jit-able with ``config`` and ``chunk_len`` static; vmap over
@@ -315,6 +343,7 @@ def run_chunk(config: LoopConfig, state: TrainState, data: PyTree,
     config: static settings.
     state: the carry at step ``start``.
     data: pytree of device-resident arrays (leading axis = examples).
+    eval_data: the second argument of ``config.eval_fn`` (None without one).
     hparams: hyperparameters (may be traced).
     start: global index of the first step (scalar int array).
     end: steps ``>= end`` are skipped (scalar int array).
@@ -323,16 +352,18 @@ def run_chunk(config: LoopConfig, state: TrainState, data: PyTree,
   Returns:
     The carry after the chunk and its ``ChunkOutput``.
   """
-  nan_metrics = {name: jnp.full((), jnp.nan, jnp.result_type(float))
-                 for name in METRIC_NAMES}
+  def step_fn(state, step):
+    return _train_step(config, hparams, data, eval_data, state, step)
+
+  _, (_, shapes) = jax.eval_shape(step_fn, state, start)
+  nan_metrics = jax.tree.map(lambda x: jnp.full(x.shape, jnp.nan, x.dtype),
+                             shapes)
 
   def body(state, step):
     def skip(state):
       return state, (jnp.array(False), nan_metrics)
 
-    return jax.lax.cond(
-        step < end, lambda s: _train_step(config, hparams, data, s, step),
-        skip, state)
+    return jax.lax.cond(step < end, lambda s: step_fn(s, step), skip, state)
 
   steps = start + jnp.arange(chunk_len, dtype=jnp.int32)
   state, (tracked, metrics) = jax.lax.scan(body, state, steps)

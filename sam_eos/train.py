@@ -42,8 +42,10 @@ class TrainResult(NamedTuple):
   Attributes:
     params: final parameters (leading config axis for a sweep).
     history: dict of NumPy arrays with the columns ``step, loss, grad_norm,
-      sharpness, gd_edge, sam_edge, grad_alignment, sam_grad_alignment,
-      wall_time``; shape ``(rows,)``, or ``(configs, rows)`` for a sweep.
+      sharpness, lambda_min, gd_edge, sam_edge, grad_alignment,
+      sam_grad_alignment, wall_time`` (``se.HISTORY_COLUMNS``), then the keys
+      of ``eval_fn``'s dict; shape ``(rows,)``, or ``(configs, rows)`` for a
+      sweep.
   """
   params: PyTree
   history: dict[str, np.ndarray]
@@ -131,6 +133,44 @@ def _check_data(data: PyTree, batch_size: int | None) -> int:
                        f"examples in `data` ({num_examples}); use "
                        "batch_size=None for full batch.")
   return num_examples
+
+
+def _config_params(params: PyTree, num_configs: int) -> PyTree:
+  """Shape structs of one configuration's params from stacked ``params``."""
+  leaves = jax.tree.leaves(params)
+  sizes = {np.shape(x)[0] if np.ndim(x) else None for x in leaves}
+  if not leaves or sizes != {num_configs}:
+    raise ValueError(
+        "With `per_config_params=True`, every leaf of `params` needs a leading "
+        f"axis of the {num_configs} configurations; got leading sizes "
+        f"{sorted(map(str, sizes))}. Stack one initialization per "
+        "configuration, e.g. jax.vmap(init)(keys).")
+  return jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(np.shape(x)[1:], jnp.result_type(x)),
+      params)
+
+
+def _check_eval(eval_fn: Callable | None, params: PyTree,
+                eval_data: Any) -> tuple[str, ...]:
+  """Validates ``eval_fn(params, eval_data)``; returns its keys, in order."""
+  if eval_fn is None:
+    if eval_data is not None:
+      raise ValueError("`eval_data` was given without an `eval_fn`; pass "
+                       "eval_fn(params, eval_data) -> dict of scalars.")
+    return ()
+  try:
+    out = jax.eval_shape(eval_fn, params, eval_data)
+  except Exception as e:  # noqa: BLE001 - re-raised with the argument named
+    raise ValueError(f"`eval_fn(params, eval_data)` failed on the given params "
+                     f"and `eval_data`: {e}") from e
+  if not isinstance(out, dict) or not out or not all(
+      isinstance(k, str) and isinstance(v, jax.ShapeDtypeStruct)
+      and v.shape == () and jnp.issubdtype(v.dtype, jnp.number)
+      for k, v in out.items()):
+    raise ValueError("`eval_fn(params, eval_data)` must return a non-empty "
+                     "dict of str -> real scalar, e.g. {'test_loss': ..., "
+                     f"'test_accuracy': ...}}; got {out}.")
+  return hist.columns(tuple(out))[len(hist.HISTORY_COLUMNS):]
 
 
 def _check_loss(loss_fn: Callable, params: PyTree, data: PyTree,
@@ -223,7 +263,10 @@ def train(loss_fn: Callable[[PyTree, Any], jax.Array], params: PyTree,
           out_dir: str | os.PathLike | None = None, progress: bool = True,
           mesh: Mesh | None = None, chunk_size: int | None = None,
           eps: float = 1e-12, m_sharpness: int | None = None,
-          metadata: dict[str, Any] | None = None) -> TrainResult:
+          metadata: dict[str, Any] | None = None,
+          eval_fn: Callable[[PyTree, Any], dict[str, jax.Array]] | None = None,
+          eval_data: Any = None, per_config_params: bool = False
+          ) -> TrainResult:
   """Trains with GD/SGD or SAM, recording sharpness and the edges.
 
   Runs ``num_steps`` steps of ``w <- w - eta * grad L(w + e)`` with
@@ -235,7 +278,8 @@ def train(loss_fn: Callable[[PyTree, Any], jax.Array], params: PyTree,
 
   Sequences for ``learning_rate``, ``rho`` or ``key`` (seeds) of one common
   length ``C`` (scalars broadcast) run as one vmapped program from the same
-  ``params``; the history then has a leading config axis.
+  ``params`` (or, with ``per_config_params``, from one initialization per
+  configuration); the history then has a leading config axis.
 
   Args:
     loss_fn: ``loss_fn(params, batch) -> scalar``.
@@ -279,6 +323,15 @@ def train(loss_fn: Callable[[PyTree, Any], jax.Array], params: PyTree,
       averages their perturbed gradients (Foret et al.'s per-device SAM,
       "m-sharpness": a different algorithm, one extra gradient per step).
     metadata: extra JSON-serializable settings saved in ``config.json``.
+    eval_fn: optional ``eval_fn(params, eval_data) -> dict`` of real
+      scalars (e.g. ``{"test_loss": ..., "test_accuracy": ...}``), evaluated
+      at every tracked step inside the compiled chunk; each key becomes a
+      history column (names must not clash with ``se.HISTORY_COLUMNS``).
+    eval_data: the pytree passed to ``eval_fn`` (e.g. held-out examples),
+      an argument of the compiled program, not a captured constant.
+    per_config_params: ``params`` holds one initialization per
+      configuration, stacked along a leading axis of size ``C`` (e.g. one
+      per seed); otherwise every configuration starts from ``params``.
 
   Returns:
     ``TrainResult(params, history)``.
@@ -309,9 +362,12 @@ def train(loss_fn: Callable[[PyTree, Any], jax.Array], params: PyTree,
   _checks.check_momentum(momentum)
   _checks.check_nonnegative("eps", eps)
   # As in hessian_eigenpairs: n steps already give the exact spectrum.
-  num_params = ravel_pytree(params)[0].size
-  num_lanczos_iters = min(num_lanczos_iters, num_params)
   lrs, rhos, keys, seeds, sweep = _broadcast_configs(learning_rate, rho, key)
+  init_params = params
+  if per_config_params:
+    params = _config_params(params, len(lrs))
+  num_params = sum(int(np.prod(np.shape(x))) for x in jax.tree.leaves(params))
+  num_lanczos_iters = min(num_lanczos_iters, num_params)
   _checks.check_positive("learning_rate", lrs)
   _checks.check_nonnegative("rho", rhos)
   if chunk_size is None:
@@ -319,6 +375,7 @@ def train(loss_fn: Callable[[PyTree, Any], jax.Array], params: PyTree,
   chunk_size = _checks.check_int("chunk_size", chunk_size, 1)
   num_examples = _check_data(data, batch_size)
   _check_loss(loss_fn, params, data, batch_size)
+  eval_columns = _check_eval(eval_fn, params, eval_data)
   if m_sharpness is not None:
     m_sharpness = _checks.check_int("m_sharpness", m_sharpness, 1)
     if (batch_size or num_examples) % m_sharpness:
@@ -334,7 +391,8 @@ def train(loss_fn: Callable[[PyTree, Any], jax.Array], params: PyTree,
       num_lanczos_iters=num_lanczos_iters, momentum=float(momentum),
       normalize=normalize, eps=float(eps), use_sam=bool(np.any(rhos > 0)),
       optimizer=optimizer, m_sharpness=m_sharpness,
-      batch_sharding=batch_sharding, group_sharding=group_sharding)
+      batch_sharding=batch_sharding, group_sharding=group_sharding,
+      eval_fn=eval_fn)
   dtype = jnp.result_type(float)
   hparams = loop.Hyperparams(learning_rate=jnp.asarray(lrs, dtype),
                              rho=jnp.asarray(rhos, dtype))
@@ -346,12 +404,17 @@ def train(loss_fn: Callable[[PyTree, Any], jax.Array], params: PyTree,
       "num_lanczos_iters": num_lanczos_iters, "eps": float(eps),
       "optimizer": None if optimizer is None else repr(optimizer),
       "num_params": int(num_params), "m_sharpness": m_sharpness,
+      "eval_columns": list(eval_columns),
+      "per_config_params": bool(per_config_params),
   }
   writer = jax.process_index() == 0
 
   vinit = jax.vmap(lambda p, h, k: loop.init_state(config, p, h, k),
-                   in_axes=(None, 0, 0))
-  state = vinit(params, hparams, keys)
+                   in_axes=(0 if per_config_params else None, 0, 0))
+  state = vinit(init_params, hparams, keys)
+  if per_config_params:  # the chunks donate the state: keep the caller's params
+    state = state._replace(params=jax.tree.map(
+        lambda x: jnp.array(x, copy=True), state.params))
   spmd_axis = None
   if mesh is not None:
     data = parallel.shard_data(data, mesh)
@@ -360,11 +423,12 @@ def train(loss_fn: Callable[[PyTree, Any], jax.Array], params: PyTree,
     per_config = NamedSharding(mesh, PartitionSpec(spmd_axis))
     state, hparams = parallel.place(
         parallel.to_host((state, hparams)), per_config)
-  run = jax.vmap(lambda s, d, h, a, b: loop.run_chunk(config, s, d, h, a, b,
-                                                      chunk_size),
-                 in_axes=(0, None, 0, None, None), spmd_axis_name=spmd_axis)
+  run = jax.vmap(lambda s, d, e, h, a, b: loop.run_chunk(
+      config, s, d, e, h, a, b, chunk_size),
+                 in_axes=(0, None, None, 0, None, None),
+                 spmd_axis_name=spmd_axis)
 
-  history = hist.empty_history(len(configs))
+  history = hist.empty_history(len(configs), eval_columns)
   next_step, wall = 0, 0.0
   ckpt_path = metrics_path = None
   if out_dir is not None:
@@ -398,13 +462,14 @@ def train(loss_fn: Callable[[PyTree, Any], jax.Array], params: PyTree,
 
   if next_step < num_steps:
     compiled = jax.jit(run, donate_argnums=(0,)).lower(
-        state, data, hparams, jnp.int32(0), jnp.int32(0)).compile()
+        state, data, eval_data, hparams, jnp.int32(0),
+        jnp.int32(0)).compile()
     bar = _progress(num_steps, next_step, progress and writer)
     try:
       while next_step < num_steps:
         start_time = time.perf_counter()
-        state, out = compiled(state, data, hparams, jnp.int32(next_step),
-                              jnp.int32(num_steps))
+        state, out = compiled(state, data, eval_data, hparams,
+                              jnp.int32(next_step), jnp.int32(num_steps))
         out, diverged_at = parallel.to_host((out, state.diverged_at))
         elapsed = time.perf_counter() - start_time
         num_active = min(chunk_size, num_steps - next_step)

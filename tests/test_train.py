@@ -316,3 +316,80 @@ def test_interrupted_run_keeps_finished_chunks_and_resumes(tmp_path, monkeypatch
   resumed = se.train(mlp_loss, params, data, out_dir=tmp_path / "cut", **kwargs)
   chex.assert_trees_all_equal(resumed.params, full.params)
   np.testing.assert_array_equal(resumed.history["sharpness"], full.history["sharpness"])
+
+
+def test_lambda_min_is_the_bottom_eigenvalue(x64):
+  # Full Lanczos (iterations = parameters) gives the exact spectrum.
+  params, data = mlp_problem(dtype=jnp.float64)
+  n = jax.flatten_util.ravel_pytree(params)[0].size
+  result = se.train(mlp_loss, params, data, learning_rate=0.1, num_steps=3,
+                    track_every=1, num_lanczos_iters=n, progress=False)
+  flat, unravel = jax.flatten_util.ravel_pytree(params)
+  hess = jax.hessian(lambda v: mlp_loss(unravel(v), data))(flat)
+  vals = np.linalg.eigvalsh(np.asarray(hess))
+  chex.assert_trees_all_close(result.history["lambda_min"][0], vals[0],
+                              rtol=1e-8, atol=1e-10)
+  chex.assert_trees_all_close(result.history["sharpness"][0], vals[-1],
+                              rtol=1e-8)
+  assert np.all(result.history["lambda_min"] <= result.history["sharpness"])
+
+
+def test_eval_fn_columns_equal_eval_at_the_tracked_iterates(x64):
+  params, data = mlp_problem(dtype=jnp.float64)
+  held_out = mlp_problem(num_examples=5, dtype=jnp.float64, key=1)[1]
+
+  def eval_fn(p, batch):
+    return {"test_loss": mlp_loss(p, batch),
+            "test_max": jnp.max(jnp.abs(p["w2"]))}
+
+  kwargs = dict(learning_rate=0.2, rho=0.05, num_steps=6, track_every=3,
+                num_lanczos_iters=4, progress=False)
+  result = se.train(mlp_loss, params, data, eval_fn=eval_fn,
+                    eval_data=held_out, **kwargs)
+  assert list(result.history)[-2:] == ["test_loss", "test_max"]
+  # The iterate at step 3 is the final params of a 3-step run.
+  for t, row in ((0, 0), (3, 1)):
+    w_t = (params if t == 0 else
+           se.train(mlp_loss, params, data, **{**kwargs, "num_steps": t}).params)
+    want = eval_fn(w_t, held_out)
+    for name in ("test_loss", "test_max"):
+      chex.assert_trees_all_close(result.history[name][row], want[name],
+                                  rtol=1e-10)
+
+
+def test_eval_fn_errors_name_the_argument():
+  params, data = mlp_problem()
+  with pytest.raises(ValueError, match="eval_fn"):
+    se.train(mlp_loss, params, data, learning_rate=0.1, num_steps=2,
+             eval_fn=lambda p, d: mlp_loss(p, d), eval_data=data,
+             progress=False)
+  with pytest.raises(ValueError, match="clash"):
+    se.train(mlp_loss, params, data, learning_rate=0.1, num_steps=2,
+             eval_fn=lambda p, d: {"loss": mlp_loss(p, d)}, eval_data=data,
+             progress=False)
+  with pytest.raises(ValueError, match="eval_data"):
+    se.train(mlp_loss, params, data, learning_rate=0.1, num_steps=2,
+             eval_data=data, progress=False)
+
+
+def test_per_config_params_equal_separate_runs(x64, tmp_path):
+  inits = [mlp_problem(dtype=jnp.float64, key=k)[0] for k in (0, 1)]
+  data = mlp_problem(dtype=jnp.float64)[1]
+  stacked = jax.tree.map(lambda *x: jnp.stack(x), *inits)
+  kwargs = dict(learning_rate=0.2, rho=0.05, num_steps=6, track_every=2,
+                num_lanczos_iters=4, progress=False)
+  sweep = se.train(mlp_loss, stacked, data, key=[0, 1], per_config_params=True,
+                   out_dir=tmp_path / "run", **kwargs)
+  for c, init in enumerate(inits):
+    single = se.train(mlp_loss, init, data, key=c, **kwargs)
+    chex.assert_trees_all_close(jax.tree.map(lambda x: x[c], sweep.params),
+                                single.params, rtol=1e-10)
+    chex.assert_trees_all_close(sweep.history["sharpness"][c],
+                                single.history["sharpness"], rtol=1e-8)
+  # Resumable like any run, and the stacking is checked.
+  again = se.train(mlp_loss, stacked, data, key=[0, 1], per_config_params=True,
+                   out_dir=tmp_path / "run", **kwargs)
+  chex.assert_trees_all_close(again.params, sweep.params)
+  with pytest.raises(ValueError, match="per_config_params"):
+    se.train(mlp_loss, inits[0], data, key=[0, 1, 2], per_config_params=True,
+             **kwargs)
