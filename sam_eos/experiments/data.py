@@ -61,6 +61,8 @@ NUM_SHAKESPEARE_TEST_LINES = 10_000
 SHAKESPEARE_VOCAB_SIZE = 128
 BUNDLED_MNIST_TRAIN = 2_000
 BUNDLED_CIFAR10_TRAIN = 1_000
+BUNDLED_MNIST_TEST = 1_000
+BUNDLED_CIFAR10_TEST = 1_000
 
 _CIFAR_DIR = "cifar10/cifar-10-batches-bin"
 _CIFAR_TAR = "cifar10/cifar-10-binary.tar.gz"
@@ -122,6 +124,12 @@ BUNDLED_SHA256 = {
         "4857b7883e0731d51eb3acbd00b844f68d431ded9207b94c2bb8122152f83738",
     "cifar10-data_batch_1.first1000.bin.xz":
         "a67fbcab15335c85b45a9ffa4a3a8b52c29b9319e52eb0f3341546091d1126dc",
+    "mnist-t10k-images-idx3-ubyte.first1000.gz":
+        "c38842f3fc122aeb56961328eacf41c4315fb33e95ce0e9d0c97f3bd3d5b62c6",
+    "mnist-t10k-labels-idx1-ubyte.first1000.gz":
+        "689b4d1da0ae1049125d2f91e157009a132a2a1e76b45a178dc0b359e1f74255",
+    "cifar10-test_batch.first1000.bin.xz":
+        "1508cd774b288c812b8e9ca984d118812cb2ffa7e41264475c2cb11551b4bd80",
     "tinyshakespeare-input.txt.gz":
         "bf237b9f5a05abe79d7a0caa809b6513fbcbc323e9521a77086d556e4c9bbed8",
 }
@@ -346,8 +354,10 @@ def load_mnist(split: str = "train", *, num_examples: int | None = None,
           for kind in ("images-idx3", "labels-idx1")]
   if all((root / rel).exists() for rel in rels):
     paths = [_local(rel, root) for rel in rels]
-  elif split == "train" and num <= BUNDLED_MNIST_TRAIN:
-    paths = [_bundled(f"mnist-{rel.split('/')[1][:-3]}.first2000.gz")
+  elif num <= (BUNDLED_MNIST_TRAIN if split == "train" else
+               BUNDLED_MNIST_TEST):
+    count = BUNDLED_MNIST_TRAIN if split == "train" else BUNDLED_MNIST_TEST
+    paths = [_bundled(f"mnist-{rel.split('/')[1][:-3]}.first{count}.gz")
              for rel in rels]
   else:
     paths = [_local(rel, root) if (root / rel).exists() else _fetch(rel, root)
@@ -458,11 +468,15 @@ def load_cifar10(split: str = "train", *, num_examples: int | None = None,
   elif split == "train" and num <= BUNDLED_CIFAR10_TRAIN:
     records = _read_records(_bundled("cifar10-data_batch_1.first1000.bin.xz"),
                             num, lzma.open)
+  elif split == "test" and num <= BUNDLED_CIFAR10_TEST:
+    records = _read_records(_bundled("cifar10-test_batch.first1000.bin.xz"),
+                            num, lzma.open)
   else:
+    bundled = (BUNDLED_CIFAR10_TRAIN if split == "train" else
+               BUNDLED_CIFAR10_TEST)
     available = [f"{partial_count} (in {root / partial_rel})"
                  if (root / partial_rel).exists() else "",
-                 f"{BUNDLED_CIFAR10_TRAIN} (bundled with sam_eos)"
-                 if split == "train" else ""]
+                 f"{bundled} (bundled with sam_eos)"]
     have = " or ".join(a for a in available if a)
     held = (f"the local copies hold only the first {have}" if have else
             "there is no local copy")

@@ -9,8 +9,12 @@ It writes, next to this script:
 
 - ``mnist-train-{images-idx3,labels-idx1}-ubyte.first2000.gz``: the first
   2,000 MNIST training images and labels as IDX files (gzip level 9);
+- ``mnist-t10k-{images-idx3,labels-idx1}-ubyte.first1000.gz``: the first
+  1,000 MNIST test images and labels;
 - ``cifar10-data_batch_1.first1000.bin.xz``: the first 1,000 CIFAR-10
   training records in the official binary record format (xz, extreme);
+- ``cifar10-test_batch.first1000.bin.xz``: the first 1,000 CIFAR-10 test
+  records, likewise;
 - ``tinyshakespeare-input.txt.gz``: the whole Tiny Shakespeare text (gzip 9).
 
 Compression is deterministic (no timestamps or names in the gzip headers),
@@ -35,24 +39,27 @@ from sam_eos.experiments import data
 _MNIST = {"images-idx3": 2051, "labels-idx1": 2049}
 
 
-def _mnist_idx(source: pathlib.Path, kind: str) -> bytes:
-  """The first 2,000 training items of one MNIST file, as IDX bytes."""
-  rel = f"mnist/train-{kind}-ubyte.gz"
-  items = data._read_idx(data._local(rel, source), data.BUNDLED_MNIST_TRAIN)
+def _mnist_idx(source: pathlib.Path, kind: str, prefix: str = "train",
+               count: int = data.BUNDLED_MNIST_TRAIN) -> bytes:
+  """The first ``count`` items of one MNIST file, as IDX bytes."""
+  rel = f"mnist/{prefix}-{kind}-ubyte.gz"
+  items = data._read_idx(data._local(rel, source), count)
   header = np.array([_MNIST[kind], *items.shape], ">u4").tobytes()
   return header + items.tobytes()
 
 
-def _cifar_records(source: pathlib.Path) -> bytes:
-  """The first 1,000 CIFAR-10 training records, from any local full copy."""
-  official = f"{data._CIFAR_DIR}/data_batch_1.bin"
-  partial = data._CIFAR_PARTIAL["train"][0]
+def _cifar_records(source: pathlib.Path, split: str = "train") -> bytes:
+  """The first 1,000 CIFAR-10 records of a split, from any local full copy."""
+  batch = "data_batch_1" if split == "train" else "test_batch"
+  count = (data.BUNDLED_CIFAR10_TRAIN if split == "train" else
+           data.BUNDLED_CIFAR10_TEST)
+  official = f"{data._CIFAR_DIR}/{batch}.bin"
+  partial = data._CIFAR_PARTIAL[split][0]
   if (source / official).exists():
-    records = data._read_records(data._local(official, source),
-                                 data.BUNDLED_CIFAR10_TRAIN)
+    records = data._read_records(data._local(official, source), count)
   else:
-    records = data._read_records(data._local(partial, source),
-                                 data.BUNDLED_CIFAR10_TRAIN, lzma.open)
+    records = data._read_records(data._local(partial, source), count,
+                                 lzma.open)
   return records.tobytes()
 
 
@@ -74,8 +81,16 @@ def build(source: pathlib.Path, out_dir: pathlib.Path) -> dict[str, bytes]:
           gzip.compress(_mnist_idx(source, kind), compresslevel=9, mtime=0)
       for kind in _MNIST
   }
+  files.update({
+      f"mnist-t10k-{kind}-ubyte.first{data.BUNDLED_MNIST_TEST}.gz":
+          gzip.compress(_mnist_idx(source, kind, "t10k",
+                                   data.BUNDLED_MNIST_TEST),
+                        compresslevel=9, mtime=0)
+      for kind in _MNIST})
   files["cifar10-data_batch_1.first1000.bin.xz"] = lzma.compress(
       _cifar_records(source), preset=9 | lzma.PRESET_EXTREME)
+  files["cifar10-test_batch.first1000.bin.xz"] = lzma.compress(
+      _cifar_records(source, "test"), preset=9 | lzma.PRESET_EXTREME)
   files["tinyshakespeare-input.txt.gz"] = gzip.compress(
       text, compresslevel=9, mtime=0)
   for name, content in files.items():
