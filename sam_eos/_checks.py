@@ -9,10 +9,11 @@ from __future__ import annotations
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 
-def _concrete(value: Any) -> np.ndarray | None:
+def concrete_value(value: Any) -> np.ndarray | None:
   """Returns ``value`` as a NumPy array, or None when it is traced."""
   if isinstance(value, jax.core.Tracer):
     return None
@@ -22,23 +23,59 @@ def _concrete(value: Any) -> np.ndarray | None:
     return None
 
 
+# Old private name, kept for callers outside this module's owners.
+_concrete = concrete_value
+
+
 def check_positive(name: str, value: Any) -> None:
   """Raises ValueError unless every concrete entry of ``value`` is > 0."""
-  arr = _concrete(value)
+  arr = concrete_value(value)
   if arr is not None and not np.all(arr > 0):
     raise ValueError(f"`{name}` must be positive (> 0), got {value!r}.")
 
 
 def check_nonnegative(name: str, value: Any) -> None:
   """Raises ValueError unless every concrete entry of ``value`` is >= 0."""
-  arr = _concrete(value)
+  arr = concrete_value(value)
   if arr is not None and not np.all(arr >= 0):
     raise ValueError(f"`{name}` must be non-negative (>= 0), got {value!r}.")
 
 
+def check_nonnegative_scalar(name: str, value: Any, *, what: str = "") -> None:
+  """Raises ValueError unless ``value`` is a real scalar, >= 0 when concrete.
+
+  Accepts Python ints and floats, NumPy and JAX 0-d real arrays, and traced
+  0-d arrays (checked for shape and dtype only). Rejects None, strings,
+  booleans, complex numbers, non-scalar arrays, NaN and negative values.
+
+  Args:
+    name: argument name used in the message.
+    value: the value to check.
+    what: extra words appended to the message (e.g. what else is allowed).
+  """
+  message = f"`{name}` must be a non-negative real scalar{what}, got {value!r}."
+  if value is None or isinstance(value, (str, bytes, bool, np.bool_)):
+    raise ValueError(message)
+  try:
+    shape = np.shape(value)
+    dtype = (value.dtype if hasattr(value, "dtype")
+             else np.asarray(value).dtype)
+  except (TypeError, ValueError) as err:
+    raise ValueError(message) from err
+  if not (jnp.issubdtype(dtype, jnp.floating)
+          or jnp.issubdtype(dtype, jnp.integer)):
+    raise ValueError(message)
+  if shape != ():
+    raise ValueError(f"`{name}` must be a scalar (0-d), got shape {shape}; "
+                     "to sweep over values, jax.vmap over a scalar instead.")
+  arr = concrete_value(value)
+  if arr is not None and not arr >= 0:
+    raise ValueError(message)
+
+
 def check_momentum(value: Any) -> None:
   """Raises ValueError unless the heavy-ball momentum lies in [0, 1)."""
-  arr = _concrete(value)
+  arr = concrete_value(value)
   if arr is not None and not np.all((arr >= 0) & (arr < 1)):
     raise ValueError(f"`momentum` must lie in [0, 1), got {value!r}.")
 

@@ -31,7 +31,8 @@ class SAMGrad(NamedTuple):
   Attributes:
     loss: scalar loss ``L(w)`` at the unperturbed iterate.
     grads: ``g = grad L(w)``, a pytree like ``params``.
-    grad_norm: scalar ``||g||`` (global Euclidean norm over all leaves).
+    grad_norm: scalar ``||g||`` (global Euclidean norm over all leaves, see
+      ``global_norm``), in float32 or wider.
     sam_grads: ``grad L(w + perturbation)``, a pytree like ``params``.
   """
   loss: jax.Array
@@ -40,11 +41,73 @@ class SAMGrad(NamedTuple):
   sam_grads: PyTree
 
 
+def norm_dtype(tree: PyTree) -> jnp.dtype:
+  """The dtype ``global_norm`` returns: the leaves' float dtype, >= float32.
+
+  Args:
+    tree: a pytree of arrays.
+
+  Returns:
+    ``promote_types(common floating dtype of the leaves, float32)``: float32
+    for bfloat16, float16 or float32 leaves, float64 for float64 leaves (and
+    float32 for a tree without floating leaves).
+  """
+  leaves = [x for x in jax.tree.leaves(tree)
+            if jnp.issubdtype(jnp.result_type(x), jnp.floating)]
+  dtype = jnp.result_type(*leaves) if leaves else jnp.dtype(jnp.float32)
+  return jnp.promote_types(dtype, jnp.float32)
+
+
+def global_norm(tree: PyTree) -> jax.Array:
+  """Euclidean norm over all leaves, overflow-safe and in float32 or wider.
+
+  ``optax.tree.norm`` squares in the leaves' own dtype: float16 squares
+  overflow once an entry exceeds 256 (the norm becomes ``inf`` and SAM's
+  normalized perturbation silently vanishes) and bfloat16 sums lose all but
+  three digits. Here every leaf is cast to ``norm_dtype(tree)`` and divided
+  by the power of two nearest below the largest magnitude (an exact
+  scaling), so no square overflows or underflows to zero:
+
+    ``||x|| = s * sqrt(sum_i (x_i / s)^2)``,  ``s = 2^floor(log2 max_i |x_i|)``.
+
+  A zero tree gives 0 (not NaN); a NaN or ``inf`` entry gives NaN or
+  ``inf``.
+
+  Args:
+    tree: a pytree of arrays (any shapes).
+
+  Returns:
+    A scalar of dtype ``norm_dtype(tree)``.
+
+  Examples:
+    In float16 the squares ``9e6`` and ``1.6e7`` would overflow (max 65504):
+
+    >>> import jax.numpy as jnp
+    >>> from sam_eos.sam import global_norm
+    >>> g = {"w": jnp.array([3e3, 4e3], jnp.float16)}
+    >>> float(global_norm(g)), global_norm(g).dtype
+    (5000.0, dtype('float32'))
+  """
+  dtype = norm_dtype(tree)
+  leaves = [jnp.asarray(x, dtype) for x in jax.tree.leaves(tree)]
+  if not leaves:
+    return jnp.zeros([], dtype)
+  largest = jnp.max(jnp.stack([jnp.max(jnp.abs(x), initial=0) for x in leaves]))
+  _, exponent = jnp.frexp(largest)
+  scale = jnp.where(jnp.isfinite(largest) & (largest > 0),
+                    jnp.ldexp(jnp.ones([], dtype), exponent - 1), 1)
+  total = sum(jnp.sum(jnp.square(x / scale)) for x in leaves)
+  return (scale * jnp.sqrt(total)).astype(dtype)
+
+
 def sam_perturbation(grads: PyTree, rho: float | jax.Array, *,
                      normalize: bool = True, eps: float = 1e-12) -> PyTree:
   """The SAM ascent step ``rho * g / (||g|| + eps)`` (or ``rho * g``).
 
   A zero gradient gives a zero perturbation, never NaN, even with ``eps = 0``.
+  The norm ``||g||`` is computed by ``global_norm`` (float32 or wider, no
+  overflow for large float16 gradients); the perturbation has the dtypes of
+  ``grads``.
 
   Args:
     grads: gradient pytree ``g``.
@@ -70,7 +133,7 @@ def sam_perturbation(grads: PyTree, rho: float | jax.Array, *,
   _checks.check_nonnegative("eps", eps)
   if not normalize:
     return optax.tree.scale(rho, grads)
-  norm = optax.tree.norm(grads)
+  norm = global_norm(grads)
   denom = norm + eps
   scale = jnp.where(denom > 0, rho / jnp.where(denom > 0, denom, 1.0), 0.0)
   return jax.tree.map(lambda g: (scale * g).astype(g.dtype), grads)
@@ -123,6 +186,6 @@ def sam_gradient(loss_fn: Callable[..., Any], params: PyTree, batch: Any, *,
   perturbed = optax.apply_updates(params, perturbation)
   sam_value_grads = jax.grad(loss_fn, has_aux=has_aux)(perturbed, batch)
   sam_grads = sam_value_grads[0] if has_aux else sam_value_grads
-  out = SAMGrad(loss=loss, grads=grads, grad_norm=optax.tree.norm(grads),
+  out = SAMGrad(loss=loss, grads=grads, grad_norm=global_norm(grads),
                 sam_grads=sam_grads)
   return (out, aux) if has_aux else out

@@ -3,6 +3,7 @@
 import chex
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 import optax.contrib
 import pytest
@@ -173,3 +174,110 @@ def test_errors():
     opt.update(params, opt.init(params), grad_fn=lambda p: p)
   with pytest.raises(ValueError, match="structure"):
     opt.update(params, opt.init(params), params, grad_fn=lambda p: {"v": p["w"]})
+
+
+# Issue 14: composition, plain bases, rho schedules, validation.
+
+H_DIAG = np.array([4.0, 1.0])  # L(w) = 0.5 (4 w1^2 + w2^2), H = diag(4, 1)
+
+
+def quad_grad(w):
+  return H_DIAG * w
+
+
+def one_update(opt, w):
+  updates, state = opt.update(quad_grad(w), opt.init(w), w, grad_fn=quad_grad)
+  return updates, state
+
+
+@pytest.mark.parametrize("rho", [0.0, 0.1])
+def test_weight_decay_chained_before_sam_is_kept(rho):
+  with jax.enable_x64(True):
+    w = jnp.array([1.0, 1.0])
+    opt = optax.chain(optax.add_decayed_weights(1.0),
+                      se.sam(optax.sgd(0.1), rho, eps=0.0))
+    updates, state = one_update(opt, w)
+    # u = g + w = (5, 2); e = rho u / ||u||; the base sees
+    # u + grad(w + e) - grad(w) = u + H e.
+    u = jnp.array([5.0, 2.0])
+    expected = -0.1 * (u + rho * H_DIAG * u / jnp.sqrt(29.0))
+    chex.assert_trees_all_close(updates, expected, rtol=1e-14)
+    if rho == 0.0:
+      chex.assert_trees_all_close(updates, jnp.array([-0.5, -0.2]), rtol=1e-14)
+    # grad_norm is the norm of the raw gradient grad_fn(w), not of u.
+    chex.assert_trees_all_close(state[1].grad_norm, jnp.sqrt(17.0), rtol=1e-14)
+
+
+def test_clipping_chained_before_sam_is_kept():
+  with jax.enable_x64(True):
+    w = jnp.array([1.0, 1.0])
+    rho = 0.1
+    opt = optax.chain(optax.clip_by_global_norm(1.0),
+                      se.sam(optax.sgd(0.1), rho, eps=0.0))
+    updates, state = one_update(opt, w)
+    g = jnp.array([4.0, 1.0])
+    u = g / jnp.sqrt(17.0)  # clipped to norm 1
+    expected = -0.1 * (u + rho * H_DIAG * u)  # ||u|| = 1
+    chex.assert_trees_all_close(updates, expected, rtol=1e-14)
+    chex.assert_trees_all_close(state[1].grad_norm, jnp.sqrt(17.0), rtol=1e-14)
+
+
+def test_plain_gradient_transformation_base_ignores_extra_args():
+  def update(updates, state, params=None):  # no **extra_args
+    del params
+    return jax.tree.map(lambda g: -0.1 * g, updates), state
+
+  base = optax.GradientTransformation(lambda p: optax.EmptyState(), update)
+  w = jnp.array([1.0, 0.0])
+  opt = se.sam(base, 0.5)
+  updates, _ = opt.update(quad_grad(w), opt.init(w), w, grad_fn=quad_grad,
+                          value=jnp.array(2.0))
+  chex.assert_trees_all_close(updates, jnp.array([-0.6, 0.0]), rtol=1e-6)
+
+
+def test_extra_args_reach_an_extra_args_base():
+  seen = []
+
+  def update(updates, state, params=None, *, value=None, **extra_args):
+    del params, extra_args
+    seen.append(value)
+    return updates, state
+
+  base = optax.GradientTransformationExtraArgs(lambda p: optax.EmptyState(),
+                                               update)
+  w = jnp.array([1.0, 0.0])
+  opt = se.sam(base, 0.5)
+  opt.update(quad_grad(w), opt.init(w), w, grad_fn=quad_grad, value=3.0)
+  assert seen == [3.0]
+
+
+def test_rho_schedule_uses_step_count():
+  schedule = optax.linear_schedule(0.0, 0.3, transition_steps=3)
+  params, batch = problem(7)
+  sched_traj, state = run(se.sam(optax.sgd(0.05), schedule), params, batch, 4)
+  assert int(state.count) == 4
+  w = params
+  for k, expected in enumerate(sched_traj):
+    traj, _ = run(se.sam(optax.sgd(0.05), float(schedule(k))), w, batch, 1)
+    w = traj[0]
+    chex.assert_trees_all_close(expected, w, rtol=1e-5, atol=1e-7)
+
+
+def test_constant_rho_state_counts_steps():
+  params, batch = problem(8)
+  _, state = run(se.sam(optax.sgd(0.05), 0.1), params, batch, 3)
+  chex.assert_trees_all_equal(state.count, jnp.asarray(3, jnp.int32))
+
+
+@pytest.mark.parametrize("rho", [-0.1, float("nan"), "0.1", 1j, [0.1, 0.2],
+                                 jnp.array([0.1, 0.2]), None])
+def test_invalid_rho_raises_value_error(rho):
+  with pytest.raises(ValueError, match="rho"):
+    se.sam(optax.sgd(0.1), rho)
+
+
+def test_schedule_returning_negative_rho_raises():
+  opt = se.sam(optax.sgd(0.1), lambda count: -0.1 + 0.0 * count)
+  w = jnp.array([1.0, 1.0])
+  with pytest.raises(ValueError, match="rho"):
+    one_update(opt, w)
