@@ -15,6 +15,7 @@ References:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -253,6 +254,270 @@ def _squeeze(history: dict[str, np.ndarray], sweep: bool) -> dict[str, np.ndarra
   return history if sweep else {k: v[0] for k, v in history.items()}
 
 
+class _Settings(NamedTuple):
+  """A validated call of ``train``: everything the chunks and files need.
+
+  Attributes:
+    config: the static settings of the compiled core.
+    hparams: per-configuration learning rates and radii, ``(C,)`` arrays.
+    keys: per-configuration PRNG keys, ``(C,)``.
+    configs: per-configuration ``learning_rate``, ``rho`` and ``seed``, as
+      JSON-friendly dicts.
+    sweep: whether the caller asked for a sweep (leading config axis).
+    num_params: number of parameters of one configuration.
+    eval_columns: the history columns ``eval_fn`` adds.
+    chunk_size: steps per compiled chunk.
+  """
+  config: loop.LoopConfig
+  hparams: loop.Hyperparams
+  keys: jax.Array
+  configs: list[dict[str, Any]]
+  sweep: bool
+  num_params: int
+  eval_columns: tuple[str, ...]
+  chunk_size: int
+
+
+class _Files(NamedTuple):
+  """The paths this process writes (None where it writes nothing)."""
+  checkpoint: str | None
+  metrics: str | None
+
+
+class _Progress(NamedTuple):
+  """Where a run stands: its carry, the rows so far, the next step, seconds."""
+  state: loop.TrainState
+  history: dict[str, np.ndarray]
+  next_step: int
+  wall_time: float
+
+
+def _check_m_sharpness(m_sharpness: int | None, batch_size: int | None,
+                       num_examples: int) -> int | None:
+  """Validates ``m_sharpness`` against the batch size."""
+  if m_sharpness is None:
+    return None
+  m_sharpness = _checks.check_int("m_sharpness", m_sharpness, 1)
+  if (batch_size or num_examples) % m_sharpness:
+    raise ValueError(f"`m_sharpness` ({m_sharpness}) must divide the batch "
+                     f"size ({batch_size or num_examples}).")
+  return m_sharpness
+
+
+def _validate(loss_fn: Callable, params: PyTree, data: PyTree, eval_data: Any,
+              *, learning_rate: Any, num_steps: int, rho: Any, momentum: float,
+              normalize: bool, optimizer: optax.GradientTransformation | None,
+              batch_size: int | None, track_every: int,
+              num_lanczos_iters: int, key: Any, mesh: Mesh | None,
+              chunk_size: int | None, eps: float, m_sharpness: int | None,
+              eval_fn: Callable | None, per_config_params: bool) -> _Settings:
+  """Checks every argument of ``train`` and builds its ``_Settings``.
+
+  Raises:
+    ValueError: naming the first invalid argument.
+  """
+  track_every = _checks.check_int("track_every", track_every, 1)
+  num_lanczos_iters = _checks.check_int("num_lanczos_iters", num_lanczos_iters, 1)
+  _checks.check_momentum(momentum)
+  _checks.check_nonnegative("eps", eps)
+  lrs, rhos, keys, seeds, sweep = _broadcast_configs(learning_rate, rho, key)
+  if per_config_params:
+    params = _config_params(params, len(lrs))
+  num_params = sum(int(np.prod(np.shape(x))) for x in jax.tree.leaves(params))
+  _checks.check_positive("learning_rate", lrs)
+  _checks.check_nonnegative("rho", rhos)
+  if chunk_size is None:
+    chunk_size = _default_chunk(num_steps, track_every)
+  chunk_size = _checks.check_int("chunk_size", chunk_size, 1)
+  num_examples = _check_data(data, batch_size)
+  _check_loss(loss_fn, params, data, batch_size)
+  eval_columns = _check_eval(eval_fn, params, eval_data)
+  m_sharpness = _check_m_sharpness(m_sharpness, batch_size, num_examples)
+  batch_sharding = group_sharding = None
+  if mesh is not None:
+    batch_sharding, group_sharding = _check_mesh(
+        mesh, len(lrs), batch_size, m_sharpness)
+  config = loop.LoopConfig(
+      loss_fn=loss_fn, batch_size=batch_size, track_every=track_every,
+      # As in hessian_eigenpairs: n steps already give the exact spectrum.
+      num_lanczos_iters=min(num_lanczos_iters, num_params),
+      momentum=float(momentum), normalize=normalize, eps=float(eps),
+      use_sam=bool(np.any(rhos > 0)), optimizer=optimizer,
+      m_sharpness=m_sharpness, batch_sharding=batch_sharding,
+      group_sharding=group_sharding, eval_fn=eval_fn)
+  dtype = jnp.result_type(float)
+  hparams = loop.Hyperparams(learning_rate=jnp.asarray(lrs, dtype),
+                             rho=jnp.asarray(rhos, dtype))
+  configs = [{"learning_rate": float(l), "rho": float(r), "seed": s}
+             for l, r, s in zip(lrs, rhos, seeds)]
+  return _Settings(config=config, hparams=hparams, keys=keys, configs=configs,
+                   sweep=sweep, num_params=num_params,
+                   eval_columns=eval_columns, chunk_size=chunk_size)
+
+
+# LoopConfig fields that are functions or placements, not comparable settings.
+_UNSIGNED_FIELDS = ("loss_fn", "optimizer", "batch_sharding", "group_sharding",
+                    "eval_fn")
+
+
+def _signature(settings: _Settings, per_config_params: bool) -> dict[str, Any]:
+  """The settings a checkpoint must share with the run that resumes it.
+
+  The comparable ``LoopConfig`` fields (all but functions and shardings),
+  the configurations, the parameter count, the evaluation columns and
+  whether the params are per configuration.
+  """
+  config = settings.config
+  signature = {f.name: getattr(config, f.name)
+               for f in dataclasses.fields(config)
+               if f.name not in _UNSIGNED_FIELDS}
+  signature.update(
+      configs=settings.configs,
+      optimizer=None if config.optimizer is None else repr(config.optimizer),
+      num_params=settings.num_params, eval_columns=list(settings.eval_columns),
+      per_config_params=bool(per_config_params))
+  return json.loads(json.dumps(signature))
+
+
+def _initial_state(settings: _Settings, params: PyTree,
+                   per_config_params: bool) -> loop.TrainState:
+  """The vmapped carry at step 0 (a copy: the chunks donate it)."""
+  vinit = jax.vmap(lambda p, h, k: loop.init_state(settings.config, p, h, k),
+                   in_axes=(0 if per_config_params else None, 0, 0))
+  state = vinit(params, settings.hparams, settings.keys)
+  if per_config_params:  # the chunks donate the state: keep the caller's params
+    state = state._replace(params=jax.tree.map(
+        lambda x: jnp.array(x, copy=True), state.params))
+  return state
+
+
+def _write_config(out_dir: str, signature: dict[str, Any], num_steps: int,
+                  metadata: dict[str, Any] | None, mesh: Mesh | None) -> None:
+  """Writes ``config.json``: the signature, ``num_steps`` and the machine."""
+  with open(os.path.join(out_dir, CONFIG_FILE), "w") as f:
+    json.dump({**signature, "num_steps": num_steps, "metadata": metadata,
+               "jax_version": jax.__version__,
+               "num_devices": 1 if mesh is None else int(mesh.size),
+               "device": str(jax.devices()[0].device_kind)}, f, indent=2)
+
+
+def _open_run(out_dir: str | os.PathLike | None, settings: _Settings,
+              signature: dict[str, Any], state: loop.TrainState,
+              num_steps: int, metadata: dict[str, Any] | None,
+              mesh: Mesh | None, place: Callable[[Any], Any]
+              ) -> tuple[_Progress, _Files]:
+  """Starts a run, or resumes the checkpoint in ``out_dir``.
+
+  Args:
+    out_dir: the run folder, or None to keep everything in memory.
+    settings: the validated settings.
+    signature: what a checkpoint must match (see ``_signature``).
+    state: the carry at step 0, the template of a checkpoint's carry.
+    num_steps: the requested total number of steps.
+    metadata: saved in ``config.json``.
+    mesh: the device mesh, or None.
+    place: puts a loaded carry where the chunks expect it.
+
+  Returns:
+    The run's ``_Progress`` and the ``_Files`` this process writes.
+
+  Raises:
+    ValueError: for an unwritable ``out_dir`` or a checkpoint of a run with
+      other settings.
+  """
+  start = _Progress(state, hist.empty_history(len(settings.configs),
+                                              settings.eval_columns), 0, 0.0)
+  if out_dir is None:
+    return start, _Files(None, None)
+  out_dir = os.fspath(out_dir)
+  writer = jax.process_index() == 0
+  if writer:
+    _prepare_out_dir(out_dir)
+  ckpt_path = os.path.join(out_dir, CHECKPOINT_FILE)
+  metrics_path = os.path.join(out_dir, METRICS_FILE)
+  if os.path.exists(ckpt_path):
+    saved = checkpoint.load(ckpt_path, state)
+    if saved.signature != signature:
+      raise ValueError(
+          f"`out_dir` {out_dir!r} holds a checkpoint of a run with other "
+          f"settings ({saved.signature}); use a new out_dir to start afresh.")
+    start = _Progress(place(saved.state), saved.history, saved.next_step,
+                      saved.wall_time)
+    if writer:
+      hist.write_csv(metrics_path, start.history, settings.configs)
+  elif writer and os.path.exists(metrics_path):
+    os.remove(metrics_path)
+  if not writer:
+    return start, _Files(None, None)
+  _write_config(out_dir, signature, num_steps, metadata, mesh)
+  return start, _Files(ckpt_path, metrics_path)
+
+
+def _diverged(settings: _Settings, history: dict[str, np.ndarray],
+              rows: dict[str, np.ndarray], diverged_at: np.ndarray,
+              files: _Files) -> TrainingDiverged:
+  """Keeps the rows before the first divergence; returns the error to raise."""
+  bad = int(np.argmax(np.where(diverged_at >= 0, -diverged_at, -np.inf)))
+  step = int(diverged_at[bad])
+  history = hist.truncate(hist.concat(history, rows), step)
+  if files.metrics is not None:
+    hist.write_csv(files.metrics, history, settings.configs)
+  return TrainingDiverged(
+      f"Training diverged at step {step}: the loss or gradient of "
+      f"configuration {bad} ({settings.configs[bad]}) is not finite. Lower the "
+      f"learning rate or rho. {history['step'].shape[1]} tracked rows "
+      "before it were kept" +
+      (f" in {files.metrics}." if files.metrics else "."),
+      step=step, config=bad, history=_squeeze(history, settings.sweep))
+
+
+def _run_chunks(compiled: Callable, run: _Progress, settings: _Settings,
+                data: PyTree, eval_data: Any, num_steps: int, files: _Files,
+                bar: Any, signature: dict[str, Any]) -> _Progress:
+  """Runs chunks up to ``num_steps``, saving rows and checkpoint after each.
+
+  Raises:
+    TrainingDiverged: when a loss or gradient norm becomes non-finite.
+  """
+  state, history, next_step, wall = run
+  while next_step < num_steps:
+    start_time = time.perf_counter()
+    state, out = compiled(state, data, eval_data, settings.hparams,
+                          jnp.int32(next_step), jnp.int32(num_steps))
+    out, diverged_at = parallel.to_host((out, state.diverged_at))
+    elapsed = time.perf_counter() - start_time
+    num_active = min(settings.chunk_size, num_steps - next_step)
+    rows = hist.chunk_rows(out.step[0], out.tracked[0], out.metrics, wall,
+                           wall + elapsed, next_step, num_active)
+    wall += elapsed
+    if np.any(diverged_at >= 0):
+      raise _diverged(settings, history, rows, diverged_at, files)
+    history = hist.concat(history, rows)
+    next_step += num_active
+    if files.checkpoint is not None:
+      hist.append_csv(files.metrics, rows, settings.configs)
+      checkpoint.save(files.checkpoint, state, history, next_step, wall,
+                      signature)
+    if bar is not None:
+      bar.set_postfix(_postfix(history), refresh=False)
+      bar.update(num_active)
+  return _Progress(state, history, next_step, wall)
+
+
+def _check_final(params: PyTree, settings: _Settings, num_steps: int,
+                 history: dict[str, np.ndarray]) -> None:
+  """Raises TrainingDiverged if any configuration's final params are not finite."""
+  finite = parallel.to_host(jax.vmap(
+      lambda p: jnp.all(jnp.isfinite(ravel_pytree(p)[0])))(params))
+  if not np.all(finite):
+    bad = int(np.argmin(finite))
+    raise TrainingDiverged(
+        f"Training diverged at step {num_steps}: the final parameters of "
+        f"configuration {bad} ({settings.configs[bad]}) are not finite. Lower "
+        "the learning rate or rho.", step=num_steps, config=bad,
+        history=_squeeze(history, settings.sweep))
+
+
 def train(loss_fn: Callable[[PyTree, Any], jax.Array], params: PyTree,
           data: PyTree, *, learning_rate: float | Sequence[float],
           num_steps: int, rho: float | Sequence[float] = 0.0,
@@ -357,159 +622,43 @@ def train(loss_fn: Callable[[PyTree, Any], jax.Array], params: PyTree,
     Long & Bartlett 2023 (tracked quantities); Cohen et al. 2021.
   """
   num_steps = _checks.check_int("num_steps", num_steps, 1)
-  track_every = _checks.check_int("track_every", track_every, 1)
-  num_lanczos_iters = _checks.check_int("num_lanczos_iters", num_lanczos_iters, 1)
-  _checks.check_momentum(momentum)
-  _checks.check_nonnegative("eps", eps)
-  # As in hessian_eigenpairs: n steps already give the exact spectrum.
-  lrs, rhos, keys, seeds, sweep = _broadcast_configs(learning_rate, rho, key)
-  init_params = params
-  if per_config_params:
-    params = _config_params(params, len(lrs))
-  num_params = sum(int(np.prod(np.shape(x))) for x in jax.tree.leaves(params))
-  num_lanczos_iters = min(num_lanczos_iters, num_params)
-  _checks.check_positive("learning_rate", lrs)
-  _checks.check_nonnegative("rho", rhos)
-  if chunk_size is None:
-    chunk_size = _default_chunk(num_steps, track_every)
-  chunk_size = _checks.check_int("chunk_size", chunk_size, 1)
-  num_examples = _check_data(data, batch_size)
-  _check_loss(loss_fn, params, data, batch_size)
-  eval_columns = _check_eval(eval_fn, params, eval_data)
-  if m_sharpness is not None:
-    m_sharpness = _checks.check_int("m_sharpness", m_sharpness, 1)
-    if (batch_size or num_examples) % m_sharpness:
-      raise ValueError(f"`m_sharpness` ({m_sharpness}) must divide the batch "
-                       f"size ({batch_size or num_examples}).")
-  batch_sharding = group_sharding = None
-  if mesh is not None:
-    batch_sharding, group_sharding = _check_mesh(
-        mesh, len(lrs), batch_size, m_sharpness)
-
-  config = loop.LoopConfig(
-      loss_fn=loss_fn, batch_size=batch_size, track_every=track_every,
-      num_lanczos_iters=num_lanczos_iters, momentum=float(momentum),
-      normalize=normalize, eps=float(eps), use_sam=bool(np.any(rhos > 0)),
-      optimizer=optimizer, m_sharpness=m_sharpness,
-      batch_sharding=batch_sharding, group_sharding=group_sharding,
-      eval_fn=eval_fn)
-  dtype = jnp.result_type(float)
-  hparams = loop.Hyperparams(learning_rate=jnp.asarray(lrs, dtype),
-                             rho=jnp.asarray(rhos, dtype))
-  configs = [{"learning_rate": float(l), "rho": float(r), "seed": s}
-             for l, r, s in zip(lrs, rhos, seeds)]
-  signature = {
-      "configs": configs, "momentum": float(momentum), "normalize": normalize,
-      "batch_size": batch_size, "track_every": track_every,
-      "num_lanczos_iters": num_lanczos_iters, "eps": float(eps),
-      "optimizer": None if optimizer is None else repr(optimizer),
-      "num_params": int(num_params), "m_sharpness": m_sharpness,
-      "eval_columns": list(eval_columns),
-      "per_config_params": bool(per_config_params),
-  }
-  writer = jax.process_index() == 0
-
-  vinit = jax.vmap(lambda p, h, k: loop.init_state(config, p, h, k),
-                   in_axes=(0 if per_config_params else None, 0, 0))
-  state = vinit(init_params, hparams, keys)
-  if per_config_params:  # the chunks donate the state: keep the caller's params
-    state = state._replace(params=jax.tree.map(
-        lambda x: jnp.array(x, copy=True), state.params))
-  spmd_axis = None
+  settings = _validate(
+      loss_fn, params, data, eval_data, learning_rate=learning_rate,
+      num_steps=num_steps, rho=rho, momentum=momentum, normalize=normalize,
+      optimizer=optimizer, batch_size=batch_size, track_every=track_every,
+      num_lanczos_iters=num_lanczos_iters, key=key, mesh=mesh,
+      chunk_size=chunk_size, eps=eps, m_sharpness=m_sharpness,
+      eval_fn=eval_fn, per_config_params=per_config_params)
+  signature = _signature(settings, per_config_params)
+  state = _initial_state(settings, params, per_config_params)
+  hparams, place, spmd_axis = settings.hparams, lambda s: s, None
   if mesh is not None:
     data = parallel.shard_data(data, mesh)
     if parallel.CONFIG_AXIS in mesh.axis_names:
       spmd_axis = parallel.CONFIG_AXIS
     per_config = NamedSharding(mesh, PartitionSpec(spmd_axis))
-    state, hparams = parallel.place(
-        parallel.to_host((state, hparams)), per_config)
-  run = jax.vmap(lambda s, d, e, h, a, b: loop.run_chunk(
-      config, s, d, e, h, a, b, chunk_size),
-                 in_axes=(0, None, None, 0, None, None),
-                 spmd_axis_name=spmd_axis)
-
-  history = hist.empty_history(len(configs), eval_columns)
-  next_step, wall = 0, 0.0
-  ckpt_path = metrics_path = None
-  if out_dir is not None:
-    out_dir = os.fspath(out_dir)
-    if writer:
-      _prepare_out_dir(out_dir)
-    ckpt_path = os.path.join(out_dir, CHECKPOINT_FILE)
-    metrics_path = os.path.join(out_dir, METRICS_FILE)
-    if os.path.exists(ckpt_path):
-      saved = checkpoint.load(ckpt_path, state)
-      if saved.signature != json.loads(json.dumps(signature)):
-        raise ValueError(
-            f"`out_dir` {out_dir!r} holds a checkpoint of a run with other "
-            f"settings ({saved.signature}); use a new out_dir to start afresh.")
-      state = saved.state if mesh is None else parallel.place(
-          saved.state, per_config)
-      history = saved.history
-      next_step, wall = saved.next_step, saved.wall_time
-      if writer:
-        hist.write_csv(metrics_path, history, configs)
-    elif writer and os.path.exists(metrics_path):
-      os.remove(metrics_path)
-    if writer:
-      with open(os.path.join(out_dir, CONFIG_FILE), "w") as f:
-        json.dump({**signature, "num_steps": num_steps, "metadata": metadata,
-                   "jax_version": jax.__version__,
-                   "num_devices": 1 if mesh is None else int(mesh.size),
-                   "device": str(jax.devices()[0].device_kind)}, f, indent=2)
-    else:
-      ckpt_path = metrics_path = None
-
-  if next_step < num_steps:
-    compiled = jax.jit(run, donate_argnums=(0,)).lower(
-        state, data, eval_data, hparams, jnp.int32(0),
+    place = lambda tree: parallel.place(tree, per_config)
+    state, hparams = place(parallel.to_host((state, hparams)))
+    settings = settings._replace(hparams=hparams)
+  run, files = _open_run(out_dir, settings, signature, state, num_steps,
+                         metadata, mesh, place)
+  if run.next_step < num_steps:
+    chunk = jax.vmap(lambda s, d, e, h, a, b: loop.run_chunk(
+        settings.config, s, d, e, h, a, b, settings.chunk_size),
+                     in_axes=(0, None, None, 0, None, None),
+                     spmd_axis_name=spmd_axis)
+    compiled = jax.jit(chunk, donate_argnums=(0,)).lower(
+        run.state, data, eval_data, hparams, jnp.int32(0),
         jnp.int32(0)).compile()
-    bar = _progress(num_steps, next_step, progress and writer)
+    bar = _progress(num_steps, run.next_step,
+                    progress and jax.process_index() == 0)
     try:
-      while next_step < num_steps:
-        start_time = time.perf_counter()
-        state, out = compiled(state, data, eval_data, hparams,
-                              jnp.int32(next_step), jnp.int32(num_steps))
-        out, diverged_at = parallel.to_host((out, state.diverged_at))
-        elapsed = time.perf_counter() - start_time
-        num_active = min(chunk_size, num_steps - next_step)
-        rows = hist.chunk_rows(out.step[0], out.tracked[0], out.metrics, wall,
-                               wall + elapsed, next_step, num_active)
-        wall += elapsed
-        if np.any(diverged_at >= 0):
-          bad = int(np.argmax(np.where(diverged_at >= 0, -diverged_at, -np.inf)))
-          step = int(diverged_at[bad])
-          history = hist.truncate(hist.concat(history, rows), step)
-          if metrics_path is not None:
-            hist.write_csv(metrics_path, history, configs)
-          raise TrainingDiverged(
-              f"Training diverged at step {step}: the loss or gradient of "
-              f"configuration {bad} ({configs[bad]}) is not finite. Lower the "
-              f"learning rate or rho. {history['step'].shape[1]} tracked rows "
-              "before it were kept" +
-              (f" in {metrics_path}." if metrics_path else "."),
-              step=step, config=bad, history=_squeeze(history, sweep))
-        history = hist.concat(history, rows)
-        next_step += num_active
-        if ckpt_path is not None:
-          hist.append_csv(metrics_path, rows, configs)
-          checkpoint.save(ckpt_path, state, history, next_step, wall,
-                          signature)
-        if bar is not None:
-          bar.set_postfix(_postfix(history), refresh=False)
-          bar.update(num_active)
+      run = _run_chunks(compiled, run, settings, data, eval_data, num_steps,
+                        files, bar, signature)
     finally:
       if bar is not None:
         bar.close()
-
-  finite = parallel.to_host(jax.vmap(
-      lambda p: jnp.all(jnp.isfinite(ravel_pytree(p)[0])))(state.params))
-  if not np.all(finite):
-    bad = int(np.argmin(finite))
-    raise TrainingDiverged(
-        f"Training diverged at step {num_steps}: the final parameters of "
-        f"configuration {bad} ({configs[bad]}) are not finite. Lower the "
-        "learning rate or rho.", step=num_steps, config=bad,
-        history=_squeeze(history, sweep))
-  final = state.params if sweep else jax.tree.map(lambda x: x[0], state.params)
-  return TrainResult(params=final, history=_squeeze(history, sweep))
+  _check_final(run.state.params, settings, num_steps, run.history)
+  final = run.state.params if settings.sweep else jax.tree.map(
+      lambda x: x[0], run.state.params)
+  return TrainResult(params=final, history=_squeeze(run.history, settings.sweep))
