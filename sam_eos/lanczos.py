@@ -19,6 +19,11 @@ therefore reorthogonalized against the whole stored basis by classical
 Gram-Schmidt applied twice ("twice is enough"), which keeps ``Q`` orthonormal
 to working precision at ``O(m n)`` extra cost per step.
 
+Precision: the recurrence, the basis, the norms and the tridiagonal
+eigendecomposition run in the working dtype ``promote_types(v0.dtype,
+float32)`` (``eigh`` has no bfloat16 or float16 path, and a bfloat16 basis
+could not stay orthonormal); results are returned in the dtype of ``v0``.
+
 Breakdown: if ``beta_j`` vanishes (relative to ``||A q_j||``) the Krylov space
 is invariant and its Ritz pairs are exact eigenpairs. Rather than divide by
 zero, the iteration records ``beta_j = 0`` and restarts from a fixed
@@ -46,6 +51,7 @@ from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from sam_eos import _checks
 
@@ -79,6 +85,18 @@ class LanczosResult(NamedTuple):
   alphas: jax.Array
   betas: jax.Array
   basis: jax.Array
+
+
+def working_dtype(dtype: jnp.dtype) -> jnp.dtype:
+  """The dtype Lanczos computes in for inputs of ``dtype``: at least float32.
+
+  Args:
+    dtype: a floating dtype.
+
+  Returns:
+    ``promote_types(dtype, float32)``.
+  """
+  return jnp.promote_types(dtype, jnp.float32)
 
 
 def _dot(a: jax.Array, b: jax.Array) -> jax.Array:
@@ -123,16 +141,21 @@ def _restart_direction(basis: jax.Array, base: jax.Array,
   return _safe_normalize(vector, jnp.linalg.norm(vector))
 
 
-def _step(matvec: Matvec, base: jax.Array, index: jax.Array,
+def _step(matvec: Matvec, base: jax.Array, rounding: float, index: jax.Array,
           state: tuple[jax.Array, jax.Array, jax.Array]
           ) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """Lanczos step ``index``: expands ``A q_index``, stores ``q_{index+1}``."""
+  """Lanczos step ``index``: expands ``A q_index``, stores ``q_{index+1}``.
+
+  ``rounding`` is the unit roundoff of the products (the coarser of the
+  working dtype and the dtype ``matvec`` returns): a residual below ten
+  times it, relative to ``||A q_index||``, is a breakdown.
+  """
   basis, alphas, betas = state
   dtype = basis.dtype
   product = jnp.asarray(matvec(basis[index]), dtype)
   residual, coeffs = _orthogonalize(basis, product)
   beta = jnp.linalg.norm(residual)
-  tol = 10 * jnp.finfo(dtype).eps * jnp.linalg.norm(product)
+  tol = 10 * rounding * jnp.linalg.norm(product)
   breakdown = beta <= tol
   # A cond, not a where: the restart costs two more passes over the basis,
   # paid only on a breakdown (under vmap both branches run, as with where).
@@ -152,10 +175,14 @@ def _tridiagonal(alphas: jax.Array, betas: jax.Array) -> jax.Array:
 
 
 def _start_vector(v0: jax.Array, base: jax.Array) -> jax.Array:
-  """Unit ``v0``, or the unit ``base`` if ``v0`` is zero."""
+  """Unit ``v0``, or the unit ``base`` if ``v0`` is zero.
+
+  A non-finite ``v0`` (possible only when traced) stays non-finite, so the
+  whole result is NaN rather than silently computed from another start.
+  """
   norm = jnp.linalg.norm(v0)
-  return jnp.where(norm > 0, _safe_normalize(v0, norm),
-                   _safe_normalize(base, jnp.linalg.norm(base)))
+  return jnp.where(norm == 0, _safe_normalize(base, jnp.linalg.norm(base)),
+                   v0 / jnp.where(norm == 0, 1, norm))
 
 
 def _validate(v0: jax.Array, num_iters: int) -> int:
@@ -166,10 +193,45 @@ def _validate(v0: jax.Array, num_iters: int) -> int:
   if num_iters > v0.shape[0]:
     raise ValueError(f"`num_iters` ({num_iters}) must be <= the length of "
                      f"`v0` ({v0.shape[0]}).")
-  concrete = _checks._concrete(v0)  # pylint: disable=protected-access
-  if concrete is not None and not concrete.any():
-    raise ValueError("`v0` must be non-zero.")
+  concrete = _checks.concrete_value(v0)
+  if concrete is not None:
+    if not np.all(np.isfinite(concrete)):
+      raise ValueError("`v0` must be finite: it contains NaN or inf (e.g. "
+                       "a warm start from a diverged run); pass a fresh "
+                       "random start vector instead.")
+    if not concrete.any():
+      raise ValueError("`v0` must be non-zero.")
   return num_iters
+
+
+def _check_matvec(matvec: Matvec, size: int, dtype: jnp.dtype) -> jnp.dtype:
+  """Checks ``matvec`` maps ``(size,)`` to ``(size,)`` reals, by ``eval_shape``.
+
+  Returns:
+    The dtype of ``matvec``'s output.
+  """
+  arg = jax.ShapeDtypeStruct((size,), dtype)
+  out = jax.eval_shape(matvec, arg)
+  if not hasattr(out, "shape") or not hasattr(out, "dtype"):
+    raise ValueError(
+        f"`matvec` must return one array of shape ({size},), got the pytree "
+        f"{out}. For an operator on pytrees, flatten at the boundary: "
+        "`lambda v: ravel_pytree(op(unravel(v)))[0]` "
+        "(jax.flatten_util.ravel_pytree).")
+  if out.shape != (size,):
+    raise ValueError(
+        f"`matvec` must map shape ({size},) to shape ({size},) (x -> A x "
+        f"for a square A), got output shape {out.shape}. Check that A is "
+        f"{size} x {size} and that matvec returns a 1-D vector, e.g. "
+        "`lambda x: a @ x` rather than `a @ x[:, None]`.")
+  if not jnp.issubdtype(out.dtype, jnp.floating):
+    raise ValueError(
+        f"`matvec` must return a real floating dtype, got dtype {out.dtype} "
+        f"for a {dtype} input. Lanczos needs a real symmetric operator: "
+        "return A x as floats, e.g. `(a @ x).astype(x.dtype)`"
+        + (" or its real part for a Hermitian A with real entries."
+           if jnp.issubdtype(out.dtype, jnp.complexfloating) else "."))
+  return out.dtype
 
 
 def lanczos(matvec: Matvec, v0: jax.Array, num_iters: int) -> LanczosResult:
@@ -192,11 +254,21 @@ def lanczos(matvec: Matvec, v0: jax.Array, num_iters: int) -> LanczosResult:
   Jit with ``num_iters`` static; vmap over ``v0`` (or over the data inside
   ``matvec``) works.
 
+  Dtypes: everything is computed in the working dtype ``promote_types(
+  v0.dtype, float32)`` (float32 for bfloat16/float16/float32, float64 for
+  float64) and returned in the dtype of ``v0``. For float32 results from a
+  bfloat16 operator (e.g. Ritz values more precise than bfloat16's three
+  digits), pass a float32 ``v0``.
+
   Args:
-    matvec: ``x -> A x`` for a symmetric ``A``, ``(n,) -> (n,)``; its output
-      is cast to the dtype of ``v0``.
+    matvec: ``x -> A x`` for a symmetric ``A``, ``(n,) -> (n,)``. It is
+      called with ``(n,)`` arrays of the working dtype and must return an
+      ``(n,)`` real floating array (any precision; cast to the working
+      dtype). Its output shape and dtype are checked once with
+      ``jax.eval_shape``.
     v0: ``(n,)`` start vector, not necessarily normalized. A traced all-zero
-      ``v0`` is replaced by a fixed pseudo-random vector.
+      ``v0`` is replaced by a fixed pseudo-random vector; a traced ``v0``
+      containing NaN or inf makes every output NaN (a concrete one raises).
     num_iters: number of steps ``m``, a Python int with ``1 <= m <= n``.
 
   Returns:
@@ -204,9 +276,10 @@ def lanczos(matvec: Matvec, v0: jax.Array, num_iters: int) -> LanczosResult:
     alphas (m,), betas (m,), basis (m, n))``, in the floating dtype of ``v0``.
 
   Raises:
-    ValueError: if ``v0`` is not 1-D or is concretely zero (message names
-      ``v0``), or ``num_iters`` is not an integer in ``[1, n]`` (names
-      ``num_iters``).
+    ValueError: if ``v0`` is not 1-D or is concretely zero, NaN or inf
+      (message names ``v0``), if ``num_iters`` is not an integer in
+      ``[1, n]`` (names ``num_iters``), or if ``matvec`` does not return an
+      ``(n,)`` real floating array (names ``matvec`` and the fix).
 
   Examples:
     Five steps on a 5 x 5 matrix give its whole spectrum; three give the top
@@ -232,19 +305,24 @@ def lanczos(matvec: Matvec, v0: jax.Array, num_iters: int) -> LanczosResult:
   if not jnp.issubdtype(v0.dtype, jnp.floating):
     v0 = v0.astype(jnp.result_type(float))
   num_iters = _validate(v0, num_iters)
-  dtype = v0.dtype
+  out_dtype = v0.dtype
+  dtype = working_dtype(out_dtype)
+  product_dtype = _check_matvec(matvec, v0.shape[0], dtype)
+  rounding = max(float(jnp.finfo(dtype).eps),
+                 float(jnp.finfo(product_dtype).eps))
   base = _restart_base(v0.shape[0], dtype)
   basis = jnp.zeros((num_iters, v0.shape[0]), dtype)
-  basis = basis.at[0].set(_start_vector(v0, base))
+  basis = basis.at[0].set(_start_vector(v0.astype(dtype), base))
   state = (basis, jnp.zeros(num_iters, dtype), jnp.zeros(num_iters, dtype))
   basis, alphas, betas = jax.lax.fori_loop(
-      0, num_iters, lambda j, s: _step(matvec, base, j, s), state)
+      0, num_iters, lambda j, s: _step(matvec, base, rounding, j, s), state)
   eigvals, eigvecs = jnp.linalg.eigh(_tridiagonal(alphas, betas))
   eigvals, eigvecs = eigvals[::-1], eigvecs[:, ::-1]
-  return LanczosResult(
+  result = LanczosResult(
       ritz_values=eigvals,
       ritz_vectors=_dot(eigvecs.T, basis),
       residuals=jnp.abs(betas[-1] * eigvecs[-1]),
       alphas=alphas,
       betas=betas,
       basis=basis)
+  return jax.tree.map(lambda x: x.astype(out_dtype), result)

@@ -28,8 +28,8 @@ import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
 
 from sam_eos import _checks
-from sam_eos.hessian import _gradient_fn, hessian_matvec
-from sam_eos.lanczos import lanczos
+from sam_eos.hessian import finite_difference_matvec, hessian_matvec
+from sam_eos.lanczos import lanczos, working_dtype
 
 PyTree = Any
 LossFn = Callable[..., Any]
@@ -40,11 +40,14 @@ class Eigenpairs(NamedTuple):
   """Top-``k`` Hessian eigenpairs.
 
   Attributes:
-    values: ``(k,)`` Ritz values, descending (largest algebraic first).
-    vectors: pytree like ``params`` whose leaves carry a leading axis ``k``;
+    values: ``(k,)`` Ritz values, descending (largest algebraic first), in
+      the working dtype: float32 for bfloat16, float16 or float32
+      parameters, float64 for float64 ones.
+    vectors: pytree like ``params`` (and in their dtypes) whose leaves carry
+      a leading axis ``k``;
       slice ``i`` is the unit-norm (in the flattened space) Ritz vector of
       ``values[i]``, sign arbitrary.
-    residuals: ``(k,)`` Lanczos estimates ``|beta_m s_i[m-1]|`` of
+    residuals: ``(k,)`` (working dtype) Lanczos estimates ``|beta_m s_i[m-1]|`` of
       ``||H y_i - values[i] y_i||``, exact in exact arithmetic. In floating
       point they can fall below the rounding level of the products (even to
       0 after a breakdown); the attainable accuracy is about
@@ -61,8 +64,9 @@ class PowerIterationResult(NamedTuple):
 
   Attributes:
     value: scalar estimate ``||H v||`` of ``||H||_op = max_i |lambda_i|``
-      (non-negative).
-    vector: unit-norm pytree like ``params``, the last iterate ``v``.
+      (non-negative), in float32 or wider.
+    vector: unit-norm pytree like ``params`` (in their dtypes), the last
+      iterate ``v``.
     num_iters: int32 scalar, the number of iterations (each two gradients).
   """
   value: jax.Array
@@ -73,19 +77,28 @@ class PowerIterationResult(NamedTuple):
 def _flat_hessian_matvec(loss_fn: LossFn, params: PyTree, batch: Any,
                          unravel: Callable[[jax.Array], PyTree],
                          has_aux: bool) -> FlatMatvec:
-  """``v -> H(w) v`` on flat vectors, linearized once at ``params``."""
+  """``v -> H(w) v`` on flat vectors, linearized once at ``params``.
+
+  ``v`` may be wider than the parameters (the working dtype); it is cast to
+  their dtype before the product.
+  """
   matvec = hessian_matvec(loss_fn, params, batch, has_aux=has_aux)
-  return lambda v: ravel_pytree(matvec(unravel(v)))[0]
+  flat_dtype = ravel_pytree(params)[0].dtype
+  return lambda v: ravel_pytree(matvec(unravel(v.astype(flat_dtype))))[0]
 
 
 def _start_vector(flat: jax.Array, key: jax.Array | None,
                   init: PyTree | None) -> jax.Array:
-  """Flat ``init`` if given and non-zero, else a normal vector from ``key``."""
+  """Flat ``init`` if given and non-zero, else a normal vector from ``key``.
+
+  In the working dtype ``working_dtype(flat.dtype)`` (at least float32).
+  """
+  dtype = working_dtype(flat.dtype)
   key = jax.random.key(0) if key is None else key
-  random = jax.random.normal(key, flat.shape, flat.dtype)
+  random = jax.random.normal(key, flat.shape, dtype)
   if init is None:
     return random
-  warm = ravel_pytree(init)[0].astype(flat.dtype)
+  warm = ravel_pytree(init)[0].astype(dtype)
   return jnp.where(jnp.any(warm != 0), warm, random)
 
 
@@ -107,6 +120,12 @@ def hessian_eigenpairs(loss_fn: LossFn, params: PyTree, batch: Any, *,
   eigenvector; if it is exactly an eigenvector one step is exact), else a
   standard normal vector drawn from ``key``. An all-zero ``init`` (possible
   when traced) falls back to the random start.
+
+  Dtypes: each Hessian-vector product runs in the parameters' dtype; Lanczos
+  (basis, norms, the tridiagonal ``eigh``) runs in float32 or wider, so
+  bfloat16 and float16 parameters work. ``values`` and ``residuals`` come
+  back in that working dtype (float32 for low-precision parameters),
+  ``vectors`` in the parameters' dtypes.
 
   Args:
     loss_fn: ``loss_fn(params, batch) -> scalar`` (or ``(scalar, aux)`` if
@@ -161,8 +180,9 @@ def hessian_eigenpairs(loss_fn: LossFn, params: PyTree, batch: Any, *,
   matvec = _flat_hessian_matvec(loss_fn, params, batch, unravel, has_aux)
   result = lanczos(matvec, _start_vector(flat, key, init),
                    min(num_iters, flat.size))
+  vectors = result.ritz_vectors[:k].astype(flat.dtype)
   return Eigenpairs(values=result.ritz_values[:k],
-                    vectors=jax.vmap(unravel)(result.ritz_vectors[:k]),
+                    vectors=jax.vmap(unravel)(vectors),
                     residuals=result.residuals[:k])
 
 
@@ -209,22 +229,6 @@ def sharpness(loss_fn: LossFn, params: PyTree, batch: Any, *,
                             key=key, init=init, has_aux=has_aux).values[0]
 
 
-def _finite_difference_hvp(grad: Callable[[PyTree], PyTree], flat: jax.Array,
-                           unravel: Callable[[jax.Array], PyTree],
-                           fd_eps: jax.Array | float) -> FlatMatvec:
-  """``v -> (g(w + eps v) - g(w - eps v)) / (2 eps)`` on flat vectors."""
-
-  def flat_grad(point: jax.Array) -> jax.Array:
-    return ravel_pytree(grad(unravel(point.astype(flat.dtype))))[0]
-
-  def matvec(v: jax.Array) -> jax.Array:
-    step = fd_eps * v
-    return ((flat_grad(flat + step) - flat_grad(flat - step))
-            / (2 * fd_eps)).astype(flat.dtype)
-
-  return matvec
-
-
 def power_iteration(loss_fn: LossFn, params: PyTree, batch: Any, *,
                     num_iters: int = 100, tol: float | jax.Array = 1e-3,
                     fd_eps: float | jax.Array = 1e-3,
@@ -233,7 +237,8 @@ def power_iteration(loss_fn: LossFn, params: PyTree, batch: Any, *,
   """``||H||_op`` by power iteration on finite-difference HVPs (paper protocol).
 
   The measurement of Long & Bartlett's code (``hessian_norm.py`` in
-  google-deepmind/sam_edge): from a fresh random unit vector ``v_0``,
+  google-deepmind/sam_edge): from a random unit vector ``v_0`` drawn from
+  ``key``,
 
     ``p_t = (grad L(w + eps v_{t-1}) - grad L(w - eps v_{t-1})) / (2 eps)``,
     ``mu_t = ||p_t||``,  ``v_t = p_t / mu_t``,
@@ -256,6 +261,18 @@ def power_iteration(loss_fn: LossFn, params: PyTree, batch: Any, *,
   (they add ``1e-5`` to the denominator, a 0.5% downward bias at
   ``eps = 1e-3``), and vectors are normalized exactly.
 
+  Start vector: the authors draw a fresh random start at every check. Here
+  the start is drawn from ``key``; ``key=None`` means ``jax.random.key(0)``,
+  the same start at every call (deterministic, reproducible). For the
+  authors' fresh starts pass a new key per call, e.g.
+  ``jax.random.fold_in(key, step)``.
+
+  Dtypes: the gradients run in the parameters' dtype; the iterate ``v``,
+  the norms and ``value`` are kept in float32 or wider (the finite-difference
+  points ``w +- eps v`` are rounded once to the parameters' dtype). With
+  bfloat16 parameters the product is only accurate to about
+  ``2^-8 ||g|| / eps``, so use a larger ``fd_eps`` (or ``sharpness``).
+
   Args:
     loss_fn: ``loss_fn(params, batch) -> scalar`` (or ``(scalar, aux)`` if
       ``has_aux``).
@@ -264,7 +281,8 @@ def power_iteration(loss_fn: LossFn, params: PyTree, batch: Any, *,
     num_iters: maximum number of iterations, an integer ``>= 1``.
     tol: relative (and absolute) stopping tolerance, ``> 0``.
     fd_eps: finite-difference step along the unit vector, ``> 0``.
-    key: PRNG key of the random start; ``None`` means ``jax.random.key(0)``.
+    key: PRNG key of the random start; ``None`` means ``jax.random.key(0)``,
+      the same start at every call (pass a new key for a fresh start).
     has_aux: whether ``loss_fn`` returns ``(loss, aux)``.
 
   Returns:
@@ -287,6 +305,12 @@ def power_iteration(loss_fn: LossFn, params: PyTree, batch: Any, *,
     >>> round(float(out.value), 2), round(float(jnp.max(jnp.abs(h))), 2)
     (5.0, 5.0)
 
+    Without a key every call uses the same start:
+
+    >>> again = se.power_iteration(loss, jnp.zeros(3), h)
+    >>> bool(jnp.all(again.vector == out.vector))
+    True
+
   References:
     Long & Bartlett 2023 and github.com/google-deepmind/sam_edge
     (``hessian_norm.py``); Golub & Van Loan, "Matrix Computations", 4th ed.,
@@ -296,8 +320,16 @@ def power_iteration(loss_fn: LossFn, params: PyTree, batch: Any, *,
   _checks.check_positive("tol", tol)
   _checks.check_positive("fd_eps", fd_eps)
   flat, unravel = ravel_pytree(params)
-  grad = _gradient_fn(loss_fn, batch, has_aux=has_aux)
-  matvec = _finite_difference_hvp(grad, flat, unravel, fd_eps)
+  dtype = working_dtype(flat.dtype)
+  # Unravels working-dtype vectors into a wide pytree like ``params``.
+  _, unravel_wide = ravel_pytree(jax.tree.map(
+      lambda p: jnp.asarray(p, working_dtype(jnp.result_type(p))), params))
+  fd_matvec = finite_difference_matvec(loss_fn, params, batch, fd_eps=fd_eps,
+                                       has_aux=has_aux)
+
+  def matvec(v: jax.Array) -> jax.Array:
+    return ravel_pytree(fd_matvec(unravel_wide(v)))[0].astype(dtype)
+
   v0 = _start_vector(flat, key, None)
 
   def cond(state: tuple[jax.Array, ...]) -> jax.Array:
@@ -313,6 +345,7 @@ def power_iteration(loss_fn: LossFn, params: PyTree, batch: Any, *,
     return step + 1, new_v, new_mu, done
 
   state = (jnp.zeros((), jnp.int32), v0 / jnp.linalg.norm(v0),
-           jnp.full((), jnp.inf, flat.dtype), jnp.zeros((), bool))
+           jnp.full((), jnp.inf, dtype), jnp.zeros((), bool))
   step, v, mu, _ = jax.lax.while_loop(cond, body, state)
-  return PowerIterationResult(value=mu, vector=unravel(v), num_iters=step)
+  return PowerIterationResult(value=mu, vector=unravel(v.astype(flat.dtype)),
+                              num_iters=step)

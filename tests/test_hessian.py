@@ -144,3 +144,19 @@ def test_mismatched_vector_raises():
   wrong_shape = dict(random_like(params, 0), b2=jnp.ones(3))
   with pytest.raises(ValueError, match="vector"):
     se.hessian_matvec(mlp_loss, params, batch)(wrong_shape)
+
+
+def test_finite_difference_hvp_beside_exact_hvp():
+  from sam_eos import hessian  # pylint: disable=import-outside-toplevel
+  params, batch = mlp_problem(3)
+  vector = random_like(params, 4)
+  exact = flat(se.hvp(mlp_loss, params, batch, vector))
+  approx = flat(hessian.finite_difference_hvp(mlp_loss, params, batch, vector,
+                                              fd_eps=1e-4))
+  # Central difference: O(fd_eps^2) error.
+  np.testing.assert_allclose(approx, exact, atol=1e-6 * np.abs(exact).max())
+  matvec = hessian.finite_difference_matvec(mlp_loss, params, batch,
+                                            fd_eps=1e-4)
+  np.testing.assert_allclose(flat(matvec(vector)), approx, rtol=1e-14)
+  grad = hessian.gradient_fn(mlp_loss, batch)
+  chex.assert_trees_all_close(grad(params), jax.grad(mlp_loss)(params, batch))

@@ -213,3 +213,30 @@ def test_bad_num_iters(num_iters):
 def test_bad_start_vector(v0):
   with pytest.raises(ValueError, match="v0"):
     lanczos_dense(np.eye(5), v0, 2)
+
+
+@pytest.mark.parametrize("matvec, what", [
+    (lambda x: jnp.concatenate([x, x]), "shape"),
+    (lambda x: x[:, None], "shape"),
+    (lambda x: jnp.sum(x), "shape"),
+    (lambda x: x * 1j, "dtype"),
+    (lambda x: (x > 0).astype(jnp.int32), "dtype"),
+])
+def test_matvec_with_wrong_output_raises_naming_matvec(matvec, what):
+  with pytest.raises(ValueError, match=f"`matvec`.*{what}"):
+    se.lanczos(matvec, jnp.ones(5), 2)
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_non_finite_concrete_start_vector_raises(bad):
+  v0 = jnp.ones(5).at[2].set(bad)
+  with pytest.raises(ValueError, match="`v0`.*finite"):
+    lanczos_dense(np.eye(5), v0, 2)
+
+
+def test_non_finite_traced_start_vector_gives_nan():
+  a, _ = matrix_with_spectrum(SPECTRA["separated"], seed=11)
+  n = a.shape[0]
+  out = run(a, jnp.ones(n).at[3].set(jnp.nan), 4)
+  assert np.all(np.isnan(np.asarray(out.ritz_values)))
+  assert np.all(np.isnan(np.asarray(out.ritz_vectors)))

@@ -228,3 +228,20 @@ def test_power_iteration_bad_arguments(kwargs, name):
   params, batch = mlp_problem()
   with pytest.raises(ValueError, match=f"`{name}`"):
     se.power_iteration(mlp_loss, params, batch, **kwargs)
+
+
+def test_power_iteration_default_key_is_a_fixed_start():
+  params, batch = mlp_problem(4)
+  default = power_iteration(mlp_loss, params, batch, num_iters=1)
+  again = power_iteration(mlp_loss, params, batch, num_iters=1)
+  key0 = power_iteration(mlp_loss, params, batch, num_iters=1,
+                         key=jax.random.key(0))
+  key1 = power_iteration(mlp_loss, params, batch, num_iters=1,
+                         key=jax.random.key(1))
+  chex.assert_trees_all_equal(default, again)
+  chex.assert_trees_all_equal(default, key0)
+  assert not np.allclose(flat_rows(jax.tree.map(lambda x: x[None], key1.vector)),
+                         flat_rows(jax.tree.map(lambda x: x[None], key0.vector)))
+  doc = se.power_iteration.__doc__
+  assert "fresh" not in doc.split("Args:")[0] or "key" in doc.split("Args:")[0]
+  assert "same start" in doc
