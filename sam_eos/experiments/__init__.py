@@ -37,6 +37,7 @@ from sam_eos.experiments.presets import (EXPERIMENTS, PRESETS,
                                          list_experiments)
 from sam_eos.experiments.runner import (ExperimentRun, Problem,
                                         build_problem, find_run, load_data,
+                                        load_test_data,
                                         run_experiment, run_or_load, sweep)
 
 __all__ = [
@@ -65,6 +66,7 @@ __all__ = [
     "list_experiments",
     "load_cifar10",
     "load_data",
+    "load_test_data",
     "load_run",
     "load_mnist",
     "load_shakespeare",

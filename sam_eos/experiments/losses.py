@@ -224,3 +224,45 @@ def make_per_example_loss_fn(model: nn.Module, loss: str | LossFn
         x, y)
 
   return per_example
+
+
+def make_eval_fn(model: nn.Module, loss: str
+                 ) -> Callable[[PyTree, Any], dict[str, jax.Array]]:
+  """Held-out metrics ``eval_fn(params, batch) -> {test_loss, test_accuracy}``.
+
+  ``test_loss`` is the training loss ``loss`` on the held-out batch;
+  ``test_accuracy`` the fraction of arg-max predictions equal to the label
+  (the arg-max of a one-hot target, or the integer target itself).
+
+  Args:
+    model: a flax module (see ``models``).
+    loss: a name in ``LOSSES``.
+
+  Returns:
+    ``eval_fn(params, batch)`` for ``se.train(..., eval_fn=...)``.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp
+    >>> from sam_eos.experiments import models
+    >>> model = models.MLP((4,), num_outputs=2)
+    >>> x, y = jnp.ones((3, 5)), jax.nn.one_hot(jnp.array([0, 1, 1]), 2)
+    >>> params = models.init_params(model, jax.random.key(0), x)
+    >>> out = make_eval_fn(model, "mse")(params, (x, y))
+    >>> logits = model.apply({"params": params}, x)  # equal rows: one class
+    >>> want = float(jnp.mean(jnp.argmax(logits, -1) == jnp.array([0, 1, 1])))
+    >>> sorted(out), float(out["test_accuracy"]) == want
+    (['test_accuracy', 'test_loss'], True)
+
+  References:
+    Long & Bartlett 2023 (generalization of SAM at its edge).
+  """
+  loss_fn = LOSSES[loss]
+
+  def eval_fn(params: PyTree, batch: Any) -> dict[str, jax.Array]:
+    x, y = _split_batch(batch)
+    logits = model.apply({"params": params}, x)
+    labels = y if y.ndim == logits.ndim - 1 else jnp.argmax(y, axis=-1)
+    return {"test_loss": loss_fn(logits, y),
+            "test_accuracy": accuracy(logits, labels)}
+
+  return eval_fn

@@ -115,8 +115,14 @@ class ExperimentConfig:
       training images (Cohen et al.); the paper only centres them.
     context_length: the language model's context; crops hold
       ``context_length + 1`` characters.
-    init_seed: seed of the initial parameters and of the choice of text
-      crops.
+    init_seed: base seed of the initial parameters (seed ``s`` of the sweep
+      starts from ``fold_in(key(init_seed), s)``, so every seed is another
+      initialization, shared by the learning rates and radii of that seed)
+      and of the choice of text crops.
+    num_test_examples: held-out examples for ``test_loss`` and
+      ``test_accuracy`` at every tracked step, from the start of the official
+      test split (images) or crops of the held-out text (the last 10,000
+      lines of Tiny Shakespeare); None for all. Ignored by ``"quadratic"``.
   """
   name: str
   preset: str
@@ -139,6 +145,7 @@ class ExperimentConfig:
   standardize: bool = False
   context_length: int | None = None
   init_seed: int = 0
+  num_test_examples: int | None = 1_000
 
   def __post_init__(self):
     """Normalizes sequences to tuples and validates every field.
@@ -182,7 +189,8 @@ class ExperimentConfig:
       if not _is_int(getattr(self, field), minimum):
         raise ValueError(f"`{field}` must be an integer >= {minimum}, got "
                          f"{getattr(self, field)!r}.")
-    for field in ("num_examples", "batch_size", "context_length"):
+    for field in ("num_examples", "batch_size", "context_length",
+                  "num_test_examples"):
       value = getattr(self, field)
       if value is not None and not _is_int(value, 1):
         raise ValueError(f"`{field}` must be None or an integer >= 1, got "

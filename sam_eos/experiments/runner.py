@@ -74,35 +74,45 @@ class Problem(NamedTuple):
 
   Attributes:
     loss_fn: ``loss_fn(params, batch) -> scalar``.
-    params: the initial parameters (shared by every configuration).
+    params: the initial parameters, one per configuration of the sweep
+      (``runner.sweep`` order) stacked on a leading axis: configurations of
+      the same seed share theirs (``se.train(..., per_config_params=True)``).
     data: pytree of arrays with a leading example axis.
-    num_params: number of scalars in ``params``.
+    num_params: number of scalars of one configuration's parameters.
+    eval_fn: ``eval_fn(params, eval_data) -> {"test_loss",
+      "test_accuracy"}``, or None (the quadratic).
+    eval_data: the held-out ``(inputs, targets)``, or None.
   """
   loss_fn: Callable[[PyTree, Any], jax.Array]
   params: PyTree
   data: PyTree
   num_params: int
+  eval_fn: Callable[[PyTree, Any], dict[str, jax.Array]] | None = None
+  eval_data: PyTree = None
 
 
-def _text_crops(config: ExperimentConfig) -> tuple[np.ndarray, np.ndarray]:
-  """Non-overlapping crops of ``context_length + 1`` bytes of the train text.
+def _text_crops(config: ExperimentConfig, split: str = "train"
+                ) -> tuple[np.ndarray, np.ndarray]:
+  """Non-overlapping crops of ``context_length + 1`` bytes of a split's text.
 
   As in the authors' code (``dataset.load_ascii_dataset``): the text is cut
-  into consecutive crops; ``num_examples`` of them are drawn without
-  replacement (seed ``init_seed``), or all are used.
+  into consecutive crops; ``num_examples`` (``num_test_examples`` for the
+  test split) of them are drawn without replacement (seed ``init_seed``),
+  or all are used.
   """
-  text = data_lib.load_shakespeare("train")
+  text = data_lib.load_shakespeare(split)
   crop_len = config.context_length + 1
   crops = text[:len(text) // crop_len * crop_len].reshape(-1, crop_len)
-  if config.num_examples is not None:
-    if config.num_examples > len(crops):
+  field = "num_examples" if split == "train" else "num_test_examples"
+  count = getattr(config, field)
+  if count is not None:
+    if count > len(crops):
       raise ValueError(
-          f"`num_examples` ({config.num_examples}) exceeds the {len(crops)} "
-          f"non-overlapping crops of {crop_len} characters in the Tiny "
-          "Shakespeare training text; lower it or use None for all.")
+          f"`{field}` ({count}) exceeds the {len(crops)} non-overlapping "
+          f"crops of {crop_len} characters in the Tiny Shakespeare {split} "
+          "text; lower it or use None for all.")
     rng = np.random.default_rng(config.init_seed)
-    crops = crops[np.sort(rng.choice(len(crops), config.num_examples,
-                                     replace=False))]
+    crops = crops[np.sort(rng.choice(len(crops), count, replace=False))]
   crops = crops.astype(np.int32)
   return crops[:, :-1], crops[:, 1:]
 
@@ -143,6 +153,38 @@ def load_data(config: ExperimentConfig) -> tuple[np.ndarray, np.ndarray]:
                                     standardize=config.standardize)
 
 
+def load_test_data(config: ExperimentConfig
+                   ) -> tuple[np.ndarray, np.ndarray] | None:
+  """The held-out data of an experiment as ``(inputs, targets)``, or None.
+
+  Images: the first ``num_test_examples`` test images, preprocessed with the
+  statistics of the training images (``load_data``). Text: crops of the
+  held-out text (the last 10,000 lines). The quadratic has none.
+
+  Args:
+    config: the experiment.
+
+  Returns:
+    NumPy arrays with a shared leading example axis, or None.
+
+  Raises:
+    ValueError: if ``num_test_examples`` exceeds the split.
+    data.DataUnavailableError: if the files are missing and cannot be
+      downloaded.
+  """
+  if config.dataset == "quadratic":
+    return None
+  if config.dataset == "shakespeare":
+    return _text_crops(config, "test")
+  loader = {"mnist": data_lib.load_mnist, "cifar10": data_lib.load_cifar10}
+  train_images, _ = loader[config.dataset]("train",
+                                           num_examples=config.num_examples)
+  images, labels = loader[config.dataset](
+      "test", num_examples=config.num_test_examples)
+  return data_lib.preprocess_images(images, labels, reference=train_images,
+                                    standardize=config.standardize)
+
+
 def _quadratic_loss(params: jax.Array, batch: tuple[jax.Array, jax.Array]
                     ) -> jax.Array:
   """``1/2 sum_i h_i w_i^2`` with the diagonal ``h`` as the (only) example."""
@@ -170,29 +212,37 @@ def build_problem(config: ExperimentConfig, *, pad_to_multiple: int = 1
   """
   inputs, targets = load_data(config)
   data = (jnp.asarray(inputs), jnp.asarray(targets))
-  key = jax.random.key(config.init_seed)
+  keys = jnp.stack([jax.random.fold_in(jax.random.key(config.init_seed), s)
+                    for s in sweep(config)[2]])
   pad = len(inputs) % pad_to_multiple != 0
+  eval_fn = eval_data = None
   if config.model == "quadratic":
     if pad:
       raise ValueError("The quadratic has a single example, which cannot be "
                        "split over devices; run it without --data-parallel.")
-    params = jax.random.normal(key, inputs.shape[1:], jnp.float32)
+    params = jax.vmap(lambda k: jax.random.normal(k, inputs.shape[1:],
+                                                  jnp.float32))(keys)
     loss_fn = _quadratic_loss
   else:
     kwargs = dict(config.model_kwargs)
     if config.model == "transformer":
       kwargs["context_length"] = config.context_length
     model = models_lib.make_model(config.model, **kwargs)
-    params = jax.jit(models_lib.init_params, static_argnums=0)(
-        model, key, data[0][:1])
+    params = jax.jit(jax.vmap(
+        lambda k, x: models_lib.init_params(model, k, x), in_axes=(0, None)))(
+            keys, data[0][:1])
     if pad:
       loss_fn = se.masked_mean(
           losses_lib.make_per_example_loss_fn(model, config.loss))
       data = se.pad_to_multiple(data, pad_to_multiple)
     else:
       loss_fn = losses_lib.make_loss_fn(model, config.loss)
+    eval_fn = losses_lib.make_eval_fn(model, config.loss)
+    eval_data = tuple(jnp.asarray(a) for a in load_test_data(config))
+  one = jax.tree.map(lambda x: x[0], params)
   return Problem(loss_fn=loss_fn, params=params, data=data,
-                 num_params=models_lib.count_params(params))
+                 num_params=models_lib.count_params(one), eval_fn=eval_fn,
+                 eval_data=eval_data)
 
 
 def sweep(config: ExperimentConfig
@@ -314,7 +364,8 @@ def run_experiment(config: ExperimentConfig, out_dir: str | os.PathLike,
         track_every=config.track_every,
         num_lanczos_iters=config.num_lanczos_iters, eps=config.eps,
         out_dir=out_dir, progress=progress, metadata=config.to_dict(),
-        mesh=mesh)
+        mesh=mesh, eval_fn=problem.eval_fn, eval_data=problem.eval_data,
+        per_config_params=True)
   except se.TrainingDiverged:
     if plot:
       _plot(out_dir, x_axis)

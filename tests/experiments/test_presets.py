@@ -6,6 +6,7 @@ import dataclasses
 import json
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -107,20 +108,52 @@ def test_sweep_is_the_cartesian_product():
 def test_build_problem_of_each_cpu_preset(name):
   config = presets.get_experiment(name)
   if config.dataset != "quadratic":
-    config = config.replace(num_examples=8)
+    config = config.replace(num_examples=8, num_test_examples=8)
   problem = runner.build_problem(config)
   inputs, targets = problem.data
-  assert problem.num_params == models.count_params(problem.params)
-  loss = problem.loss_fn(problem.params, problem.data)
+  # One initialization per configuration; configurations of a seed share it.
+  assert all(x.shape[0] == config.num_configs
+             for x in jax.tree.leaves(problem.params))
+  first = jax.tree.map(lambda x: x[0], problem.params)
+  assert problem.num_params == models.count_params(first)
+  seeds = runner.sweep(config)[2]
+  for c, seed in enumerate(seeds):
+    same = jax.tree.map(lambda x: bool(jnp.all(x[c] == x[seeds.index(seed)])),
+                        problem.params)
+    assert all(jax.tree.leaves(same))
+  loss = problem.loss_fn(first, problem.data)
   assert loss.shape == () and np.isfinite(loss)
+  if problem.eval_fn is not None:
+    out = problem.eval_fn(first, problem.eval_data)
+    assert sorted(out) == ["test_accuracy", "test_loss"]
+    assert 0 <= float(out["test_accuracy"]) <= 1
   if config.dataset == "quadratic":
     diagonal = np.array(config.model_kwargs["diagonal"])
-    assert np.allclose(loss, 0.5 * np.sum(diagonal * problem.params ** 2))
+    assert np.allclose(loss, 0.5 * np.sum(diagonal * first ** 2))
   elif config.dataset == "shakespeare":
     assert inputs.shape == targets.shape == (8, config.context_length)
   else:
     assert len(inputs) == 8 and targets.shape == (8, 10)
     assert np.allclose(targets.sum(axis=1), 1.0)
+
+
+def test_seeds_are_distinct_initializations():
+  config = presets.get_experiment("mnist-mlp").replace(
+      num_examples=8, num_test_examples=8, rhos=(0.0,), seeds=(0, 1))
+  params = runner.build_problem(config).params
+  kernel = params["Dense_0"]["kernel"]
+  assert not np.allclose(kernel[0], kernel[1])
+
+
+def test_test_data_use_the_training_statistics():
+  config = presets.get_experiment("mnist-mlp").replace(num_examples=100,
+                                                       num_test_examples=50)
+  inputs, targets = runner.load_test_data(config)
+  train, _ = data.load_mnist(num_examples=100)
+  images, labels = data.load_mnist("test", num_examples=50)
+  expected = images / 256.0 - (train / 256.0).mean(axis=0)
+  np.testing.assert_allclose(inputs, expected, atol=1e-6)
+  np.testing.assert_array_equal(targets.argmax(axis=1), labels)
 
 
 def test_mnist_data_are_centred_paper_pixels():
@@ -150,11 +183,16 @@ def test_text_crops_are_non_overlapping_windows():
     runner.load_data(config.replace(num_examples=10**7))
 
 
-def test_initialization_depends_on_init_seed_only():
-  config = presets.get_experiment("mnist-mlp").replace(num_examples=8)
-  a = runner.build_problem(config).params
-  b = runner.build_problem(config.replace(seeds=(5,))).params
-  c = runner.build_problem(config.replace(init_seed=1)).params
+def test_initialization_depends_on_init_seed_and_seed():
+  config = presets.get_experiment("mnist-mlp").replace(
+      num_examples=8, num_test_examples=8, rhos=(0.0,), seeds=(0,))
+  params = lambda cfg: runner.build_problem(cfg).params
   leaves = lambda p: np.concatenate([np.ravel(x) for x in jax.tree.leaves(p)])
-  np.testing.assert_array_equal(leaves(a), leaves(b))
-  assert not np.array_equal(leaves(a), leaves(c))
+  a = params(config)
+  np.testing.assert_array_equal(leaves(a), leaves(params(config)))
+  # Seed s starts from fold_in(key(init_seed), s), whatever else is swept.
+  swept = params(config.replace(seeds=(5, 0), rhos=(0.0, 0.1)))
+  np.testing.assert_array_equal(
+      leaves(a), leaves(jax.tree.map(lambda x: x[1], swept)))
+  for other in (config.replace(seeds=(5,)), config.replace(init_seed=1)):
+    assert not np.array_equal(leaves(a), leaves(params(other)))
