@@ -5,7 +5,9 @@ parameters are ``model.init(key, x)["params"]`` (see ``init_params``) and
 outputs are logits. Dense and convolution kernels start Glorot-normal
 (truncated; ``variance_scaling(1, "fan_avg", "truncated_normal")``, flax's
 ``glorot_normal``) with zero biases, as in the authors' released JAX code for
-the image experiments. The transformer follows the Haiku example language
+the image experiments; Cohen et al.'s ``fc-tanh`` and ``cnn-relu`` start from
+PyTorch's default instead (``init_scheme="torch"``), as in their code. The
+transformer follows the Haiku example language
 model that the authors' code builds on, initialization included.
 
 Named architectures (``make_model``):
@@ -52,6 +54,33 @@ _HAIKU_LINEAR = jax.nn.initializers.variance_scaling(
     _TRUNCATED_STD**2, "fan_in", "truncated_normal")
 _EMBED_INIT = jax.nn.initializers.truncated_normal(stddev=0.02)
 
+# PyTorch's default for nn.Linear and nn.Conv2d (kaiming_uniform with
+# a = sqrt(5)): kernels and biases uniform in [-1/sqrt(fan_in), 1/sqrt(fan_in)]
+# (variance 1/(3 fan_in)), which Cohen et al.'s models used.
+_TORCH_KERNEL = jax.nn.initializers.variance_scaling(1 / 3, "fan_in", "uniform")
+INITS = ("glorot", "torch")
+
+
+def _torch_bias(fan_in: int) -> Callable[..., jax.Array]:
+  """PyTorch's default bias init: uniform in ``[-1, 1] / sqrt(fan_in)``."""
+  bound = 1 / fan_in ** 0.5
+
+  def init(key: jax.Array, shape: Sequence[int], dtype: Any = jnp.float32
+           ) -> jax.Array:
+    return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+  return init
+
+
+def _inits(init: str, fan_in: int) -> dict[str, Any]:
+  """``kernel_init`` and ``bias_init`` of a layer under scheme ``init``."""
+  if init == "glorot":
+    return {"kernel_init": GLOROT_NORMAL}
+  if init == "torch":
+    return {"kernel_init": _TORCH_KERNEL, "bias_init": _torch_bias(fan_in)}
+  raise ValueError(f"`init_scheme` must be one of {INITS}, got {init!r}.")
+
+
 ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
     "relu": jax.nn.relu,
     "tanh": jnp.tanh,
@@ -80,6 +109,9 @@ class MLP(nn.Module):
     num_outputs: number of logits.
     activation: one of ``ACTIVATIONS`` (``"relu"``, ``"tanh"``, ...).
     param_dtype: dtype of the parameters (float64 under ``jax.enable_x64``).
+    init_scheme: ``"glorot"`` (the paper's: Glorot-normal kernels, zero biases) or
+      ``"torch"`` (PyTorch's default, which Cohen et al. used: kernels and
+      biases uniform in ``[-1, 1] / sqrt(fan_in)``).
 
   Examples:
     >>> import jax, jax.numpy as jnp
@@ -98,6 +130,7 @@ class MLP(nn.Module):
   num_outputs: int = 10
   activation: str = "relu"
   param_dtype: Any = jnp.float32
+  init_scheme: str = "glorot"
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -105,10 +138,10 @@ class MLP(nn.Module):
     act = _activation(self.activation)
     h = jnp.reshape(x, (x.shape[0], -1))
     for width in self.hidden_sizes:
-      h = act(nn.Dense(width, kernel_init=GLOROT_NORMAL,
-                       param_dtype=self.param_dtype)(h))
-    return nn.Dense(self.num_outputs, kernel_init=GLOROT_NORMAL,
-                    param_dtype=self.param_dtype)(h)
+      h = act(nn.Dense(width, param_dtype=self.param_dtype,
+                       **_inits(self.init_scheme, h.shape[-1]))(h))
+    return nn.Dense(self.num_outputs, param_dtype=self.param_dtype,
+                    **_inits(self.init_scheme, h.shape[-1]))(h)
 
 
 class CNN(nn.Module):
@@ -127,6 +160,8 @@ class CNN(nn.Module):
     layer_norm: LayerNorm after each activation (paper: yes; Cohen et al.:
       no).
     param_dtype: dtype of the parameters.
+    init_scheme: ``"glorot"`` (paper) or ``"torch"`` (Cohen et al.), as in
+      ``MLP``.
 
   Examples:
     >>> import jax, jax.numpy as jnp
@@ -147,6 +182,7 @@ class CNN(nn.Module):
   activation: str = "relu"
   layer_norm: bool = True
   param_dtype: Any = jnp.float32
+  init_scheme: str = "glorot"
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -162,15 +198,16 @@ class CNN(nn.Module):
     act = _activation(self.activation)
     h = x
     for features in self.channels:
-      h = nn.Conv(features, (3, 3), padding="SAME", kernel_init=GLOROT_NORMAL,
-                  param_dtype=self.param_dtype)(h)
+      h = nn.Conv(features, (3, 3), padding="SAME",
+                  param_dtype=self.param_dtype,
+                  **_inits(self.init_scheme, 9 * h.shape[-1]))(h)
       h = act(h)
       if self.layer_norm:
         h = nn.LayerNorm(param_dtype=self.param_dtype)(h)
       h = nn.max_pool(h, (2, 2), strides=(2, 2))
     h = jnp.reshape(h, (h.shape[0], -1))
-    return nn.Dense(self.num_outputs, kernel_init=GLOROT_NORMAL,
-                    param_dtype=self.param_dtype)(h)
+    return nn.Dense(self.num_outputs, param_dtype=self.param_dtype,
+                    **_inits(self.init_scheme, h.shape[-1]))(h)
 
 
 class _DecoderBlock(nn.Module):
@@ -281,8 +318,10 @@ _MODELS: dict[str, tuple[type[nn.Module], dict[str, Any]]] = {
     "mlp": (MLP, {"hidden_sizes": (1000, 1000, 1000)}),
     "cnn": (CNN, {}),
     "transformer": (Transformer, {}),
-    "fc-tanh": (MLP, {"hidden_sizes": (200, 200), "activation": "tanh"}),
-    "cnn-relu": (CNN, {"channels": (32, 32), "layer_norm": False}),
+    "fc-tanh": (MLP, {"hidden_sizes": (200, 200), "activation": "tanh",
+                      "init_scheme": "torch"}),
+    "cnn-relu": (CNN, {"channels": (32, 32), "layer_norm": False,
+                       "init_scheme": "torch"}),
 }
 
 

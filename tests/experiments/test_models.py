@@ -197,3 +197,28 @@ def test_errors(build, x, error, match):
 def test_count_params_counts_every_leaf():
   tree = {"a": jnp.zeros((2, 3)), "b": [jnp.zeros(4), jnp.zeros(())]}
   assert models.count_params(tree) == 11
+
+
+@pytest.mark.parametrize("name", ["fc-tanh", "cnn-relu"])
+def test_cohen_models_use_pytorch_default_init(name):
+  # PyTorch: kernel and bias uniform in [-1/sqrt(fan_in), 1/sqrt(fan_in)].
+  model = models.make_model(name, **({"hidden_sizes": (300,)} if name ==
+                                     "fc-tanh" else {"channels": (64,)}))
+  x = jnp.ones((1, 32, 32, 3))
+  params = models.init_params(model, jax.random.key(0), x)
+  first = params["Dense_0" if name == "fc-tanh" else "Conv_0"]
+  fan_in = 3072 if name == "fc-tanh" else 27
+  bound = 1 / np.sqrt(fan_in)
+  for leaf in (first["kernel"], first["bias"]):
+    leaf = np.asarray(leaf)
+    assert np.all(np.abs(leaf) <= bound) and np.abs(leaf).max() > 0.9 * bound
+  # Sample variance of n uniforms: relative standard error sqrt(0.8 / n).
+  n = first["kernel"].size
+  np.testing.assert_allclose(np.var(first["kernel"]), bound ** 2 / 3,
+                             rtol=5 * np.sqrt(0.8 / n))
+
+
+def test_unknown_init_is_named():
+  with pytest.raises(ValueError, match="`init_scheme`"):
+    models.init_params(models.MLP((4,), init_scheme="he"), jax.random.key(0),
+                       jnp.ones((1, 3)))
