@@ -1,23 +1,48 @@
-"""The paper's figures from ``metrics.csv``: sharpness, edges, alignment, loss.
+"""The paper's figures from ``metrics.csv``: sharpness, edges, ratio, loss.
 
 Each function takes runs as ``(label, metrics)`` pairs, where ``metrics`` is
 the flat dict of ``se.read_csv`` (one entry per line of ``metrics.csv``, all
 configurations of a sweep together), so figures can be redrawn from files
-and several run folders overlaid. One colour per (run, learning rate, rho);
-the x-axis is the step or the training wall time.
+and several run folders overlaid. The x-axis is the step or the training
+wall time.
+
+How the figures are drawn, so that they can be trusted:
+
+- Seeds: the configurations of one setting (run, learning rate ``eta``,
+  radius ``rho``) that differ only in the seed are one group, drawn as the
+  median over seeds with a shaded min-max band (``seed_bands``; a single
+  seed is just its line). A seed that stopped early (diverged) drops out of
+  the median after its last step.
+- Colours: GD (``rho = 0``) in blues/purples, SAM in reds/oranges, one
+  colour and marker per group; the edges are thin dashed (SAM-edge) and
+  dotted (``2/eta``) lines under the sharpness.
+- Y-range: set by the points after the first ``TRANSIENT_FRACTION = 10%``
+  of the steps (percentiles ``YLIM_PERCENTILES`` plus a margin,
+  ``robust_ylim``), so an early spike is clipped (and said so in the
+  corner) instead of squashing the rest of the curve.
+- Minibatch runs (``batch_size`` in the run's metadata is not None) say
+  "minibatch sharpness" and "SAM-edge at the minibatch ||g||".
 
 Matplotlib is imported here only, lazily, and drawn with its Agg canvas (no
 pyplot, no global backend switch): the core package never imports it.
 
-Figures, as in Long & Bartlett (2023), Figs. 1-6:
+Figures (``FIGURES``), as in Long & Bartlett (2023), Figs. 1-6:
 
 - ``sharpness.png``: sharpness (solid), SAM-edge (dashed) and ``2/eta``
-  (dotted) per configuration.
+  (dotted) per setting; small crosses where the bottom Ritz value is larger
+  in magnitude than the top one (``|lambda_min| > lambda_max``).
 - ``sharpness_sam_edge.png``: SAM's sharpness and SAM-edge only (they lie
   far below ``2/eta``), log y when the curves span more than a decade.
 - ``alignment.png``: ``|cos(g, v1)|`` and ``|cos(g_SAM, v1)|`` with the top
   Hessian eigenvector ``v1``.
-- ``loss.png``: the training loss, log y.
+- ``loss.png``: the training loss (solid) and held-out loss (dashed, when
+  the run has ``test_loss``), log y; a second panel with ``test_accuracy``
+  when the run has it.
+- ``ratio.png``: sharpness over its edge, ``sharpness / (2/eta)`` for GD and
+  ``sharpness / sam_edge`` for SAM (one panel each), with the bands
+  ``sam-eos check`` accepts (``claims.GD_RANGE``, ``claims.SAM_RANGE``), a
+  line at 1 and the claim window (the last ``claims.TAIL_FRACTION`` of the
+  steps) shaded.
 
 References:
   Long & Bartlett, "Sharpness-Aware Minimization and the Edge of Stability",
@@ -28,27 +53,147 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any, Mapping, Sequence
+import warnings
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
+from sam_eos.experiments.claims import GD_RANGE, SAM_RANGE, TAIL_FRACTION
 from sam_eos.history import read_csv
 
 FIGURES = ("sharpness.png", "sharpness_sam_edge.png", "alignment.png",
-           "loss.png")
+           "loss.png", "ratio.png")
 X_AXES = {"step": "step", "wall_time": "wall time (s)"}
+# The y-range is set by the points after this share of the steps.
+TRANSIENT_FRACTION = 0.1
+# Percentiles of those points that bound the y-range, and the margin added
+# on each side (a share of the range; of the decades on a log axis).
+YLIM_PERCENTILES = (1.0, 99.0)
+YLIM_MARGIN = 0.1
+# GD and SAM in two families of colours; one marker per group.
+GD_COLORS = ("#1f77b4", "#9467bd", "#17becf", "#393b79", "#2ca02c")
+SAM_COLORS = ("#d62728", "#ff7f0e", "#8c564b", "#e377c2", "#bcbd22")
+MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
+BAND_ALPHA = 0.18
 Metrics = Mapping[str, np.ndarray]
 Runs = Sequence[tuple[str, Metrics]]
 
 
-def _figure(num_axes: int = 1) -> tuple[Any, Any]:
-  """A matplotlib Figure on an Agg canvas, and its axes."""
+def seed_bands(
+    rows_by_seed: Sequence[tuple[np.ndarray, np.ndarray]]
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+  """Median and min-max band over seeds, step by step.
+
+  Every seed's values are put on the union of the seeds' steps; at each
+  step the statistics are over the seeds with a finite value there, so a
+  seed with fewer rows (diverged, stopped) or a NaN/inf point is left out
+  of that step rather than dragging the median. Steps without any finite
+  value are NaN (a gap in the line).
+
+  Args:
+    rows_by_seed: one ``(steps, values)`` pair of 1-D arrays per seed.
+
+  Returns:
+    ``(steps, median, low, high)``, 1-D arrays of the union's length:
+    the sorted steps, and ``nanmedian``, ``nanmin``, ``nanmax`` over seeds.
+
+  Examples:
+    >>> steps, median, low, high = seed_bands([
+    ...     (np.array([0, 1, 2]), np.array([1.0, 2.0, 3.0])),
+    ...     (np.array([0, 1, 2]), np.array([3.0, 4.0, 5.0])),
+    ...     (np.array([0, 1]), np.array([2.0, np.inf]))])
+    >>> steps.tolist(), median.tolist(), low.tolist(), high.tolist()
+    ([0, 1, 2], [2.0, 3.0, 4.0], [1.0, 2.0, 3.0], [3.0, 4.0, 5.0])
+  """
+  if not rows_by_seed:
+    empty = np.zeros(0)
+    return empty, empty, empty, empty
+  steps = np.unique(np.concatenate([np.asarray(s).ravel()
+                                    for s, _ in rows_by_seed]))
+  table = np.full((len(rows_by_seed), steps.size), np.nan)
+  for i, (seed_steps, values) in enumerate(rows_by_seed):
+    values = np.asarray(values, float).ravel()
+    table[i, np.searchsorted(steps, np.asarray(seed_steps).ravel())] = (
+        np.where(np.isfinite(values), values, np.nan))
+  if steps.size == 0:
+    return steps, np.zeros(0), np.zeros(0), np.zeros(0)
+  with warnings.catch_warnings():
+    warnings.simplefilter("ignore", RuntimeWarning)  # All-NaN steps.
+    return (steps, np.nanmedian(table, axis=0), np.nanmin(table, axis=0),
+            np.nanmax(table, axis=0))
+
+
+def robust_ylim(
+    rows: Sequence[tuple[np.ndarray, np.ndarray]], *, log: bool = False,
+    include: Sequence[float] = (),
+    transient: float = TRANSIENT_FRACTION,
+    percentiles: tuple[float, float] = YLIM_PERCENTILES,
+    margin: float = YLIM_MARGIN) -> tuple[float, float] | None:
+  """A y-range that the initial transient does not set.
+
+  Only points with ``step >= transient * last_step`` count (all points if
+  none do); their ``percentiles`` bound the range, widened by ``margin``
+  times its width on each side (in decades with ``log``, which also drops
+  points ``<= 0``). The values of ``include`` (e.g. 1 for a ratio) are
+  always inside.
+
+  Args:
+    rows: ``(steps, values)`` pairs of 1-D arrays, e.g. one per curve.
+    log: the range is for a log axis.
+    include: values the range must contain.
+    transient: the share of the steps, from the start, left out.
+    percentiles: lower and upper percentile, in ``[0, 100]``.
+    margin: added on each side, as a share of the range's width.
+
+  Returns:
+    ``(low, high)``, or None when there is no usable value.
+
+  Examples:
+    >>> steps = np.arange(100)
+    >>> values = np.where(steps == 0, 1e6, 1.0 + 0.01 * (steps % 2))
+    >>> low, high = robust_ylim([(steps, values)], margin=0.5)
+    >>> round(low, 3), round(high, 3)
+    (0.995, 1.015)
+  """
+  kept, everything = [], []
+  last = max((np.max(s) for s, _ in rows if np.size(s)), default=None)
+  for steps, values in rows:
+    steps = np.asarray(steps, float).ravel()
+    values = np.asarray(values, float).ravel()
+    ok = np.isfinite(values) & ((values > 0) if log else True)
+    everything.append(values[ok])
+    if last is not None:
+      kept.append(values[ok & (steps >= transient * last)])
+  kept = np.concatenate(kept) if kept else np.zeros(0)
+  if kept.size == 0:
+    kept = np.concatenate(everything) if everything else np.zeros(0)
+  include = np.asarray([v for v in include if np.isfinite(v)
+                        and (v > 0 or not log)], float)
+  if kept.size == 0 and include.size == 0:
+    return None
+  scale = np.log10 if log else (lambda v: v)
+  low, high = (np.percentile(scale(kept), percentiles) if kept.size
+               else (np.inf, -np.inf))
+  if include.size:
+    low = min(low, scale(include).min())
+    high = max(high, scale(include).max())
+  width = high - low
+  if width <= 0:
+    width = 0.2 if log else max(abs(high), 1.0) * 0.2
+  low, high = low - margin * width, high + margin * width
+  if log:
+    return float(10 ** low), float(10 ** high)
+  return float(low), float(high)
+
+
+def _figure(num_axes: int = 1, *, sharey: bool = True) -> tuple[Any, Any]:
+  """A matplotlib Figure on an Agg canvas, and its axes in a row."""
   from matplotlib.backends.backend_agg import FigureCanvasAgg  # pylint: disable=g-import-not-at-top
   from matplotlib.figure import Figure  # pylint: disable=g-import-not-at-top
-  fig = Figure(figsize=(6.4 * num_axes if num_axes > 1 else 7.0, 4.4),
+  fig = Figure(figsize=(9.0 if num_axes == 1 else 5.2 * num_axes + 2.6, 4.6),
                layout="constrained")
   FigureCanvasAgg(fig)
-  axes = fig.subplots(1, num_axes, sharey=True, squeeze=False)[0]
+  axes = fig.subplots(1, num_axes, sharey=sharey, squeeze=False)[0]
   return fig, axes
 
 
@@ -59,55 +204,156 @@ def _as_runs(runs: Runs | Metrics) -> Runs:
   return runs
 
 
-def _curves(runs: Runs) -> list[dict[str, Any]]:
-  """One entry per (run, configuration): its rows, label and colour."""
-  runs = _as_runs(runs)
-  curves = []
-  for label, metrics in runs:
+def _groups(runs: Runs | Metrics) -> list[dict[str, Any]]:
+  """One entry per (run, learning rate, rho): its seeds' rows and style.
+
+  Returns:
+    Dicts with ``run``, ``learning_rate``, ``rho``, ``seeds`` (one dict of
+    columns per configuration, in file order), ``label``, ``color``,
+    ``marker`` and ``index`` (the group's position, for z-order).
+  """
+  groups: dict[tuple[str, float, float], dict[str, Any]] = {}
+  for label, metrics in _as_runs(runs):
     if "config" not in metrics:
       raise ValueError(f"Run {label!r}: `metrics` must be a dict of "
                        "se.read_csv columns (config, learning_rate, rho, "
                        f"seed, step, ...), got keys {sorted(metrics)}.")
-    for c in np.unique(metrics["config"]):
-      mask = np.asarray(metrics["config"]) == c
+    config = np.asarray(metrics["config"])
+    for c in np.unique(config):
+      mask = config == c
       rows = {k: np.asarray(v)[mask] for k, v in metrics.items()}
-      curves.append({"run": label, "rows": rows,
-                     "learning_rate": float(rows["learning_rate"][0]),
-                     "rho": float(rows["rho"][0]),
-                     "seed": int(rows["seed"][0])})
-  several = {name: len({c[name] for c in curves}) > 1
-             for name in ("learning_rate", "seed")}
-  keys = []
-  for curve in curves:
-    parts = [curve["run"]] if curve["run"] else []
-    if several["learning_rate"]:
-      parts.append(f"eta={curve['learning_rate']:.4g}")
-    parts.append("GD" if curve["rho"] == 0 else f"SAM rho={curve['rho']:g}")
-    if several["seed"]:
-      parts.append(f"seed {curve['seed']}")
-    curve["label"] = ", ".join(parts)
-    key = (curve["run"], curve["learning_rate"], curve["rho"])
-    if key not in keys:
-      keys.append(key)
-    curve["color"] = f"C{keys.index(key) % 10}"
-  return curves
+      key = (label, float(rows["learning_rate"][0]), float(rows["rho"][0]))
+      group = groups.setdefault(key, {"run": key[0], "learning_rate": key[1],
+                                      "rho": key[2], "seeds": []})
+      group["seeds"].append(rows)
+  groups = list(groups.values())
+  several_lr = len({g["learning_rate"] for g in groups}) > 1
+  num_seeds = {len(g["seeds"]) for g in groups}
+  counts = {"gd": 0, "sam": 0}
+  for index, group in enumerate(groups):
+    parts = [group["run"]] if group["run"] else []
+    if several_lr:
+      parts.append(f"eta={group['learning_rate']:.4g}")
+    parts.append("GD" if group["rho"] == 0 else f"SAM rho={group['rho']:g}")
+    group["label"] = ", ".join(parts)
+    if len(num_seeds) > 1:
+      n = len(group["seeds"])
+      group["label"] += f" ({n} seed{'s' if n > 1 else ''})"
+    kind = "gd" if group["rho"] == 0 else "sam"
+    palette = GD_COLORS if kind == "gd" else SAM_COLORS
+    group["color"] = palette[counts[kind] % len(palette)]
+    counts[kind] += 1
+    group["marker"] = MARKERS[index % len(MARKERS)]
+    group["index"] = index
+  return groups
 
 
-def _x(curve: Mapping[str, Any], x_axis: str) -> np.ndarray:
+def _check_x_axis(x_axis: str) -> None:
   if x_axis not in X_AXES:
     raise ValueError(f"`x_axis` must be one of {sorted(X_AXES)}, got "
                      f"{x_axis!r}.")
-  return curve["rows"][x_axis]
 
 
-def _legend(ax, styles: Sequence[tuple[str, str]] = ()) -> None:
-  """One legend: a line per configuration, then the grey line styles."""
+def _column(name: str) -> Callable[[Mapping[str, np.ndarray]], np.ndarray]:
+  return lambda rows: rows[name]
+
+
+def _band(group: Mapping[str, Any], values: Callable[..., np.ndarray],
+          x_axis: str) -> tuple[np.ndarray, ...]:
+  """``(steps, x, median, low, high)`` of ``values(rows)`` over the seeds.
+
+  With ``x_axis = "wall_time"`` the x of a step is the seeds' median wall
+  time at that step.
+  """
+  seeds = group["seeds"]
+  steps, median, low, high = seed_bands(
+      [(rows["step"], values(rows)) for rows in seeds])
+  if x_axis == "step":
+    x = steps
+  else:
+    x = seed_bands([(rows["step"], rows[x_axis]) for rows in seeds])[1]
+  return steps, x, median, low, high
+
+
+def _markevery(num_points: int, index: int) -> tuple[int, int]:
+  """About 8 markers per line, offset per group so they do not coincide."""
+  every = max(1, num_points // 8)
+  return (index * max(1, every // 4)) % every, every
+
+
+def _draw(ax, group: Mapping[str, Any], band: tuple[np.ndarray, ...], *,
+          label: str | None = None, ls: str = "-", lw: float = 1.6,
+          marker: bool = True, fill: bool = True, zorder: float = 3) -> None:
+  """The median line of ``band`` (and its min-max over several seeds)."""
+  _, x, median, low, high = band
+  if x.size == 0:
+    return
+  if fill and len(group["seeds"]) > 1:
+    ax.fill_between(x, low, high, color=group["color"], alpha=BAND_ALPHA,
+                    lw=0, zorder=zorder - 2)
+  ax.plot(x, median, color=group["color"], ls=ls, lw=lw, label=label,
+          alpha=0.95, zorder=zorder + 0.01 * group["index"],
+          marker=group["marker"] if marker else None, ms=4,
+          markevery=_markevery(x.size, group["index"]) if marker else None)
+
+
+def _band_rows(band: tuple[np.ndarray, ...]) -> list[tuple[np.ndarray, ...]]:
+  """The ``(steps, values)`` pairs of a band for ``robust_ylim``."""
+  steps, _, median, low, high = band
+  return [(steps, median), (steps, low), (steps, high)]
+
+
+def _set_ylim(ax, rows: Sequence[tuple[np.ndarray, np.ndarray]], *,
+              log: bool, include: Sequence[float] = ()) -> None:
+  """``robust_ylim`` on ``ax``, noting in a corner when points are clipped."""
+  limits = robust_ylim(rows, log=log, include=include)
+  if limits is None:
+    return
+  ax.set_ylim(*limits)
+  values = np.concatenate([np.asarray(v, float).ravel() for _, v in rows]
+                          or [np.zeros(0)])
+  values = values[np.isfinite(values)]
+  if np.any((values < limits[0]) | (values > limits[1])):
+    ax.text(0.99, 0.01, f"y-range set after the first "
+            f"{TRANSIENT_FRACTION:.0%} of steps; points beyond it clipped",
+            transform=ax.transAxes, ha="right", va="bottom", fontsize=7,
+            color="0.35")
+
+
+def _legend(fig, axes, styles: Sequence[tuple[str, dict[str, Any]]] = (),
+            groups: Sequence[Mapping[str, Any]] = ()) -> None:
+  """One legend right of the axes: the groups, then the other entries.
+
+  Args:
+    fig: the Figure.
+    axes: its axes; their labelled artists are the entries (groups first).
+    styles: ``(label, Line2D keyword arguments)`` of grey legend entries.
+    groups: the drawn groups; with several seeds a band entry is added.
+  """
   from matplotlib.lines import Line2D  # pylint: disable=g-import-not-at-top
-  handles, _ = ax.get_legend_handles_labels()
-  if handles:
-    handles += [Line2D([], [], color="0.4", linestyle=ls, label=name)
-                for name, ls in styles]
-    ax.legend(handles=handles, loc="best", fontsize=8)
+  from matplotlib.patches import Patch  # pylint: disable=g-import-not-at-top
+  handles, labels = [], []
+  for ax in axes:
+    for handle, label in zip(*ax.get_legend_handles_labels()):
+      if label not in labels:
+        handles.append(handle)
+        labels.append(label)
+  if not handles:
+    return
+  names = [g["label"] for g in groups]
+  order = sorted(range(len(handles)), key=lambda i: (
+      labels[i] not in names, names.index(labels[i]) if labels[i] in names
+      else i))
+  handles = [handles[i] for i in order]
+  handles += [Line2D([], [], color="0.4", label=name, **kwargs)
+              for name, kwargs in styles]
+  num_seeds = {len(g["seeds"]) for g in groups}
+  if max(num_seeds, default=1) > 1:
+    seeds = (f"{num_seeds.pop()} seeds" if len(num_seeds) == 1
+             else "the seeds")
+    handles.append(Patch(color="0.4", alpha=0.3,
+                         label=f"min-max over {seeds} (line: median)"))
+  fig.legend(handles=handles, loc="outside right center", fontsize=8)
 
 
 def _log_y(ax) -> None:
@@ -126,15 +372,28 @@ def _save(fig, path: str | os.PathLike, title: str | None) -> str:
   return os.fspath(path)
 
 
+def _sharpness_name(minibatch: bool) -> str:
+  return "minibatch sharpness" if minibatch else "sharpness"
+
+
+def _sam_edge_name(minibatch: bool) -> str:
+  return "SAM-edge at the minibatch ||g||" if minibatch else "SAM-edge"
+
+
 def plot_sharpness(runs: Runs | Metrics, path: str | os.PathLike, *,
                    x_axis: str = "step", show_gd_edge: bool = True,
-                   log_y: bool | None = None, title: str | None = None) -> str:
+                   log_y: bool | None = None, title: str | None = None,
+                   minibatch: bool = False) -> str:
   """Sharpness with the SAM-edge (dashed) and ``2/eta`` (dotted).
 
   For GD (``rho = 0``) the SAM-edge equals ``2/eta``; with
   ``show_gd_edge`` only the latter is drawn. Without it the figure zooms in
-  on SAM: GD configurations are left out (their sharpness sits at ``2/eta``),
-  unless the runs have no SAM configuration at all.
+  on SAM: GD settings are left out (their sharpness sits at ``2/eta``),
+  unless the runs have no SAM configuration at all. Seeds are drawn as
+  their median with a min-max band; crosses mark the points (of any seed)
+  where ``|lambda_min| > lambda_max``, i.e. where the largest-magnitude
+  eigenvalue is negative. The y-range ignores the first
+  ``TRANSIENT_FRACTION`` of the steps.
 
   Args:
     runs: ``(label, metrics)`` pairs, or one metrics dict (``se.read_csv``).
@@ -143,8 +402,10 @@ def plot_sharpness(runs: Runs | Metrics, path: str | os.PathLike, *,
     show_gd_edge: draw ``2/eta`` (``sharpness.png``); without it, the
       figure is ``sharpness_sam_edge.png``.
     log_y: log scale on y; None chooses it when the curves span more than a
-      factor of 10.
+      factor of 10 (after the transient).
     title: figure title.
+    minibatch: the sharpness and the SAM-edge's ``||g||`` are of
+      minibatches (labels say so).
 
   Returns:
     ``path`` as a string.
@@ -155,39 +416,138 @@ def plot_sharpness(runs: Runs | Metrics, path: str | os.PathLike, *,
   References:
     Long & Bartlett 2023, Figs. 1-6 (top panels).
   """
+  _check_x_axis(x_axis)
   fig, (ax,) = _figure()
-  values = []
-  curves = _curves(runs)
-  if not show_gd_edge and any(c["rho"] > 0 for c in curves):
-    curves = [c for c in curves if c["rho"] > 0]
-  for curve in curves:
-    x, rows = _x(curve, x_axis), curve["rows"]
-    ax.plot(x, rows["sharpness"], color=curve["color"], lw=1.2,
-            label=curve["label"])
-    values.append(rows["sharpness"])
-    if curve["rho"] > 0 or not show_gd_edge:
-      ax.plot(x, rows["sam_edge"], color=curve["color"], ls="--", lw=1)
-      values.append(rows["sam_edge"])
+  groups = _groups(runs)
+  if not show_gd_edge and any(g["rho"] > 0 for g in groups):
+    groups = [g for g in groups if g["rho"] > 0]
+  limit_rows, negative = [], False
+  for group in groups:
+    band = _band(group, _column("sharpness"), x_axis)
+    _draw(ax, group, band, label=group["label"])
+    limit_rows += _band_rows(band)
+    if group["rho"] > 0 or not show_gd_edge:
+      edge = _band(group, _column("sam_edge"), x_axis)
+      _draw(ax, group, edge, ls="--", lw=0.9, marker=False, fill=False,
+            zorder=2)
+      limit_rows.append((edge[0], edge[2]))
     if show_gd_edge:
-      ax.plot(x, rows["gd_edge"], color=curve["color"], ls=":", lw=1.2)
-      values.append(rows["gd_edge"])
-  values = np.concatenate(values) if values else np.ones(1)
-  values = values[np.isfinite(values) & (values > 0)]
+      edge = _band(group, _column("gd_edge"), x_axis)
+      _draw(ax, group, edge, ls=":", lw=1.0, marker=False, fill=False,
+            zorder=2)
+      limit_rows.append((edge[0], edge[2]))
+    for rows in group["seeds"]:
+      if "lambda_min" not in rows:
+        continue
+      sharpness = np.asarray(rows["sharpness"], float)
+      flip = np.abs(np.asarray(rows["lambda_min"], float)) > sharpness
+      if flip.any():
+        negative = True
+        ax.plot(np.asarray(rows[x_axis])[flip], sharpness[flip], ls="none",
+                marker="x", ms=4, mew=0.9, color=group["color"], zorder=4)
   if log_y is None:
-    log_y = values.size > 0 and values.max() > 10 * values.min()
+    limits = robust_ylim(limit_rows, log=True, margin=0.0)
+    log_y = limits is not None and limits[1] > 10 * limits[0]
   if log_y:
     _log_y(ax)
+  _set_ylim(ax, limit_rows, log=log_y)
   ax.set_xlabel(X_AXES[x_axis])
-  ax.set_ylabel("top Hessian eigenvalue")
-  styles = [("sharpness", "-"), ("SAM-edge", "--")]
+  ax.set_ylabel("minibatch top Hessian eigenvalue" if minibatch
+                else "top Hessian eigenvalue")
+  styles = [(_sharpness_name(minibatch), {"ls": "-", "lw": 1.6}),
+            (_sam_edge_name(minibatch), {"ls": "--", "lw": 0.9})]
   if show_gd_edge:
-    styles.append(("2/eta", ":"))
-  _legend(ax, styles)
+    styles.append(("2/eta", {"ls": ":", "lw": 1.0}))
+  if negative:
+    styles.append(("|lambda_min| > lambda_max",
+                   {"ls": "none", "marker": "x", "ms": 5}))
+  _legend(fig, [ax], styles, groups)
+  return _save(fig, path, title)
+
+
+def plot_ratio(runs: Runs | Metrics, path: str | os.PathLike, *,
+               x_axis: str = "step", title: str | None = None,
+               minibatch: bool = False) -> str:
+  """Sharpness over its edge, with the bands ``sam-eos check`` accepts.
+
+  GD settings (left panel): ``sharpness / (2/eta)``, accepted band
+  ``GD_RANGE``; SAM settings (right panel): ``sharpness / sam_edge``,
+  accepted band ``SAM_RANGE``. Both have a line at 1 and the claim window
+  (the last ``TAIL_FRACTION`` of the steps, where the claims take their
+  medians) shaded grey; the y-range ignores the first
+  ``TRANSIENT_FRACTION`` of the steps.
+
+  Args:
+    runs: ``(label, metrics)`` pairs, or one metrics dict.
+    path: the PNG to write.
+    x_axis: ``"step"`` or ``"wall_time"``.
+    title: figure title.
+    minibatch: the sharpness and the SAM-edge's ``||g||`` are of
+      minibatches (labels say so).
+
+  Returns:
+    ``path`` as a string.
+
+  Raises:
+    ValueError: for a bad ``x_axis`` or metrics without the CSV columns.
+
+  References:
+    Long & Bartlett 2023, Section 4 (the SAM-edge); the claims of
+    ``sam_eos.experiments.claims`` (``gd_at_edge``, ``sam_at_sam_edge``).
+  """
+  _check_x_axis(x_axis)
+  groups = _groups(runs)
+  sharpness = _sharpness_name(minibatch)
+  panels = [(kind, [g for g in groups if (g["rho"] > 0) == (kind == "sam")])
+            for kind in ("gd", "sam")]
+  panels = [(kind, members) for kind, members in panels if members] or [
+      ("gd", [])]
+  fig, axes = _figure(len(panels))
+  limit_rows = []
+  for ax, (kind, members) in zip(axes, panels):
+    accepted = GD_RANGE if kind == "gd" else SAM_RANGE
+    edge = "gd_edge" if kind == "gd" else "sam_edge"
+    claim = "gd_at_edge" if kind == "gd" else "sam_at_sam_edge"
+    ax.axhspan(*accepted, color=(GD_COLORS if kind == "gd" else
+                                 SAM_COLORS)[0], alpha=0.1, lw=0, zorder=0,
+               label=f"accepted ({claim}): {accepted[0]:g}-{accepted[1]:g}")
+    ax.axhline(1.0, color="0.2", lw=0.8, zorder=1)
+    starts = []
+    for group in members:
+      band = _band(group, lambda rows, e=edge: (
+          np.asarray(rows["sharpness"], float) / np.asarray(rows[e], float)),
+                   x_axis)
+      _draw(ax, group, band, label=group["label"])
+      limit_rows += _band_rows(band)
+      steps, x = band[0], band[1]
+      if steps.size:
+        start = steps.max() * (1 - TAIL_FRACTION)
+        starts.append((float(np.interp(start, steps, x)), float(x.max()),
+                       group["color"]))
+    if starts and np.allclose([s for s, _, _ in starts], starts[0][0]):
+      ax.axvspan(starts[0][0], max(e for _, e, _ in starts), color="0.5",
+                 alpha=0.12, lw=0, zorder=0,
+                 label=f"claim window (last {TAIL_FRACTION:.0%} of steps)")
+      ax.axvline(starts[0][0], color="0.4", lw=0.8, ls="-.", zorder=1)
+    else:
+      for start, _, color in starts:
+        ax.axvline(start, color=color, lw=0.8, ls="-.", zorder=1,
+                   label=f"claim window start (last {TAIL_FRACTION:.0%})")
+    ax.set_title(f"GD: {sharpness} / (2/eta)" if kind == "gd" else
+                 f"SAM: {sharpness} / {_sam_edge_name(minibatch)}",
+                 fontsize=9)
+    ax.set_xlabel(X_AXES[x_axis])
+  includes = [1.0] + [b for kind, _ in panels
+                      for b in (GD_RANGE if kind == "gd" else SAM_RANGE)]
+  _set_ylim(axes[0], limit_rows, log=False, include=includes)
+  axes[0].set_ylabel(f"{sharpness} / edge")
+  _legend(fig, axes, (), groups)
   return _save(fig, path, title)
 
 
 def plot_alignment(runs: Runs | Metrics, path: str | os.PathLike, *,
-                   x_axis: str = "step", title: str | None = None) -> str:
+                   x_axis: str = "step", title: str | None = None,
+                   minibatch: bool = False) -> str:
   """``|cos(g, v1)|`` (left) and ``|cos(g_SAM, v1)|`` (right).
 
   Args:
@@ -195,52 +555,92 @@ def plot_alignment(runs: Runs | Metrics, path: str | os.PathLike, *,
     path: the PNG to write.
     x_axis: ``"step"`` or ``"wall_time"``.
     title: figure title.
+    minibatch: the gradients are of minibatches (titles say so).
 
   Returns:
     ``path`` as a string.
+
+  Raises:
+    ValueError: for a bad ``x_axis`` or metrics without the CSV columns.
 
   References:
     Long & Bartlett 2023 (alignment panels: SAM's gradient lines up with
     the top eigenvector).
   """
+  _check_x_axis(x_axis)
   fig, axes = _figure(2)
-  for curve in _curves(runs):
-    x = _x(curve, x_axis)
+  groups = _groups(runs)
+  for group in groups:
     for ax, column in zip(axes, ("grad_alignment", "sam_grad_alignment")):
-      ax.plot(x, curve["rows"][column], color=curve["color"], lw=1,
-              label=curve["label"])
+      _draw(ax, group, _band(group, _column(column), x_axis), lw=1.2,
+            label=group["label"])
   axes[0].set_ylabel("|cos(gradient, top eigenvector)|")
-  axes[0].set_title("gradient at w", fontsize=9)
-  axes[1].set_title("SAM gradient at w + rho g/||g||", fontsize=9)
+  gradient = "minibatch gradient" if minibatch else "gradient"
+  axes[0].set_title(f"{gradient} at w", fontsize=9)
+  axes[1].set_title(f"SAM {gradient} at w + rho g/||g||", fontsize=9)
   for ax in axes:
     ax.set_xlabel(X_AXES[x_axis])
     ax.set_ylim(0, 1.02)
-  _legend(axes[0])
+  _legend(fig, axes, (), groups)
   return _save(fig, path, title)
 
 
+def _has(groups: Sequence[Mapping[str, Any]], column: str) -> bool:
+  return any(column in rows for g in groups for rows in g["seeds"])
+
+
 def plot_loss(runs: Runs | Metrics, path: str | os.PathLike, *,
-              x_axis: str = "step", title: str | None = None) -> str:
-  """The training loss on a log scale.
+              x_axis: str = "step", title: str | None = None,
+              minibatch: bool = False) -> str:
+  """Training (solid) and held-out loss (dashed), and held-out accuracy.
+
+  The held-out loss is drawn when the runs have a ``test_loss`` column; a
+  second panel shows ``test_accuracy`` when they have that column.
 
   Args:
     runs: ``(label, metrics)`` pairs, or one metrics dict.
     path: the PNG to write.
     x_axis: ``"step"`` or ``"wall_time"``.
     title: figure title.
+    minibatch: the training loss is of minibatches (the label says so).
 
   Returns:
     ``path`` as a string.
+
+  Raises:
+    ValueError: for a bad ``x_axis`` or metrics without the CSV columns.
   """
-  fig, (ax,) = _figure()
-  for curve in _curves(runs):
-    loss = np.asarray(curve["rows"]["loss"], float)
-    ax.plot(_x(curve, x_axis), np.where(loss > 0, loss, np.nan),
-            color=curve["color"], lw=1.2, label=curve["label"])
-  _log_y(ax)
-  ax.set_xlabel(X_AXES[x_axis])
-  ax.set_ylabel("training loss")
-  _legend(ax)
+  _check_x_axis(x_axis)
+  groups = _groups(runs)
+  has_test, has_accuracy = (_has(groups, "test_loss"),
+                            _has(groups, "test_accuracy"))
+  fig, axes = _figure(2 if has_accuracy else 1, sharey=False)
+
+  def positive(name):
+    return lambda rows: np.where(np.asarray(rows[name], float) > 0,
+                                 rows[name], np.nan)
+
+  train = "minibatch training loss" if minibatch else "training loss"
+  for group in groups:
+    _draw(axes[0], group, _band(group, positive("loss"), x_axis),
+          label=group["label"], lw=1.4)
+    if all("test_loss" in rows for rows in group["seeds"]):
+      _draw(axes[0], group, _band(group, positive("test_loss"), x_axis),
+            ls="--", lw=1.2, marker=False)
+    if has_accuracy and all("test_accuracy" in rows
+                            for rows in group["seeds"]):
+      _draw(axes[1], group, _band(group, _column("test_accuracy"), x_axis),
+            lw=1.2)
+  _log_y(axes[0])
+  axes[0].set_ylabel("loss" if has_test else train)
+  if has_accuracy:
+    axes[1].set_ylabel("held-out accuracy")
+    axes[1].set_ylim(0, 1.02)
+  for ax in axes:
+    ax.set_xlabel(X_AXES[x_axis])
+  styles = ([(train, {"ls": "-"}), ("held-out loss", {"ls": "--"})]
+            if has_test else [])
+  _legend(fig, axes, styles, groups)
   return _save(fig, path, title)
 
 
@@ -270,9 +670,11 @@ def load_run(run_dir: str | os.PathLike) -> tuple[Metrics, dict[str, Any]]:
 
 def plot_runs(run_dirs: Sequence[str | os.PathLike], out_dir: str | os.PathLike,
               *, x_axis: str = "step") -> list[str]:
-  """Draws the four figures of ``FIGURES`` for one or more run folders.
+  """Draws the figures of ``FIGURES`` for one or more run folders.
 
-  With several folders the runs are overlaid, labelled by folder name.
+  With several folders the runs are overlaid, labelled by folder name. The
+  labels say "minibatch" when a run's metadata has a ``batch_size`` (with
+  several folders: when any has).
 
   Args:
     run_dirs: run folders (each with a ``metrics.csv``).
@@ -288,10 +690,9 @@ def plot_runs(run_dirs: Sequence[str | os.PathLike], out_dir: str | os.PathLike,
   """
   if not run_dirs:
     raise ValueError("`run_dirs` must name at least one run folder.")
-  if x_axis not in X_AXES:
-    raise ValueError(f"`x_axis` must be one of {sorted(X_AXES)}, got "
-                     f"{x_axis!r}.")
+  _check_x_axis(x_axis)
   loaded = [load_run(d) for d in run_dirs]
+  minibatch = any(meta.get("batch_size") is not None for _, meta in loaded)
   if len(run_dirs) == 1:
     runs = [("", loaded[0][0])]
     meta = loaded[0][1]
@@ -302,11 +703,13 @@ def plot_runs(run_dirs: Sequence[str | os.PathLike], out_dir: str | os.PathLike,
             for d, (m, _) in zip(run_dirs, loaded)]
     title = None
   os.makedirs(out_dir, exist_ok=True)
-  paths = [os.path.join(out_dir, name) for name in FIGURES]
-  return [
-      plot_sharpness(runs, paths[0], x_axis=x_axis, title=title),
-      plot_sharpness(runs, paths[1], x_axis=x_axis, show_gd_edge=False,
-                     title=title),
-      plot_alignment(runs, paths[2], x_axis=x_axis, title=title),
-      plot_loss(runs, paths[3], x_axis=x_axis, title=title),
-  ]
+  kwargs = {"x_axis": x_axis, "title": title, "minibatch": minibatch}
+  draw = {
+      "sharpness.png": lambda p: plot_sharpness(runs, p, **kwargs),
+      "sharpness_sam_edge.png": lambda p: plot_sharpness(
+          runs, p, show_gd_edge=False, **kwargs),
+      "alignment.png": lambda p: plot_alignment(runs, p, **kwargs),
+      "loss.png": lambda p: plot_loss(runs, p, **kwargs),
+      "ratio.png": lambda p: plot_ratio(runs, p, **kwargs),
+  }
+  return [draw[name](os.path.join(out_dir, name)) for name in FIGURES]
