@@ -2,8 +2,10 @@
 
 A checkpoint stores the leaves of the (possibly vmapped) ``TrainState``, the
 history recorded so far, the next step, the training seconds spent and a
-JSON signature of the settings, so a resumed run can refuse a mismatch.
-PRNG key leaves are stored as their raw key data.
+JSON signature of the settings, so a resumed run can refuse a mismatch
+(compared before any array is read). PRNG key leaves are stored as their raw
+key data. Files are replaced atomically: a temporary file, fsync, rename,
+then fsync of the folder so the rename itself survives a crash.
 """
 
 from __future__ import annotations
@@ -35,6 +37,28 @@ class Checkpoint(NamedTuple):
   signature: dict[str, Any]
 
 
+def fsync_dir(path: str | os.PathLike) -> None:
+  """Flushes the directory entry of ``path`` (after a rename) to disk."""
+  fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+  try:
+    os.fsync(fd)
+  finally:
+    os.close(fd)
+
+
+def replace(tmp: str | os.PathLike, path: str | os.PathLike) -> None:
+  """Renames the written and fsynced ``tmp`` over ``path``, durably."""
+  os.replace(tmp, path)
+  fsync_dir(path)
+
+
+def signature_mismatch(saved: dict[str, Any], signature: dict[str, Any]
+                       ) -> list[str]:
+  """The keys whose values differ between two signatures, sorted."""
+  return sorted(k for k in set(saved) | set(signature)
+                if saved.get(k) != signature.get(k))
+
+
 def save(path: str | os.PathLike, state: Any, history: dict[str, np.ndarray],
          next_step: int, wall_time: float, signature: dict[str, Any]) -> None:
   """Writes a checkpoint atomically: a temp file, fsync, then rename.
@@ -61,23 +85,36 @@ def save(path: str | os.PathLike, state: Any, history: dict[str, np.ndarray],
     np.savez(f, **arrays)
     f.flush()
     os.fsync(f.fileno())
-  os.replace(tmp, path)
+  replace(tmp, path)
 
 
-def load(path: str | os.PathLike, template: Any) -> Checkpoint:
+def load(path: str | os.PathLike, template: Any,
+         signature: dict[str, Any] | None) -> Checkpoint:
   """Reads a checkpoint, rebuilding the carry on ``template``'s structure.
 
   Args:
     path: a file written by :func:`save`.
     template: a carry with the expected structure, shapes and dtypes.
+    signature: the settings the checkpoint must have been saved with
+      (compared as JSON, before any array is read), or None to accept any.
 
   Returns:
     The ``Checkpoint``.
 
   Raises:
-    ValueError: if the stored leaves do not fit ``template``.
+    ValueError: if the stored signature differs from ``signature`` (the
+      message names the differing settings), or the stored leaves do not
+      fit ``template``.
   """
   with np.load(path) as f:
+    saved = json.loads(str(f["signature"]))
+    if signature is not None:
+      differ = signature_mismatch(saved, json.loads(json.dumps(signature)))
+      if differ:
+        raise ValueError(
+            f"Checkpoint {path} is of a run with other settings: "
+            f"{', '.join(differ)} differ. Resume it with the same settings, "
+            "or use a new out_dir to start afresh.")
     leaves, treedef = jax.tree.flatten(template)
     stored = [f[f"state_{i}"] for i in range(len(leaves))
               if f"state_{i}" in f.files]
@@ -98,4 +135,4 @@ def load(path: str | os.PathLike, template: Any) -> Checkpoint:
     return Checkpoint(state=jax.tree.unflatten(treedef, restored),
                       history=history, next_step=int(f["next_step"]),
                       wall_time=float(f["wall_time"]),
-                      signature=json.loads(str(f["signature"])))
+                      signature=saved)

@@ -4,8 +4,11 @@ The history of a run is a dict of NumPy arrays of shape
 ``(num_configs, num_rows)``, one row per tracked step; a single run is
 squeezed to ``(num_rows,)`` by the driver. Its columns are
 ``HISTORY_COLUMNS`` followed by the keys of ``eval_fn``'s dict, if
-``se.train`` was given one. ``metrics.csv`` holds one line per tracked step
-per configuration, with the configuration columns first.
+``se.train`` was given one. A configuration of a sweep that diverged at step
+``t`` has NaN in every column but ``step`` from row ``t`` on.
+``metrics.csv`` holds one line per tracked step per configuration, with the
+configuration columns first; a diverged configuration has no lines from its
+divergence step on.
 """
 
 from __future__ import annotations
@@ -15,6 +18,8 @@ import os
 from typing import Mapping, Sequence
 
 import numpy as np
+
+from sam_eos import checkpoint
 
 HISTORY_COLUMNS = ("step", "loss", "grad_norm", "sharpness", "lambda_min",
                    "gd_edge", "sam_edge", "grad_alignment",
@@ -114,12 +119,19 @@ def truncate(history: Mapping[str, np.ndarray], before_step: int
 
 
 def _csv_lines(history: Mapping[str, np.ndarray],
-               configs: Sequence[Mapping[str, float]]) -> list[list[str]]:
-  """Long-format lines: configuration columns, then history columns."""
+               configs: Sequence[Mapping[str, float]],
+               diverged_at: Sequence[int] | None) -> list[list[str]]:
+  """Long-format lines: configuration columns, then history columns.
+
+  Lines of configuration ``c`` at steps ``>= diverged_at[c] >= 0`` are left
+  out.
+  """
   lines = []
   num_rows = history["step"].shape[1]
   for row in range(num_rows):
     for c, cfg in enumerate(configs):
+      if diverged_at is not None and 0 <= diverged_at[c] <= history["step"][c, row]:
+        continue
       line = [str(c), repr(float(cfg["learning_rate"])), repr(float(cfg["rho"])),
               str(cfg["seed"])]
       for name in history:
@@ -130,32 +142,43 @@ def _csv_lines(history: Mapping[str, np.ndarray],
 
 
 def append_csv(path: str | os.PathLike, history: Mapping[str, np.ndarray],
-               configs: Sequence[Mapping[str, float]]) -> None:
+               configs: Sequence[Mapping[str, float]],
+               diverged_at: Sequence[int] | None = None) -> None:
   """Appends rows to ``path``, writing the header if the file is new.
 
   Args:
     path: the CSV file.
     history: rows to append, ``(C, R)`` arrays.
     configs: per-configuration ``learning_rate``, ``rho``, ``seed``.
+    diverged_at: per-configuration divergence step (-1 if none); a
+      configuration's rows from its divergence step on are not written.
   """
   new = not os.path.exists(path) or os.path.getsize(path) == 0
   with open(path, "a", newline="") as f:
     writer = csv.writer(f)
     if new:
       writer.writerow(CONFIG_COLUMNS + tuple(history))
-    writer.writerows(_csv_lines(history, configs))
+    writer.writerows(_csv_lines(history, configs, diverged_at))
     f.flush()
     os.fsync(f.fileno())
 
 
 def write_csv(path: str | os.PathLike, history: Mapping[str, np.ndarray],
-              configs: Sequence[Mapping[str, float]]) -> None:
-  """Writes the whole history to ``path`` atomically (temp file + rename)."""
+              configs: Sequence[Mapping[str, float]],
+              diverged_at: Sequence[int] | None = None) -> None:
+  """Writes the whole history to ``path`` atomically (temp file + rename).
+
+  Args:
+    path: the CSV file.
+    history: all rows, ``(C, R)`` arrays.
+    configs: per-configuration ``learning_rate``, ``rho``, ``seed``.
+    diverged_at: as in :func:`append_csv`.
+  """
   tmp = f"{path}.tmp"
   if os.path.exists(tmp):
     os.remove(tmp)
-  append_csv(tmp, history, configs)
-  os.replace(tmp, path)
+  append_csv(tmp, history, configs, diverged_at)
+  checkpoint.replace(tmp, path)
 
 
 def read_csv(path: str | os.PathLike) -> dict[str, np.ndarray]:

@@ -21,8 +21,14 @@ real branch under ``vmap``), measures at ``w_t`` on the step's batch:
 
 It then takes the step ``w_{t+1} = w_t + base_update(grad L(w_t + e_t))``.
 Steps with ``t >= end`` are skipped (``lax.cond``), so a partial last chunk
-reuses the same compiled program. The first step whose loss or gradient
-norm is not finite is recorded in ``TrainState.diverged_at``.
+reuses the same compiled program.
+
+Divergence: step ``t`` diverges when its loss or gradient norm, its tracked
+sharpness or ``lambda_min``, or the new iterate ``w_{t+1}`` is not finite.
+The first such step is recorded in ``TrainState.diverged_at``; from then on
+the configuration is stopped: its params, optimizer state and eigenvector
+stay at their last finite values (``w_t``) and its metrics are NaN, so in a
+vmapped sweep the other configurations run on unharmed.
 
 Everything here is pure; ``sam_eos.train`` is the driver (I/O, progress).
 
@@ -72,7 +78,7 @@ class TrainState(NamedTuple):
     opt_state: state of the base optimizer.
     key: the run's PRNG key; step ``t`` uses ``fold_in(key, t)``.
     eigvec: flat unit vector, the last top Hessian eigenvector (warm start).
-    diverged_at: first step with a non-finite loss or gradient, -1 if none.
+    diverged_at: first diverged step (see the module docstring), -1 if none.
   """
   params: PyTree
   opt_state: optax.OptState
@@ -120,6 +126,14 @@ class LoopConfig:
     group_sharding: sharding of the ``(m, B/m, ...)`` groups, or None.
     eval_fn: ``eval_fn(params, eval_data) -> dict`` of real scalars,
       evaluated at tracked steps, or None.
+    num_examples: minibatches are drawn from the first ``num_examples``
+      rows of the data (the real examples; the rest is padding), or from
+      all rows if None.
+    injected_learning_rate: the custom ``optimizer`` is an
+      ``optax.inject_hyperparams`` one with a ``learning_rate``
+      hyperparameter: the run's ``learning_rate`` is written into its state
+      at step 0, and the edges use the ``learning_rate`` (and ``momentum``,
+      if injected) that the optimizer's state holds after each update.
   """
   loss_fn: Callable[[PyTree, Any], jax.Array]
   batch_size: int | None = None
@@ -134,6 +148,8 @@ class LoopConfig:
   batch_sharding: jax.sharding.Sharding | None = None
   group_sharding: jax.sharding.Sharding | None = None
   eval_fn: Callable[[PyTree, Any], dict[str, jax.Array]] | None = None
+  num_examples: int | None = None
+  injected_learning_rate: bool = False
 
 
 def make_optimizer(config: LoopConfig, hparams: Hyperparams
@@ -168,31 +184,41 @@ def init_state(config: LoopConfig, params: PyTree, hparams: Hyperparams,
   """
   flat, _ = ravel_pytree(params)
   v0 = jax.random.normal(jax.random.split(key)[1], flat.shape, flat.dtype)
+  opt_state = make_optimizer(config, hparams).init(params)
+  if config.injected_learning_rate:
+    injected = opt_state.hyperparams
+    opt_state = opt_state._replace(hyperparams={
+        **injected, "learning_rate": jnp.asarray(
+            hparams.learning_rate, injected["learning_rate"].dtype)})
   return TrainState(
       params=params,
-      opt_state=make_optimizer(config, hparams).init(params),
+      opt_state=opt_state,
       key=key,
       eigvec=v0 / jnp.linalg.norm(v0),
       diverged_at=jnp.array(-1, jnp.int32))
 
 
 def sample_batch(data: PyTree, key: jax.Array, batch_size: int | None,
-                 sharding: jax.sharding.Sharding | None = None) -> PyTree:
+                 sharding: jax.sharding.Sharding | None = None,
+                 num_examples: int | None = None) -> PyTree:
   """Full batch, or ``batch_size`` examples drawn without replacement.
 
   Args:
     data: pytree of arrays sharing the leading (example) axis ``N``.
     key: PRNG key of this step.
-    batch_size: minibatch size ``B <= N`` or None.
+    batch_size: minibatch size ``B <= num_examples`` or None.
     sharding: if given, the drawn minibatch is constrained to it (e.g.
       split along a ``"data"`` mesh axis).
+    num_examples: draw among the first ``num_examples`` rows only (the
+      rest being padding), or among all ``N`` rows if None.
 
   Returns:
     ``data`` itself, or the pytree of the ``B`` drawn examples.
   """
   if batch_size is None:
     return data
-  num_examples = jax.tree.leaves(data)[0].shape[0]
+  if num_examples is None:
+    num_examples = jax.tree.leaves(data)[0].shape[0]
   idx = jax.random.choice(key, num_examples, (batch_size,), replace=False)
   batch = jax.tree.map(lambda x: jnp.take(x, idx, axis=0), data)
   if sharding is not None:
@@ -234,17 +260,35 @@ def _abs_cos(u: jax.Array, v: jax.Array) -> jax.Array:
   return jnp.where(denom > 0, dot / jnp.where(denom > 0, denom, 1.0), 0.0)
 
 
-def _edges(config: LoopConfig, hparams: Hyperparams, grad_norm: jax.Array
+def _step_hyperparams(config: LoopConfig, hparams: Hyperparams,
+                      opt_state: optax.OptState) -> tuple[Any, Any]:
+  """The learning rate and momentum of the update just taken.
+
+  The run's own, or those an ``inject_hyperparams`` optimizer's state holds
+  after the update (``config.injected_learning_rate``).
+  """
+  if not config.injected_learning_rate:
+    return hparams.learning_rate, config.momentum
+  injected = opt_state.hyperparams
+  return injected["learning_rate"], injected.get("momentum", 0.0)
+
+
+def _edges(config: LoopConfig, learning_rate: Any, momentum: Any,
+           rho: jax.Array, grad_norm: jax.Array
            ) -> tuple[jax.Array, jax.Array]:
   """``gd_edge`` and the SAM-edge (USAM-edge if unnormalized)."""
-  gd = edges.gd_edge(hparams.learning_rate, momentum=config.momentum)
+  gd = edges.gd_edge(learning_rate, momentum=momentum)
   if config.normalize:
-    sam = edges.sam_edge(hparams.learning_rate, hparams.rho, grad_norm,
-                         momentum=config.momentum)
+    sam = edges.sam_edge(learning_rate, rho, grad_norm, momentum=momentum)
   else:
-    sam = edges.usam_edge(hparams.learning_rate, hparams.rho,
-                          momentum=config.momentum)
+    sam = edges.usam_edge(learning_rate, rho, momentum=momentum)
   return gd, sam
+
+
+def _all_finite(tree: PyTree) -> jax.Array:
+  """Whether every entry of every leaf of ``tree`` is finite."""
+  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x))
+                            for x in jax.tree.leaves(tree)]))
 
 
 def _measure(config: LoopConfig, params: PyTree, batch: Any,
@@ -282,7 +326,8 @@ def _train_step(config: LoopConfig, hparams: Hyperparams, data: PyTree,
                 ) -> tuple[TrainState, tuple[jax.Array, dict[str, jax.Array]]]:
   """One GD/SAM step at global step ``step``, measuring when it is due."""
   batch = sample_batch(data, jax.random.fold_in(state.key, step),
-                       config.batch_size, config.batch_sharding)
+                       config.batch_size, config.batch_sharding,
+                       config.num_examples)
   tracked = step % config.track_every == 0
 
   def with_tracking(params, eigvec):
@@ -307,10 +352,15 @@ def _train_step(config: LoopConfig, hparams: Hyperparams, data: PyTree,
   updates, opt_state = optimizer.update(sam_grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
 
-  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+  finite = (jnp.isfinite(loss) & jnp.isfinite(grad_norm) & _all_finite(params)
+            & (~tracked | (jnp.isfinite(top_value)
+                           & jnp.isfinite(bottom_value))))
   diverged_at = jnp.where((state.diverged_at < 0) & ~finite, step,
                           state.diverged_at).astype(jnp.int32)
-  gd_edge, sam_edge = _edges(config, hparams, grad_norm)
+  stopped = diverged_at >= 0
+  learning_rate, momentum = _step_hyperparams(config, hparams, opt_state)
+  gd_edge, sam_edge = _edges(config, learning_rate, momentum, hparams.rho,
+                             grad_norm)
   metrics = {
       "loss": loss,
       "grad_norm": grad_norm,
@@ -323,8 +373,12 @@ def _train_step(config: LoopConfig, hparams: Hyperparams, data: PyTree,
       **evals,
   }
   dtype = jnp.result_type(float)
-  metrics = {k: jnp.where(tracked, v, jnp.nan).astype(dtype)
+  metrics = {k: jnp.where(tracked & ~stopped, v, jnp.nan).astype(dtype)
              for k, v in metrics.items()}
+  params, opt_state, eigvec = jax.tree.map(
+      lambda old, new: jnp.where(stopped, old, new),
+      (state.params, state.opt_state, state.eigvec),
+      (params, opt_state, eigvec))
   new_state = TrainState(params=params, opt_state=opt_state, key=state.key,
                          eigvec=eigvec, diverged_at=diverged_at)
   return new_state, (tracked, metrics)

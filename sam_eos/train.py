@@ -5,8 +5,10 @@ runs it: after every chunk it updates the progress bar, appends the new
 tracked rows to ``out_dir/metrics.csv`` and writes an atomic checkpoint, so
 an interrupted run loses at most one chunk and ``train`` called again with
 the same ``out_dir`` resumes bit for bit. Several learning rates, radii or
-seeds run as one vmapped program. A non-finite loss or gradient raises
-``TrainingDiverged`` after saving the rows recorded before it.
+seeds run as one vmapped program. A configuration that diverges (see
+``train``) stops there while the others run on; when every configuration
+has diverged, ``TrainingDiverged`` is raised after saving the rows recorded
+before it.
 
 References:
   Long & Bartlett, "Sharpness-Aware Minimization and the Edge of Stability",
@@ -16,17 +18,17 @@ References:
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
-import math
 import os
 import time
+import warnings
 from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jax.flatten_util import ravel_pytree
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from sam_eos import _checks, checkpoint, history as hist, loop, parallel
@@ -46,19 +48,25 @@ class TrainResult(NamedTuple):
       sharpness, lambda_min, gd_edge, sam_edge, grad_alignment,
       sam_grad_alignment, wall_time`` (``se.HISTORY_COLUMNS``), then the keys
       of ``eval_fn``'s dict; shape ``(rows,)``, or ``(configs, rows)`` for a
-      sweep.
+      sweep. A configuration of a sweep that diverged at step ``t`` has NaN
+      in every column but ``step`` from step ``t`` on.
+    diverged_at: the step at which each configuration diverged, -1 for a
+      finite one: an int array ``(configs,)`` for a sweep, an int (always
+      -1, since a single diverged run raises) otherwise.
   """
   params: PyTree
   history: dict[str, np.ndarray]
+  diverged_at: np.ndarray | int = -1
 
 
 class TrainingDiverged(FloatingPointError):
-  """A non-finite loss or gradient stopped training.
+  """Every configuration diverged (a single run: the run diverged).
 
   Attributes:
-    step: the first step whose loss or gradient norm was not finite.
-    config: index of the (first) configuration that diverged.
-    history: the rows recorded before ``step`` (as in ``TrainResult``).
+    step: the first diverged step (see ``train``) of any configuration.
+    config: index of the configuration that diverged first.
+    history: the rows recorded before the last configuration diverged (as
+      in ``TrainResult``; a single run's rows stop before ``step``).
   """
 
   def __init__(self, message: str, step: int, config: int,
@@ -70,18 +78,37 @@ class TrainingDiverged(FloatingPointError):
 
 
 def _as_vector(name: str, value: Any) -> np.ndarray:
-  """A scalar or 1-D sequence as a 1-D float64 array."""
+  """A scalar or 1-D sequence of finite reals as a 1-D float64 array."""
   arr = np.atleast_1d(np.asarray(value, np.float64))
   if arr.ndim != 1 or arr.size == 0:
     raise ValueError(f"`{name}` must be a scalar or a non-empty 1-D sequence, "
                      f"got shape {np.shape(value)}.")
+  if not np.all(np.isfinite(arr)):
+    raise ValueError(f"`{name}` must be finite, got {value!r}.")
   return arr
 
 
+def _raw_keys(key: Any) -> jax.Array:
+  """Typed keys from raw ``uint32`` key data (trailing axis: one key's data)."""
+  shape = jax.random.key_data(jax.random.key(0)).shape
+  if np.shape(key)[-len(shape):] != shape:
+    raise ValueError(
+        f"`key` is a uint32 array of shape {np.shape(key)}, read as raw key "
+        f"data, which needs a trailing shape {shape}. Pass int seeds (a list "
+        "or a signed integer array) or keys from jax.random.key.")
+  return jax.random.wrap_key_data(jnp.asarray(key, jnp.uint32))
+
+
 def _keys(key: Any) -> tuple[jax.Array, list[Any]]:
-  """Typed keys of shape ``(K,)`` and their JSON-friendly description."""
+  """Typed keys of shape ``(K,)`` and their JSON-friendly description.
+
+  Ints, lists of ints and signed integer arrays are seeds; ``uint32``
+  arrays (NumPy or JAX) are raw key data, as JAX's legacy keys.
+  """
   if key is None:
     key = 0
+  if getattr(key, "dtype", None) == np.uint32:
+    key = _raw_keys(key)
   if isinstance(key, (int, np.integer)) or (
       isinstance(key, (list, tuple, np.ndarray)) and np.ndim(key) == 1
       and all(isinstance(k, (int, np.integer)) for k in key)):
@@ -127,6 +154,8 @@ def _check_data(data: PyTree, batch_size: int | None) -> int:
         "`data` arrays must share their leading (example) axis; got leading "
         f"sizes {[np.shape(x)[:1] for x in leaves]}.")
   num_examples = sizes.pop()
+  if num_examples == 0:
+    raise ValueError("`data` has no examples (its leading axis is empty).")
   if batch_size is not None:
     _checks.check_int("batch_size", batch_size, 1)
     if batch_size > num_examples:
@@ -134,6 +163,54 @@ def _check_data(data: PyTree, batch_size: int | None) -> int:
                        f"examples in `data` ({num_examples}); use "
                        "batch_size=None for full batch.")
   return num_examples
+
+
+def _check_params(params: PyTree) -> None:
+  """Raises ValueError unless every leaf of ``params`` is floating-point."""
+  leaves = jax.tree.leaves(params)
+  bad = [str(jnp.result_type(x)) for x in leaves
+         if not jnp.issubdtype(jnp.result_type(x), jnp.floating)]
+  if not leaves or bad:
+    raise ValueError("`params` must be a non-empty pytree of floating-point "
+                     f"arrays; got leaves of dtype {sorted(set(bad))}.")
+
+
+def _check_metadata(metadata: dict[str, Any] | None) -> None:
+  """Raises ValueError unless ``metadata`` is None or JSON-serializable."""
+  try:
+    json.dumps(metadata)
+  except (TypeError, ValueError) as e:
+    raise ValueError(f"`metadata` must be JSON-serializable: {e}") from e
+
+
+def _injected_learning_rate(optimizer: optax.GradientTransformation,
+                            params: PyTree, lrs: np.ndarray,
+                            momentum: float) -> bool:
+  """Validates a custom ``optimizer`` against ``learning_rate``/``momentum``.
+
+  Returns:
+    Whether it is an ``optax.inject_hyperparams`` optimizer with a
+    ``learning_rate`` hyperparameter (which ``learning_rate`` then sets).
+
+  Raises:
+    ValueError: for ``momentum`` with a custom optimizer, or a learning-rate
+      sweep with one whose learning rate is not injected.
+  """
+  if momentum:
+    raise ValueError(
+        "`momentum` configures the default SGD optimizer and must be 0 with a "
+        "custom `optimizer`; give the optimizer its own momentum (the edges "
+        "use it when injected: optax.inject_hyperparams(optax.sgd)("
+        "learning_rate=..., momentum=...)).")
+  state = jax.eval_shape(optimizer.init, params)
+  injected = "learning_rate" in getattr(state, "hyperparams", {})
+  if not injected and np.unique(lrs).size > 1:
+    raise ValueError(
+        "A `learning_rate` sweep cannot drive a custom `optimizer`, which "
+        "holds its own learning rate; build it with optax.inject_hyperparams "
+        "(e.g. optax.inject_hyperparams(optax.adam)(learning_rate=1e-3)) so "
+        "`learning_rate` sets it, or run one learning rate at a time.")
+  return injected
 
 
 def _config_params(params: PyTree, num_configs: int) -> PyTree:
@@ -227,9 +304,12 @@ def _prepare_out_dir(out_dir: str) -> None:
 
 
 def _default_chunk(num_steps: int, track_every: int) -> int:
-  """About 200 steps per chunk, a multiple of ``track_every``."""
-  per = track_every * max(1, 200 // track_every)
-  return min(per, track_every * math.ceil(num_steps / track_every))
+  """About 200 steps per chunk (a multiple of ``track_every`` up to 1,000).
+
+  Capped by ``num_steps``, so a rare ``track_every`` does not ask for huge
+  per-step scan outputs.
+  """
+  return min(num_steps, 1000, track_every * max(1, 200 // track_every))
 
 
 def _progress(total: int, initial: int, enabled: bool):
@@ -310,12 +390,17 @@ def _validate(loss_fn: Callable, params: PyTree, data: PyTree, eval_data: Any,
               batch_size: int | None, track_every: int,
               num_lanczos_iters: int, key: Any, mesh: Mesh | None,
               chunk_size: int | None, eps: float, m_sharpness: int | None,
-              eval_fn: Callable | None, per_config_params: bool) -> _Settings:
+              eval_fn: Callable | None, per_config_params: bool,
+              metadata: dict[str, Any] | None) -> _Settings:
   """Checks every argument of ``train`` and builds its ``_Settings``.
 
   Raises:
     ValueError: naming the first invalid argument.
   """
+  if not isinstance(normalize, (bool, np.bool_)):
+    raise ValueError(f"`normalize` must be a bool, got {normalize!r}.")
+  _check_metadata(metadata)
+  _check_params(params)
   track_every = _checks.check_int("track_every", track_every, 1)
   num_lanczos_iters = _checks.check_int("num_lanczos_iters", num_lanczos_iters, 1)
   _checks.check_momentum(momentum)
@@ -333,6 +418,8 @@ def _validate(loss_fn: Callable, params: PyTree, data: PyTree, eval_data: Any,
   _check_loss(loss_fn, params, data, batch_size)
   eval_columns = _check_eval(eval_fn, params, eval_data)
   m_sharpness = _check_m_sharpness(m_sharpness, batch_size, num_examples)
+  injected = optimizer is not None and _injected_learning_rate(
+      optimizer, params, lrs, momentum)
   batch_sharding = group_sharding = None
   if mesh is not None:
     batch_sharding, group_sharding = _check_mesh(
@@ -344,7 +431,9 @@ def _validate(loss_fn: Callable, params: PyTree, data: PyTree, eval_data: Any,
       momentum=float(momentum), normalize=normalize, eps=float(eps),
       use_sam=bool(np.any(rhos > 0)), optimizer=optimizer,
       m_sharpness=m_sharpness, batch_sharding=batch_sharding,
-      group_sharding=group_sharding, eval_fn=eval_fn)
+      group_sharding=group_sharding, eval_fn=eval_fn,
+      num_examples=None if batch_size is None else num_examples,
+      injected_learning_rate=injected)
   dtype = jnp.result_type(float)
   hparams = loop.Hyperparams(learning_rate=jnp.asarray(lrs, dtype),
                              rho=jnp.asarray(rhos, dtype))
@@ -360,12 +449,34 @@ _UNSIGNED_FIELDS = ("loss_fn", "optimizer", "batch_sharding", "group_sharding",
                     "eval_fn")
 
 
-def _signature(settings: _Settings, per_config_params: bool) -> dict[str, Any]:
+def _fingerprint(tree: PyTree) -> dict[str, Any] | None:
+  """Tree structure, leaf shapes and dtypes, and a SHA-256 of the leaf bytes."""
+  if tree is None:
+    return None
+  host = parallel.to_host(jax.tree.map(
+      lambda x: jax.random.key_data(x) if parallel.is_key(x) else x, tree))
+  leaves, treedef = jax.tree.flatten(host)
+  digest = hashlib.sha256()
+  for leaf in leaves:
+    digest.update(np.ascontiguousarray(leaf).tobytes())
+  return {"structure": str(treedef),
+          "shapes": [list(np.shape(x)) for x in leaves],
+          "dtypes": [str(np.asarray(x).dtype) for x in leaves],
+          "sha256": digest.hexdigest()}
+
+
+def _signature(settings: _Settings, per_config_params: bool, params: PyTree,
+               data: PyTree, eval_data: Any, opt_state: optax.OptState
+               ) -> dict[str, Any]:
   """The settings a checkpoint must share with the run that resumes it.
 
   The comparable ``LoopConfig`` fields (all but functions and shardings),
-  the configurations, the parameter count, the evaluation columns and
-  whether the params are per configuration.
+  the configurations, the parameter count, the evaluation columns, whether
+  the params are per configuration, and fingerprints (structure, shapes,
+  dtypes, SHA-256 of the bytes) of the initial ``params``, the ``data``,
+  the ``eval_data`` and the optimizer's initial state. Functions
+  (``loss_fn``, ``eval_fn``, the optimizer's code) cannot be compared: a
+  custom optimizer is known by its state only.
   """
   config = settings.config
   signature = {f.name: getattr(config, f.name)
@@ -373,9 +484,10 @@ def _signature(settings: _Settings, per_config_params: bool) -> dict[str, Any]:
                if f.name not in _UNSIGNED_FIELDS}
   signature.update(
       configs=settings.configs,
-      optimizer=None if config.optimizer is None else repr(config.optimizer),
+      optimizer=None if config.optimizer is None else _fingerprint(opt_state),
       num_params=settings.num_params, eval_columns=list(settings.eval_columns),
-      per_config_params=bool(per_config_params))
+      per_config_params=bool(per_config_params), params=_fingerprint(params),
+      data=_fingerprint(data), eval_data=_fingerprint(eval_data))
   return json.loads(json.dumps(signature))
 
 
@@ -393,12 +505,43 @@ def _initial_state(settings: _Settings, params: PyTree,
 
 def _write_config(out_dir: str, signature: dict[str, Any], num_steps: int,
                   metadata: dict[str, Any] | None, mesh: Mesh | None) -> None:
-  """Writes ``config.json``: the signature, ``num_steps`` and the machine."""
-  with open(os.path.join(out_dir, CONFIG_FILE), "w") as f:
+  """Writes ``config.json`` atomically: the signature, ``num_steps``, the machine."""
+  path = os.path.join(out_dir, CONFIG_FILE)
+  tmp = f"{path}.tmp"
+  with open(tmp, "w") as f:
     json.dump({**signature, "num_steps": num_steps, "metadata": metadata,
                "jax_version": jax.__version__,
                "num_devices": 1 if mesh is None else int(mesh.size),
                "device": str(jax.devices()[0].device_kind)}, f, indent=2)
+    f.flush()
+    os.fsync(f.fileno())
+  checkpoint.replace(tmp, path)
+
+
+def _is_our_run(out_dir: str) -> bool:
+  """Whether ``out_dir/config.json`` was written by ``train``."""
+  try:
+    with open(os.path.join(out_dir, CONFIG_FILE)) as f:
+      config = json.load(f)
+  except (OSError, ValueError):
+    return False
+  return isinstance(config, dict) and {
+      "configs", "num_steps", "jax_version"} <= set(config)
+
+
+def _remove_stale_metrics(out_dir: str, metrics_path: str) -> None:
+  """Deletes the ``metrics.csv`` of a run that never saved a checkpoint.
+
+  Raises:
+    ValueError: if ``config.json`` does not show the file is ``train``'s.
+  """
+  if not os.path.exists(metrics_path):
+    return
+  if not _is_our_run(out_dir):
+    raise ValueError(
+        f"`out_dir` {out_dir!r} holds a {METRICS_FILE} that no {CONFIG_FILE} "
+        "of se.train claims; move it away or use a new out_dir.")
+  os.remove(metrics_path)
 
 
 def _open_run(out_dir: str | os.PathLike | None, settings: _Settings,
@@ -422,8 +565,9 @@ def _open_run(out_dir: str | os.PathLike | None, settings: _Settings,
     The run's ``_Progress`` and the ``_Files`` this process writes.
 
   Raises:
-    ValueError: for an unwritable ``out_dir`` or a checkpoint of a run with
-      other settings.
+    ValueError: for an unwritable ``out_dir``, a checkpoint of a run with
+      other settings or more than ``num_steps`` steps, or a ``metrics.csv``
+      in ``out_dir`` that is not ``train``'s.
   """
   start = _Progress(state, hist.empty_history(len(settings.configs),
                                               settings.eval_columns), 0, 0.0)
@@ -436,39 +580,57 @@ def _open_run(out_dir: str | os.PathLike | None, settings: _Settings,
   ckpt_path = os.path.join(out_dir, CHECKPOINT_FILE)
   metrics_path = os.path.join(out_dir, METRICS_FILE)
   if os.path.exists(ckpt_path):
-    saved = checkpoint.load(ckpt_path, state)
-    if saved.signature != signature:
+    try:
+      saved = checkpoint.load(ckpt_path, state, signature)
+    except ValueError as e:
+      raise ValueError(f"`out_dir` {out_dir!r} holds a checkpoint that this "
+                       f"run cannot resume: {e}") from e
+    if saved.next_step > num_steps:
       raise ValueError(
-          f"`out_dir` {out_dir!r} holds a checkpoint of a run with other "
-          f"settings ({saved.signature}); use a new out_dir to start afresh.")
+          f"`num_steps` ({num_steps}) is below the step the checkpoint in "
+          f"`out_dir` {out_dir!r} has reached ({saved.next_step}); ask for "
+          f"num_steps >= {saved.next_step}, or use a new out_dir.")
     start = _Progress(place(saved.state), saved.history, saved.next_step,
                       saved.wall_time)
     if writer:
-      hist.write_csv(metrics_path, start.history, settings.configs)
-  elif writer and os.path.exists(metrics_path):
-    os.remove(metrics_path)
+      hist.write_csv(metrics_path, start.history, settings.configs,
+                     parallel.to_host(saved.state.diverged_at))
+  elif writer:
+    _remove_stale_metrics(out_dir, metrics_path)
   if not writer:
     return start, _Files(None, None)
   _write_config(out_dir, signature, num_steps, metadata, mesh)
   return start, _Files(ckpt_path, metrics_path)
 
 
-def _diverged(settings: _Settings, history: dict[str, np.ndarray],
-              rows: dict[str, np.ndarray], diverged_at: np.ndarray,
-              files: _Files) -> TrainingDiverged:
-  """Keeps the rows before the first divergence; returns the error to raise."""
-  bad = int(np.argmax(np.where(diverged_at >= 0, -diverged_at, -np.inf)))
+def _all_diverged(settings: _Settings, history: dict[str, np.ndarray],
+                  diverged_at: np.ndarray, files: _Files) -> TrainingDiverged:
+  """Keeps the rows before the last divergence; returns the error to raise."""
+  bad = int(np.argmin(diverged_at))
   step = int(diverged_at[bad])
-  history = hist.truncate(hist.concat(history, rows), step)
+  history = hist.truncate(history, int(np.max(diverged_at)))
   if files.metrics is not None:
-    hist.write_csv(files.metrics, history, settings.configs)
+    hist.write_csv(files.metrics, history, settings.configs, diverged_at)
+  which = ("every configuration" if settings.sweep else "the run")
   return TrainingDiverged(
-      f"Training diverged at step {step}: the loss or gradient of "
-      f"configuration {bad} ({settings.configs[bad]}) is not finite. Lower the "
-      f"learning rate or rho. {history['step'].shape[1]} tracked rows "
-      "before it were kept" +
+      f"Training diverged at step {step}: {which} diverged (configuration "
+      f"{bad}, {settings.configs[bad]}, first): a loss, gradient, sharpness "
+      "or the parameters became non-finite. Lower the learning rate or rho. "
+      f"{history['step'].shape[1]} tracked rows before it were kept" +
       (f" in {files.metrics}." if files.metrics else "."),
       step=step, config=bad, history=_squeeze(history, settings.sweep))
+
+
+def _warn_diverged(settings: _Settings, diverged_at: np.ndarray) -> None:
+  """Warns which configurations of a sweep diverged, and when."""
+  bad = np.flatnonzero(diverged_at >= 0)
+  if bad.size:
+    warnings.warn(
+        "Diverged and stopped: " + "; ".join(
+            f"configuration {c} ({settings.configs[c]}) at step "
+            f"{diverged_at[c]}" for c in bad) +
+        ". Their history is NaN from that step on (no metrics.csv lines); "
+        "the other configurations ran to the end.", stacklevel=3)
 
 
 def _run_chunks(compiled: Callable, run: _Progress, settings: _Settings,
@@ -477,7 +639,7 @@ def _run_chunks(compiled: Callable, run: _Progress, settings: _Settings,
   """Runs chunks up to ``num_steps``, saving rows and checkpoint after each.
 
   Raises:
-    TrainingDiverged: when a loss or gradient norm becomes non-finite.
+    TrainingDiverged: when every configuration has diverged.
   """
   state, history, next_step, wall = run
   while next_step < num_steps:
@@ -490,32 +652,18 @@ def _run_chunks(compiled: Callable, run: _Progress, settings: _Settings,
     rows = hist.chunk_rows(out.step[0], out.tracked[0], out.metrics, wall,
                            wall + elapsed, next_step, num_active)
     wall += elapsed
-    if np.any(diverged_at >= 0):
-      raise _diverged(settings, history, rows, diverged_at, files)
     history = hist.concat(history, rows)
+    if np.all(diverged_at >= 0):
+      raise _all_diverged(settings, history, diverged_at, files)
     next_step += num_active
     if files.checkpoint is not None:
-      hist.append_csv(files.metrics, rows, settings.configs)
+      hist.append_csv(files.metrics, rows, settings.configs, diverged_at)
       checkpoint.save(files.checkpoint, state, history, next_step, wall,
                       signature)
     if bar is not None:
       bar.set_postfix(_postfix(history), refresh=False)
       bar.update(num_active)
   return _Progress(state, history, next_step, wall)
-
-
-def _check_final(params: PyTree, settings: _Settings, num_steps: int,
-                 history: dict[str, np.ndarray]) -> None:
-  """Raises TrainingDiverged if any configuration's final params are not finite."""
-  finite = parallel.to_host(jax.vmap(
-      lambda p: jnp.all(jnp.isfinite(ravel_pytree(p)[0])))(params))
-  if not np.all(finite):
-    bad = int(np.argmin(finite))
-    raise TrainingDiverged(
-        f"Training diverged at step {num_steps}: the final parameters of "
-        f"configuration {bad} ({settings.configs[bad]}) are not finite. Lower "
-        "the learning rate or rho.", step=num_steps, config=bad,
-        history=_squeeze(history, settings.sweep))
 
 
 def train(loss_fn: Callable[[PyTree, Any], jax.Array], params: PyTree,
@@ -546,37 +694,72 @@ def train(loss_fn: Callable[[PyTree, Any], jax.Array], params: PyTree,
   ``params`` (or, with ``per_config_params``, from one initialization per
   configuration); the history then has a leading config axis.
 
+  Divergence: step ``t`` of a configuration diverges when its loss,
+  gradient norm, tracked sharpness or ``lambda_min``, or its next iterate is
+  not finite. That configuration stops: its params stay at the last finite
+  iterate ``w_t``, its history is NaN from step ``t`` on and
+  ``metrics.csv`` has no lines of it from step ``t`` on, so no non-finite
+  value reaches the files. The others run to the end; ``diverged_at`` says
+  which stopped, and a warning names them. When every configuration has
+  diverged (for a single run: when it has), ``TrainingDiverged`` is raised.
+
+  Resuming: with an ``out_dir`` holding a checkpoint, the run continues
+  from it if its signature matches: the configurations, every setting of
+  the compiled loop (``batch_size``, ``track_every``, ``momentum``, ...),
+  and fingerprints (tree structure, shapes, dtypes, SHA-256 of the bytes)
+  of the initial ``params``, ``data``, ``eval_data`` and, for a custom
+  ``optimizer``, of its initial state. Code cannot be compared: two
+  optimizers with equal states (e.g. ``optax.adam`` with other constant
+  learning rates) or another ``loss_fn`` are not told apart; record such
+  choices in ``metadata`` and compare them yourself (``sam-eos run`` does).
+
   Args:
     loss_fn: ``loss_fn(params, batch) -> scalar``.
     params: initial parameter pytree.
     data: pytree of arrays with a shared leading example axis ``N``; the
       batch passed to ``loss_fn`` is ``data`` itself (full batch) or a
       pytree of ``batch_size`` examples drawn without replacement.
-    learning_rate: step size ``eta > 0`` (also used for the edges when a
-      custom ``optimizer`` is given).
+    learning_rate: finite step size ``eta > 0``. With a custom
+      ``optimizer`` it only drives the edges (so it must be the optimizer's
+      learning rate, and a sweep is refused), unless the optimizer is an
+      ``optax.inject_hyperparams`` one with a ``learning_rate``
+      hyperparameter: then ``learning_rate`` sets it (a sweep works) and
+      the edges use the learning rate the optimizer's state holds after each
+      update (a schedule's value, if it injects one).
     num_steps: total number of steps (``>= 1``); with an existing checkpoint
-      in ``out_dir``, training continues up to this step.
-    rho: SAM radius ``>= 0``; 0 is GD/SGD.
+      in ``out_dir``, training continues up to this step (which must not
+      be below the checkpoint's).
+    rho: finite SAM radius ``>= 0``; 0 is GD/SGD.
     momentum: heavy-ball coefficient in ``[0, 1)`` for the default optimizer
-      (the edges use it too).
-    normalize: normalized SAM (default) or unnormalized SAM (USAM); the
-      ``sam_edge`` column then holds the USAM edge.
-    optimizer: optional optax base optimizer replacing SGD.
+      (the edges use it too); must be 0 with a custom ``optimizer``, whose
+      own momentum the edges use only if it injects a ``momentum``
+      hyperparameter (``optax.inject_hyperparams(optax.sgd)``).
+    normalize: (bool) normalized SAM (default) or unnormalized SAM (USAM);
+      the ``sam_edge`` column then holds the USAM edge.
+    optimizer: optional optax base optimizer replacing SGD (see
+      ``learning_rate`` and ``momentum``).
     batch_size: minibatch size, or None for full batch.
     track_every: measure every this many steps (step 0 included).
     num_lanczos_iters: Lanczos iterations per measurement, capped at the
       number of parameters (which gives the exact spectrum).
-    key: int seed, list of seeds, or PRNG key(s); default seed 0.
+    key: int seed, list (or signed integer array) of seeds, or PRNG
+      key(s): typed keys, or ``uint32`` raw key data whose trailing axis is
+      one key's data (as ``jax.random.PRNGKey``); default seed 0.
     out_dir: folder for ``config.json``, ``metrics.csv`` and
-      ``checkpoint.npz``; None keeps everything in memory.
+      ``checkpoint.npz`` (all replaced atomically); None keeps everything
+      in memory. A ``metrics.csv`` there without a checkpoint is replaced
+      only if ``config.json`` shows it is ``train``'s.
     progress: show a progress bar (stderr).
     mesh: optional ``jax.sharding.Mesh`` with a ``"data"`` axis (see
       ``se.data_mesh``): the (full or mini) batch is sharded along it,
       params, optimizer state and Lanczos vectors are replicated, and a
       ``"config"`` axis, if present, splits a sweep's configurations. Results
-      equal the single-device ones up to float reduction order. The example
-      count (full batch) or ``batch_size`` must divide evenly: pad with
-      ``se.pad_to_multiple`` and a ``se.masked_mean`` loss otherwise. Across
+      equal the single-device ones up to float reduction order. A full
+      batch's example count must divide evenly over the ``"data"`` axis
+      (pad with ``se.pad_to_multiple`` and a ``se.masked_mean`` loss
+      otherwise); minibatches need only ``batch_size`` to divide, as the
+      data are padded here and batches drawn from the real examples only
+      (do not pad them yourself). Across
       hosts, call ``jax.distributed.initialize()`` first; only process 0
       writes files and shows progress.
     chunk_size: steps per compiled chunk (default about 200, a multiple of
@@ -587,7 +770,8 @@ def train(loss_fn: Callable[[PyTree, Any], jax.Array], params: PyTree,
       into ``m`` equal groups that each ascend with their own gradient and
       averages their perturbed gradients (Foret et al.'s per-device SAM,
       "m-sharpness": a different algorithm, one extra gradient per step).
-    metadata: extra JSON-serializable settings saved in ``config.json``.
+    metadata: extra JSON-serializable settings saved in ``config.json``
+      (not compared on resume).
     eval_fn: optional ``eval_fn(params, eval_data) -> dict`` of real
       scalars (e.g. ``{"test_loss": ..., "test_accuracy": ...}``), evaluated
       at every tracked step inside the compiled chunk; each key becomes a
@@ -599,12 +783,18 @@ def train(loss_fn: Callable[[PyTree, Any], jax.Array], params: PyTree,
       per seed); otherwise every configuration starts from ``params``.
 
   Returns:
-    ``TrainResult(params, history)``.
+    ``TrainResult(params, history, diverged_at)``.
 
   Raises:
-    ValueError: for invalid arguments (named in the message), or a checkpoint
-      in ``out_dir`` from a run with other settings.
-    TrainingDiverged: when a loss or gradient norm becomes non-finite.
+    ValueError: for invalid arguments (named in the message: e.g. a
+      non-finite ``learning_rate``, empty ``data``, integer ``params``, a
+      non-bool ``normalize``, non-JSON ``metadata``), a checkpoint in
+      ``out_dir`` from a run with other settings (the message names them)
+      or beyond ``num_steps``, or a foreign ``metrics.csv`` in ``out_dir``.
+    TrainingDiverged: when every configuration has diverged.
+
+  Warns:
+    UserWarning: naming the configurations of a sweep that diverged.
 
   Examples:
     GD on a quadratic with Hessian ``diag(3, 1)``: the tracked sharpness is
@@ -628,11 +818,15 @@ def train(loss_fn: Callable[[PyTree, Any], jax.Array], params: PyTree,
       optimizer=optimizer, batch_size=batch_size, track_every=track_every,
       num_lanczos_iters=num_lanczos_iters, key=key, mesh=mesh,
       chunk_size=chunk_size, eps=eps, m_sharpness=m_sharpness,
-      eval_fn=eval_fn, per_config_params=per_config_params)
-  signature = _signature(settings, per_config_params)
+      eval_fn=eval_fn, per_config_params=per_config_params, metadata=metadata)
   state = _initial_state(settings, params, per_config_params)
+  signature = None if out_dir is None else _signature(
+      settings, per_config_params, params, data, eval_data, state.opt_state)
   hparams, place, spmd_axis = settings.hparams, lambda s: s, None
   if mesh is not None:
+    if batch_size is not None:  # draws skip the padding (config.num_examples)
+      data, _ = parallel.pad_to_multiple(
+          data, parallel.axis_size(mesh, parallel.DATA_AXIS))
     data = parallel.shard_data(data, mesh)
     if parallel.CONFIG_AXIS in mesh.axis_names:
       spmd_axis = parallel.CONFIG_AXIS
@@ -658,7 +852,11 @@ def train(loss_fn: Callable[[PyTree, Any], jax.Array], params: PyTree,
     finally:
       if bar is not None:
         bar.close()
-  _check_final(run.state.params, settings, num_steps, run.history)
-  final = run.state.params if settings.sweep else jax.tree.map(
-      lambda x: x[0], run.state.params)
-  return TrainResult(params=final, history=_squeeze(run.history, settings.sweep))
+  diverged_at = parallel.to_host(run.state.diverged_at).astype(np.int64)
+  _warn_diverged(settings, diverged_at)
+  if settings.sweep:
+    return TrainResult(params=run.state.params, history=run.history,
+                       diverged_at=diverged_at)
+  return TrainResult(params=jax.tree.map(lambda x: x[0], run.state.params),
+                     history=_squeeze(run.history, False),
+                     diverged_at=int(diverged_at[0]))

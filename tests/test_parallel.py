@@ -198,3 +198,13 @@ def test_two_processes_train_together_and_only_process_zero_writes(tmp_path):
       "checkpoint.npz", "config.json", "metrics.csv", "result_0.npz",
       "result_1.npz"]
   assert se.read_csv(tmp_path / "metrics.csv")["step"].tolist() == [0, 5, 10, 15]
+
+
+def test_minibatches_on_a_mesh_draw_real_examples_only():
+  _, data = mlp_problem(num_examples=10)  # not a multiple of 4 devices
+  kwargs = dict(data=data, batch_size=4, key=3, num_steps=20)
+  assert_close(run(se.data_mesh(4), **kwargs), run(**kwargs))
+  padded = jax.tree.map(lambda x: jnp.concatenate([x, jnp.full((2,) + x.shape[1:], jnp.nan)]), data)
+  for t in range(20):
+    batch = loop.sample_batch(padded, jax.random.key(t), 4, num_examples=10)
+    assert not any(bool(jnp.any(jnp.isnan(x))) for x in jax.tree.leaves(batch))

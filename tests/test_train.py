@@ -1,6 +1,7 @@
 """The compiled training loop and its driver, against exact references."""
 
 import csv
+import importlib
 import json
 import os
 
@@ -393,3 +394,120 @@ def test_per_config_params_equal_separate_runs(x64, tmp_path):
   with pytest.raises(ValueError, match="per_config_params"):
     se.train(mlp_loss, inits[0], data, key=[0, 1, 2], per_config_params=True,
              **kwargs)
+
+
+def test_learning_rate_and_momentum_need_the_default_optimizer():
+  params, data = mlp_problem()
+  ok = dict(num_steps=2, track_every=1, num_lanczos_iters=2, progress=False)
+  with pytest.raises(ValueError, match="learning_rate"):
+    se.train(mlp_loss, params, data, learning_rate=[0.01, 0.5],
+             optimizer=optax.sgd(0.1), **ok)
+  with pytest.raises(ValueError, match="momentum"):
+    se.train(mlp_loss, params, data, learning_rate=0.1, momentum=0.9,
+             optimizer=optax.sgd(0.1), **ok)
+
+
+def test_injected_learning_rate_is_swept_and_drives_the_edges(x64):
+  params, data = mlp_problem(dtype=jnp.float64)
+  ok = dict(num_steps=4, track_every=2, num_lanczos_iters=2, progress=False)
+  inject = optax.inject_hyperparams(optax.sgd)(learning_rate=0.1, momentum=0.5)
+  sweep = se.train(mlp_loss, params, data, learning_rate=[0.01, 0.2],
+                   optimizer=inject, **ok)
+  chex.assert_trees_all_close(sweep.history["gd_edge"][:, 0],
+                              np.array([2 * 1.5 / 0.01, 2 * 1.5 / 0.2]))
+  for c, lr in enumerate((0.01, 0.2)):
+    single = se.train(mlp_loss, params, data, learning_rate=lr, momentum=0.5,
+                      **ok)
+    chex.assert_trees_all_close(jax.tree.map(lambda x: x[c], sweep.params),
+                                single.params, rtol=1e-12)
+
+
+def test_sweep_keeps_its_finite_configurations(tmp_path):
+  hess = jnp.array([[10.0, 1.0]], jnp.float32)
+  kwargs = dict(num_steps=150, track_every=1, num_lanczos_iters=2,
+                progress=False, chunk_size=32)
+  with pytest.raises(se.TrainingDiverged) as info:
+    se.train(quad_loss, jnp.ones(2), hess, learning_rate=0.25, **kwargs)
+  step = info.value.step
+  assert 0 < step < 150
+  with pytest.warns(UserWarning, match=r"configuration 1 .*step " + str(step)):
+    result = se.train(quad_loss, jnp.ones(2), hess, learning_rate=[0.1, 0.25],
+                      out_dir=tmp_path, **kwargs)
+  np.testing.assert_array_equal(result.diverged_at, [-1, step])
+  single = se.train(quad_loss, jnp.ones(2), hess, learning_rate=0.1, **kwargs)
+  assert single.diverged_at == -1
+  chex.assert_trees_all_close(result.params[0], single.params)
+  assert np.all(np.isfinite(result.params[1]))
+  loss = result.history["loss"]
+  assert loss.shape == (2, 150) and np.all(np.isfinite(loss[0]))
+  assert np.all(np.isfinite(loss[1, :step])) and np.all(np.isnan(loss[1, step:]))
+  rows = se.read_csv(tmp_path / "metrics.csv")
+  assert rows["step"][rows["config"] == 0].tolist() == list(range(150))
+  assert rows["step"][rows["config"] == 1].tolist() == list(range(step))
+  assert all(np.all(np.isfinite(v)) for v in rows.values())
+  with np.load(tmp_path / "checkpoint.npz") as saved:
+    for name in saved.files:
+      if name.startswith("state_") and saved[name].dtype.kind == "f":
+        assert np.all(np.isfinite(saved[name])), name
+  # Resumed further, the diverged configuration stays stopped.
+  with pytest.warns(UserWarning, match="configuration 1"):
+    more = se.train(quad_loss, jnp.ones(2), hess, learning_rate=[0.1, 0.25],
+                    out_dir=tmp_path, **{**kwargs, "num_steps": 160})
+  np.testing.assert_array_equal(more.diverged_at, [-1, step])
+  chex.assert_trees_all_equal(more.params[1], result.params[1])
+
+
+def test_non_finite_sharpness_is_divergence(tmp_path):
+  loss = lambda w, d: jnp.sum(jnp.abs(w) ** 1.5)  # infinite curvature at 0
+  with pytest.raises(se.TrainingDiverged, match="step 0"):
+    se.train(loss, jnp.array([0.0, 1.0]), jnp.zeros((1, 1)), learning_rate=0.1,
+             num_steps=4, track_every=1, num_lanczos_iters=2, progress=False,
+             out_dir=tmp_path)
+  assert not (tmp_path / "metrics.csv").exists() or not se.read_csv(
+      tmp_path / "metrics.csv")["step"].size
+
+
+def test_non_finite_params_are_never_checkpointed(tmp_path):
+  loss = lambda w, d: 1e3 * jnp.sum(jnp.tanh(w))  # finite at w = inf
+  with pytest.raises(se.TrainingDiverged, match="step 0"):
+    se.train(loss, jnp.ones(2, jnp.float32), jnp.zeros((1, 1)),
+             learning_rate=1e37, num_steps=2, track_every=1,
+             num_lanczos_iters=2, progress=False, out_dir=tmp_path,
+             chunk_size=1)
+  assert not (tmp_path / "checkpoint.npz").exists()
+
+
+def test_default_chunk_is_capped_by_num_steps():
+  train_module = importlib.import_module("sam_eos.train")
+  assert train_module._default_chunk(10, 10**9) == 10
+  assert train_module._default_chunk(10**7, 10**9) <= 1000
+  assert train_module._default_chunk(1000, 10) == 200
+
+
+def test_more_bad_input_names_the_argument():
+  params, data = mlp_problem(num_examples=10)
+  ok = dict(learning_rate=0.1, num_steps=2, progress=False)
+  cases = [
+      (dict(ok, learning_rate=float("inf")), "learning_rate"),
+      (dict(ok, rho=float("nan")), "rho"),
+      (dict(ok, normalize="yes"), "normalize"),
+      (dict(ok, key=np.array([1, 2, 3], np.uint32)), "key"),
+  ]
+  for kwargs, match in cases:
+    with pytest.raises(ValueError, match=match):
+      se.train(mlp_loss, params, data, **kwargs)
+  with pytest.raises(ValueError, match="data"):
+    se.train(mlp_loss, params, jax.tree.map(lambda x: x[:0], data), **ok)
+  with pytest.raises(ValueError, match="params"):
+    se.train(quad_loss, jnp.ones(2, jnp.int32), jnp.ones((1, 2)), **ok)
+
+
+def test_raw_uint32_key_data_is_one_key():
+  params, data = mlp_problem()
+  ok = dict(learning_rate=0.1, num_steps=2, batch_size=4, track_every=1,
+            num_lanczos_iters=2, progress=False)
+  raw = np.asarray(jax.random.key_data(jax.random.key(5)))
+  assert raw.dtype == np.uint32
+  result = se.train(mlp_loss, params, data, key=raw, **ok)
+  reference = se.train(mlp_loss, params, data, key=5, **ok)
+  chex.assert_trees_all_equal(result.history["loss"], reference.history["loss"])
