@@ -23,10 +23,6 @@ def concrete_value(value: Any) -> np.ndarray | None:
     return None
 
 
-# Old private name, kept for callers outside this module's owners.
-_concrete = concrete_value
-
-
 def check_positive(name: str, value: Any) -> None:
   """Raises ValueError unless every concrete entry of ``value`` is > 0."""
   arr = concrete_value(value)

@@ -56,10 +56,6 @@ def gradient_fn(loss_fn: LossFn, batch: Any, *,
   return fn
 
 
-# Old private name, kept for callers written against it.
-_gradient_fn = gradient_fn
-
-
 def _as_tangent(params: PyTree, vector: PyTree) -> PyTree:
   """Checks ``vector`` against ``params`` and casts it to their dtypes."""
   _checks.check_same_structure("params", params, "vector", vector)
