@@ -65,7 +65,9 @@ def save(path: str | os.PathLike, state: Any, history: dict[str, np.ndarray],
 
   Args:
     path: destination ``.npz`` file.
-    state: the carry pytree.
+    state: the carry pytree. One spanning several processes must first be
+      gathered with ``parallel.to_host`` on every process (a collective),
+      since only process 0 calls this.
     history: recorded rows.
     next_step: the first step not yet run.
     wall_time: training seconds spent so far.

@@ -123,7 +123,8 @@ def shard_data(data: PyTree, mesh: Mesh) -> PyTree:
         f"`data` has {num_examples} examples, not a multiple of the {size} "
         f"devices of the mesh's '{DATA_AXIS}' axis. Pad it with "
         "se.pad_to_multiple(data, multiple) and make the loss ignore the "
-        "padding with se.masked_mean, or pass a subset whose size divides.")
+        "padding with se.masked_mean, or pass a subset whose size divides "
+        "(se.train pads minibatch runs itself).")
   return place(data, NamedSharding(mesh, PartitionSpec(DATA_AXIS)))
 
 

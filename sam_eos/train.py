@@ -359,9 +359,17 @@ class _Settings(NamedTuple):
 
 
 class _Files(NamedTuple):
-  """The paths this process writes (None where it writes nothing)."""
+  """The paths this process writes (None where it writes nothing).
+
+  Attributes:
+    checkpoint: the checkpoint path (process 0 only).
+    metrics: the ``metrics.csv`` path (process 0 only).
+    gather: whether the run saves checkpoints, for which every process
+      takes part in gathering the carry to the host.
+  """
   checkpoint: str | None
   metrics: str | None
+  gather: bool
 
 
 class _Progress(NamedTuple):
@@ -572,7 +580,7 @@ def _open_run(out_dir: str | os.PathLike | None, settings: _Settings,
   start = _Progress(state, hist.empty_history(len(settings.configs),
                                               settings.eval_columns), 0, 0.0)
   if out_dir is None:
-    return start, _Files(None, None)
+    return start, _Files(None, None, False)
   out_dir = os.fspath(out_dir)
   writer = jax.process_index() == 0
   if writer:
@@ -598,9 +606,9 @@ def _open_run(out_dir: str | os.PathLike | None, settings: _Settings,
   elif writer:
     _remove_stale_metrics(out_dir, metrics_path)
   if not writer:
-    return start, _Files(None, None)
+    return start, _Files(None, None, True)
   _write_config(out_dir, signature, num_steps, metadata, mesh)
-  return start, _Files(ckpt_path, metrics_path)
+  return start, _Files(ckpt_path, metrics_path, True)
 
 
 def _all_diverged(settings: _Settings, history: dict[str, np.ndarray],
@@ -656,9 +664,11 @@ def _run_chunks(compiled: Callable, run: _Progress, settings: _Settings,
     if np.all(diverged_at >= 0):
       raise _all_diverged(settings, history, diverged_at, files)
     next_step += num_active
+    if files.gather:  # a cross-process gather: every process takes part
+      host_state = parallel.to_host(state)
     if files.checkpoint is not None:
       hist.append_csv(files.metrics, rows, settings.configs, diverged_at)
-      checkpoint.save(files.checkpoint, state, history, next_step, wall,
+      checkpoint.save(files.checkpoint, host_state, history, next_step, wall,
                       signature)
     if bar is not None:
       bar.set_postfix(_postfix(history), refresh=False)
@@ -760,8 +770,9 @@ def train(loss_fn: Callable[[PyTree, Any], jax.Array], params: PyTree,
       otherwise); minibatches need only ``batch_size`` to divide, as the
       data are padded here and batches drawn from the real examples only
       (do not pad them yourself). Across
-      hosts, call ``jax.distributed.initialize()`` first; only process 0
-      writes files and shows progress.
+      hosts, call ``jax.distributed.initialize()`` first; every process
+      gathers the checkpoint, only process 0 writes files and shows
+      progress.
     chunk_size: steps per compiled chunk (default about 200, a multiple of
       ``track_every``); files are written after every chunk.
     eps: added to ``||g||`` in the SAM normalization.

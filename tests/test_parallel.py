@@ -174,20 +174,43 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-def test_two_processes_train_together_and_only_process_zero_writes(tmp_path):
+def _run_two_processes(out_dir: pathlib.Path, mode: str) -> list:
+  """Runs multiprocess_worker.py as 2 processes x 2 CPU devices."""
   port = _free_port()
   here = pathlib.Path(__file__).parent
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
   env["PYTHONPATH"] = os.pathsep.join([str(here), env.get("PYTHONPATH", "")])
   procs = [subprocess.Popen(
       [sys.executable, str(here / "multiprocess_worker.py"), str(i), "2",
-       str(port), str(tmp_path)], env=env, stdout=subprocess.PIPE,
+       str(port), str(out_dir), mode], env=env, stdout=subprocess.PIPE,
       stderr=subprocess.STDOUT, text=True) for i in range(2)]
-  outputs = [p.communicate(timeout=240)[0] for p in procs]
+  try:
+    outputs = [p.communicate(timeout=240)[0] for p in procs]
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
   for p, out in zip(procs, outputs):
     assert p.returncode == 0, out[-3000:]
-  results = [np.load(tmp_path / f"result_{i}.npz") for i in range(2)]
+  results = [np.load(out_dir / f"result_{i}.npz") for i in range(2)]
   assert int(results[0]["num_devices"]) == 4
+  return results
+
+
+def test_two_processes_sweep_over_config_axis_checkpoints(tmp_path):
+  results = _run_two_processes(tmp_path, "sweep")
+  reference = run(rho=[0.0, 0.05], num_steps=20, track_every=5,
+                  num_lanczos_iters=8)
+  for r in results:
+    chex.assert_trees_all_close(r["sharpness"], reference.history["sharpness"],
+                                rtol=1e-5)
+  assert "checkpoint.npz" in os.listdir(tmp_path)
+  rows = se.read_csv(tmp_path / "metrics.csv")
+  assert rows["step"].tolist() == [0, 0, 5, 5, 10, 10, 15, 15]
+
+
+def test_two_processes_train_together_and_only_process_zero_writes(tmp_path):
+  results = _run_two_processes(tmp_path, "single")
   reference = run(num_steps=20, track_every=5, num_lanczos_iters=8)
   for r in results:
     chex.assert_trees_all_close(r["sharpness"], reference.history["sharpness"],
