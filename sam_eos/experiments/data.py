@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import http.client
 import logging
 import lzma
 import math
@@ -216,34 +217,44 @@ def _missing_message(rel: str, root: pathlib.Path, reason: str) -> str:
           f"${ENV_VAR} or data_dir= at a folder that holds {rel}).")
 
 
+def _writable(folder: pathlib.Path) -> bool:
+  """Whether files can be created in ``folder`` (or where it would be made)."""
+  while not folder.exists() and folder.parent != folder:
+    folder = folder.parent
+  return os.access(folder, os.W_OK)
+
+
 def _fetch(rel: str, root: pathlib.Path) -> pathlib.Path:
-  """Downloads the file ``rel`` once: temporary file, verify, atomic rename.
+  """Downloads the file ``rel`` once: temporary folder, verify, atomic rename.
+
+  The bytes go to a hidden temporary folder ``root/.download-*`` (removed
+  on success and on any error), never beside the data files under a
+  partial name.
 
   Raises:
-    DataUnavailableError: the download failed (offline, unwritable folder).
+    DataUnavailableError: the data folder is not writable, or the download
+      failed (offline, interrupted transfer).
     DataChecksumError: the downloaded bytes have the wrong SHA-256.
   """
   path = root / rel
   url = URLS[rel]
-  tmp = None
+  if not _writable(path.parent):
+    raise DataUnavailableError(_missing_message(
+        rel, root, f"the data folder {path.parent} is not writable, so it "
+        "cannot be downloaded there"))
   try:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.",
-                                    suffix=".part")
-    os.close(fd)
-    tmp = pathlib.Path(tmp_name)
-    _logger.info("Downloading %s to %s", url, path)
-    _download(url, tmp)
-    _verify(tmp, SHA256[rel], remedy=f"The download from {url} was discarded; "
-            "try again, or fetch the file by hand.")
-    os.replace(tmp, path)
-    tmp = None
-  except OSError as e:  # urllib's URLError is an OSError too.
+    with tempfile.TemporaryDirectory(dir=root, prefix=".download-") as tmp_dir:
+      tmp = pathlib.Path(tmp_dir) / path.name
+      _logger.info("Downloading %s to %s", url, path)
+      _download(url, tmp)
+      _verify(tmp, SHA256[rel], remedy=f"The download from {url} was "
+              "discarded; try again, or fetch the file by hand.")
+      os.replace(tmp, path)
+  # urllib's URLError is an OSError; a cut transfer an HTTPException.
+  except (OSError, http.client.HTTPException) as e:
     raise DataUnavailableError(
         _missing_message(rel, root, f"downloading it failed ({e})")) from e
-  finally:
-    if tmp is not None:
-      tmp.unlink(missing_ok=True)
   return path
 
 

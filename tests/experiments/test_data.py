@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import http.client
 import io
 import os
 import pathlib
@@ -214,8 +215,8 @@ def test_mocked_download_is_verified_and_renamed_atomically(tmp_path,
   def fake_download(url, path):
     name = url.rsplit("/", 1)[-1]
     final = tmp_path / "mnist" / name
-    assert path.parent == final.parent and path != final
-    assert not final.exists()  # written elsewhere, then renamed
+    assert path.parent != final.parent  # a temporary folder, then renamed
+    assert not final.exists()
     requested.append(url)
     path.write_bytes(contents[name])
 
@@ -227,6 +228,8 @@ def test_mocked_download_is_verified_and_renamed_atomically(tmp_path,
   np.testing.assert_array_equal(got_images.ravel(), images)
   assert sorted(p.name for p in (tmp_path / "mnist").iterdir()) == sorted(
       contents)
+  assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*")
+                ) == ["mnist"] + sorted(f"mnist/{n}" for n in contents)
   # Downloaded once: a second load reads the cache.
   data.load_mnist("test", num_examples=3, data_dir=tmp_path)
   assert len(requested) == 2
@@ -238,6 +241,24 @@ def test_corrupt_download_is_rejected_and_removed(tmp_path, monkeypatch):
   with pytest.raises(data.DataChecksumError, match="download"):
     data.load_mnist("test", data_dir=tmp_path)
   assert list((tmp_path / "mnist").iterdir()) == []
+
+
+def test_failed_download_leaves_no_partial_file(tmp_path, monkeypatch):
+  def broken_download(url, path):
+    path.write_bytes(b"half a fi")
+    raise http.client.IncompleteRead(b"half a fi")
+
+  monkeypatch.setattr(data, "_download", broken_download)
+  with pytest.raises(data.DataUnavailableError, match="downloading it failed"):
+    data.load_mnist("test", data_dir=tmp_path)
+  assert [p for p in tmp_path.rglob("*") if not p.is_dir()] == []
+
+
+def test_read_only_data_folder_is_a_clear_error(tmp_path, monkeypatch):
+  monkeypatch.setattr(data, "_writable", lambda folder: False)
+  with pytest.raises(data.DataUnavailableError, match="not writable"):
+    data.load_mnist("test", data_dir=tmp_path)
+  assert list(tmp_path.iterdir()) == []
 
 
 def _cifar_archive(monkeypatch, per_batch=3):
