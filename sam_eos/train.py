@@ -402,6 +402,11 @@ def _validate(loss_fn: Callable, params: PyTree, data: PyTree, eval_data: Any,
               metadata: dict[str, Any] | None) -> _Settings:
   """Checks every argument of ``train`` and builds its ``_Settings``.
 
+  Args: those of ``train`` (see there), ``num_steps`` already checked.
+
+  Returns:
+    The ``_Settings`` of the run (hyperparameters on the default device).
+
   Raises:
     ValueError: naming the first invalid argument.
   """
