@@ -6,11 +6,12 @@ loaders fall back to the subset bundled with the package. Downloads are
 disabled for every test: a test that needs one patches
 ``sam_eos.experiments.data._download`` itself.
 
-Tests that need a data set the bundled subset lacks (CIFAR-10, Tiny
-Shakespeare, more than 2,000 MNIST images) are skipped, with the reason,
-on a machine without ``shared/data``: those marked
-``@pytest.mark.dataset("cifar10")`` and those parametrized by an
-experiment ``name``.
+Tests that need data the bundled subset lacks are skipped, with the
+reason, on a machine without ``shared/data``: those marked
+``@pytest.mark.dataset(name)`` when that data set is missing (for MNIST,
+when more than the bundled 2,000 training images are missing), and those
+parametrized by an experiment ``name`` when its cpu preset's training or
+held-out data cannot be loaded.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from typing import Iterator
 import jax
 import pytest
 
-from sam_eos.experiments import data, presets
+from sam_eos.experiments import data, presets, runner
 
 _REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 _SHARED_DATA = _REPO_ROOT.parent / "shared" / "data"
@@ -61,6 +62,19 @@ def _available(dataset: str) -> bool:
           "cifar10": lambda: data.load_cifar10("train", num_examples=1),
           "shakespeare": lambda: data.load_shakespeare("train"),
           "quadratic": lambda: None}[dataset]
+  return _loads(load)
+
+
+@functools.lru_cache(maxsize=None)
+def _preset_available(name: str) -> bool:
+  """Whether the cpu preset of ``name`` finds its data locally."""
+  config = presets.get_experiment(name, "cpu")
+  return _loads(lambda: (runner.load_data(config),
+                         runner.load_test_data(config)))
+
+
+def _loads(load) -> bool:
+  """Whether ``load()`` succeeds with downloads disabled."""
   original, data._download = data._download, _no_download  # pylint: disable=protected-access
   try:
     load()
@@ -77,8 +91,10 @@ def _needs_data(request: pytest.FixtureRequest) -> None:
   needed = [m.args[0] for m in request.node.iter_markers("dataset")]
   callspec = getattr(request.node, "callspec", None)
   name = callspec.params.get("name") if callspec else None
-  if isinstance(name, str) and name in presets.EXPERIMENTS:
-    needed.append(presets.get_experiment(name, "cpu").dataset)
+  if (isinstance(name, str) and name in presets.EXPERIMENTS
+      and not _preset_available(name)):
+    pytest.skip(f"the data of the {name} cpu preset are not available: point "
+                f"${data.ENV_VAR} at a copy (see shared/data/README.md)")
   for dataset in needed:
     if not _available(dataset):
       pytest.skip(f"the {dataset} data set is not available: point "

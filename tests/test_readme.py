@@ -58,7 +58,10 @@ def test_figures_come_from_the_current_cpu_preset(name):
   assert saved == current, (f"docs/figures/{name} was made with other "
                             "settings than the cpu preset; run `make figures`")
   found = claims.check_claims(history.read_csv(run / "metrics.csv"))
-  assert all(c.passed for c in found), "\n".join(map(str, found))
+  known = presets.KNOWN_FAILURES.get(name, {})
+  unexpected = [str(c) for c in found if not c.passed
+                and (c.name, c.learning_rate, c.rho) not in known]
+  assert not unexpected, "\n".join(unexpected)
 
 
 def test_readme_table_is_the_generated_one():
@@ -68,3 +71,8 @@ def test_readme_table_is_the_generated_one():
       "--table` (or `make figures` to rerun the experiments)")
   for name in MAKE_FIGURES.EXPERIMENTS:
     assert f"docs/figures/{name}/sharpness.png" in README
+  failures = README.split(MAKE_FIGURES.FAILURES_START)[1].split(
+      MAKE_FIGURES.FAILURES_END)[0]
+  assert failures.strip().splitlines() == MAKE_FIGURES.failure_lines(), (
+      "README's list of failing claims is stale; run `python "
+      "docs/make_figures.py --table`")

@@ -31,7 +31,8 @@ from sam_eos.experiments.losses import (cross_entropy_loss, half_sse_loss,
 from sam_eos.experiments.models import (CNN, MLP, Transformer, count_params,
                                         init_params, make_model)
 from sam_eos.experiments.plots import (FIGURES, load_run, plot_alignment,
-                                       plot_loss, plot_runs, plot_sharpness)
+                                       plot_loss, plot_ratio, plot_runs,
+                                       plot_sharpness, seed_bands)
 from sam_eos.experiments.presets import (EXPERIMENTS, PRESETS,
                                          ExperimentConfig, get_experiment,
                                          list_experiments)
@@ -76,8 +77,10 @@ __all__ = [
     "mse_loss",
     "plot_alignment",
     "plot_loss",
+    "plot_ratio",
     "plot_runs",
     "plot_sharpness",
+    "seed_bands",
     "run_experiment",
     "run_or_load",
     "sweep",

@@ -23,9 +23,12 @@ devices, ``--config-shards K`` the configurations too (``se.data_mesh``);
 ``--distributed`` runs one process per host on one global mesh
 (``jax.distributed.initialize``); only process 0 writes files and figures.
 
-Exit codes: 0 success; 1 training diverged or data unavailable (``run``),
-or a claim failed (``check``); 2 bad arguments or settings (the message
-names the argument or field).
+Exit codes: 0 success; 1 every configuration diverged or data unavailable
+(``run``), or a claim failed or the run is incomplete (``check``); 2 bad
+arguments or settings (the message names the argument or field). A sweep
+in which only some configurations diverged finishes the others and exits 0
+after naming the diverged ones and their steps (on stderr and in the
+summary); ``sam-eos check`` then fails it as incomplete.
 
 References:
   Long & Bartlett, "Sharpness-Aware Minimization and the Edge of Stability",
@@ -39,6 +42,8 @@ import os
 import sys
 import time
 from typing import Callable, Sequence
+
+import numpy as np
 
 from sam_eos.experiments import presets
 
@@ -94,7 +99,8 @@ def _parser() -> tuple[argparse.ArgumentParser,
   run.add_argument("--lr", type=_LR, nargs="+", metavar="ETA",
                    help="learning rates")
   run.add_argument("--seed", type=_SEED, nargs="+", metavar="S",
-                   help="training seeds (minibatches, Lanczos start)")
+                   help="seeds: each its own initialization, minibatch "
+                   "draws and Lanczos start")
   run.add_argument("--steps", type=_POSITIVE, metavar="N",
                    help="number of training steps")
   run.add_argument("--track-every", type=_POSITIVE, metavar="N",
@@ -105,6 +111,8 @@ def _parser() -> tuple[argparse.ArgumentParser,
                    help="minibatch size (default: the preset's)")
   run.add_argument("--num-examples", type=_POSITIVE, metavar="N",
                    help="training examples (text crops for shakespeare)")
+  run.add_argument("--num-test-examples", type=_POSITIVE, metavar="N",
+                   help="held-out examples for test_loss and test_accuracy")
   run.add_argument("--data-parallel", action="store_true",
                    help="shard the batch over all local devices (GPUs, TPU "
                    "cores; on CPU set XLA_FLAGS="
@@ -150,8 +158,10 @@ def _parser() -> tuple[argparse.ArgumentParser,
 
   check = commands.add_parser(
       "check", help="check the paper's claims on a run folder",
-      description="Check GD at 2/eta and SAM at its SAM-edge over the last "
-      "third of a run; exit 1 if a claim fails.")
+      description="Check the paper's claims (GD sharpens to 2/eta and "
+      "oscillates there, SAM at its SAM-edge and below 2/eta, flat early, "
+      "tracking its edge) on every seed of a finished run; exit 1 if a claim "
+      "fails or the run is incomplete.")
   check.add_argument("run_dir", metavar="DIR", help="a run folder")
   return parser, {"run": run, "plot": plot, "check": check}
 
@@ -161,7 +171,8 @@ def _overrides(args: argparse.Namespace) -> dict[str, object]:
   pairs = {"rhos": args.rho, "learning_rates": args.lr, "seeds": args.seed,
            "num_steps": args.steps, "track_every": args.track_every,
            "num_lanczos_iters": args.lanczos_iters,
-           "batch_size": args.batch_size, "num_examples": args.num_examples}
+           "batch_size": args.batch_size, "num_examples": args.num_examples,
+           "num_test_examples": args.num_test_examples}
   return {k: tuple(v) if isinstance(v, list) else v
           for k, v in pairs.items() if v is not None}
 
@@ -186,22 +197,34 @@ def _print_config(config: presets.ExperimentConfig) -> None:
 
 
 def _summary(out_dir: str) -> list[str]:
-  """Per configuration: final loss and the tail medians of the edge ratios."""
+  """Per configuration the final loss, test accuracy and window medians;
+  then the claims over seeds (``claims.summarize``) and the findings."""
   from sam_eos import history  # pylint: disable=g-import-not-at-top
   from sam_eos.experiments import claims  # pylint: disable=g-import-not-at-top
-  configs = claims.split_configs(
-      history.read_csv(os.path.join(out_dir, "metrics.csv")))
+  metrics = history.read_csv(os.path.join(out_dir, "metrics.csv"))
+  configs = claims.split_configs(metrics)
   lines = [f"{'config':>6} {'eta':>8} {'rho':>6} {'seed':>4} {'step':>7} "
-           f"{'loss':>10} {'S/(2/eta)':>10} {'S/SAM-edge':>10}"]
+           f"{'loss':>10} {'test_acc':>8} {'S/(2/eta)':>10} {'S/SAM-edge':>10}"]
+  last = max(int(rows["step"][-1]) for rows in configs.values()
+             if rows["step"].size)
   for c, rows in configs.items():
     if rows["step"].size == 0:
       continue
+    accuracy = rows.get("test_accuracy")
+    stopped = "  (diverged: rows stop early)" if rows["step"][-1] < last else ""
     lines.append(
         f"{c:>6} {rows['learning_rate'][0]:>8.4g} {rows['rho'][0]:>6g} "
         f"{rows['seed'][0]:>4} {rows['step'][-1]:>7} {rows['loss'][-1]:>10.4g} "
+        f"{'-' if accuracy is None else f'{accuracy[-1]:.3f}':>8} "
         f"{claims.tail_median(rows, 'sharpness', 'gd_edge'):>10.3f} "
-        f"{claims.tail_median(rows, 'sharpness', 'sam_edge'):>10.3f}")
-  lines.append("S = sharpness; medians over the last third of the steps.")
+        f"{claims.tail_median(rows, 'sharpness', 'sam_edge'):>10.3f}{stopped}")
+  lines.append("S = sharpness; medians over the last third of the steps; "
+               "test_acc at the last tracked step.")
+  try:
+    lines += [""] + claims.summarize(claims.check_claims(metrics))
+  except ValueError as e:
+    lines.append(f"claims not checked: {e}")
+  lines += claims.findings(metrics)
   return lines
 
 
@@ -263,9 +286,16 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
   start = time.perf_counter()
   status = EXIT_OK
   try:
-    runner.run_experiment(config, out_dir, progress=not args.no_progress,
-                          overwrite=args.overwrite, x_axis=args.x_axis,
-                          mesh=mesh)
+    result = runner.run_experiment(
+        config, out_dir, progress=not args.no_progress,
+        overwrite=args.overwrite, x_axis=args.x_axis, mesh=mesh)
+    learning_rates, rhos, seeds = runner.sweep(config)
+    for c, step in enumerate(np.atleast_1d(result.diverged_at)):
+      if step >= 0:
+        print(f"Configuration {c} (eta={learning_rates[c]:g}, "
+              f"rho={rhos[c]:g}, seed={seeds[c]}) diverged at step {step}; "
+              "its rows stop there, the other configurations ran to the end.",
+              file=sys.stderr)
   except se.TrainingDiverged as e:
     print(f"Training diverged at step {e.step} (configuration {e.config}): {e}",
           file=sys.stderr)
@@ -312,20 +342,31 @@ def _list() -> int:
 
 def _check(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
   from sam_eos import history  # pylint: disable=g-import-not-at-top
-  from sam_eos.experiments import claims  # pylint: disable=g-import-not-at-top
+  from sam_eos.experiments import claims, plots  # pylint: disable=g-import-not-at-top
   path = os.path.join(args.run_dir, "metrics.csv")
   if not os.path.exists(path):
     parser.error(f"argument DIR: {args.run_dir!r} has no metrics.csv; pass a "
                  "run folder written by `sam-eos run`")
   try:
+    metrics, metadata = plots.load_run(args.run_dir)
+    if metadata:  # a run of sam-eos run: it must be complete and sound
+      claims.check_history(metrics,
+                           presets.ExperimentConfig.from_dict(metadata),
+                           complete=True)
     results = claims.check_claims(history.read_csv(path))
   except ValueError as e:
     print(f"sam-eos check: {e}", file=sys.stderr)
     return EXIT_FAILED
   for claim in results:
     print(claim)
+  print()
+  print("\n".join(claims.summarize(results)))
+  for line in claims.findings(metrics):
+    print(line)
   passed = all(c.passed for c in results)
-  print(f"{sum(c.passed for c in results)}/{len(results)} claims hold.")
+  print(f"{sum(c.passed for c in results)}/{len(results)} claims hold "
+        f"({sum(not c.applicable for c in results)} of them N/A), every "
+        "seed judged on its own.")
   return EXIT_OK if passed else EXIT_FAILED
 
 

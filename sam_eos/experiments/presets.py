@@ -4,28 +4,18 @@ Every experiment of Long & Bartlett (2023) and Cohen et al.'s (2021) CIFAR-10
 baseline is registered under a name with two presets:
 
 - ``paper``: the published settings (from the paper and the authors'
-  released JAX code, ``google-deepmind/sam_edge``). They need an
-  accelerator. The times below are ESTIMATES, not measurements: FLOPs per
-  step (every configuration of the vmapped sweep computes two gradients per
-  step, plus ``num_lanczos_iters`` Hessian-vector products, about two
-  gradients each, every ``track_every`` steps) at an assumed 10-30 TFLOP/s
-  sustained on one H100 in float32.
+  released JAX code, ``google-deepmind/sam_edge``), with a ``rho`` grid and
+  three seeds of our choice. They need an accelerator and have not been run
+  yet: per step, every configuration of the vmapped sweep computes two
+  gradients, plus ``num_lanczos_iters`` Hessian-vector products (about two
+  gradients each) every ``track_every`` steps; no time is claimed for them.
 - ``cpu``: a shrunk version (fewer examples, a smaller network, another step
-  size where needed) that shows the same claims on a 2-core CPU; the times
-  below were measured by ``make figures`` (``sam-eos run NAME``) on a shared
-  2-core machine (load 1-3), GD and SAM as one vmapped program, compilation
-  and figures included; ``docs/figures/times.json`` has the latest.
-
-=============================  ===============  ============================
-experiment                     cpu (measured)   paper (estimated, one H100)
-=============================  ===============  ============================
-``mnist-mlp``                  90 s             1-2 h (~1e13 FLOP per step)
-``cifar10-cnn``                150 s            5-15 min (~1e11 per step)
-``shakespeare-transformer``    36 s             10-20 min (~7e11 per step)
-``cifar10-5k``                 53 s             3-5 min (~2e11 per step)
-``cifar10-5k-cnn``             ~2.5 min         15-30 min (~1e12 per step)
-``quadratic``                  3 s              3 s
-=============================  ===============  ============================
+  size where needed) in the regime the paper is about where a 2-core CPU
+  allows it: GD starts below ``2/eta`` and sharpens to it. Every cpu preset
+  runs three seeds (each its own initialization) and tracks at least 20
+  points in the claim window. ``make figures`` measures their wall times
+  (``docs/figures/times.json``, the README's table); ``KNOWN_FAILURES``
+  lists the claims a cpu preset does not show, with the likely reason.
 
 Step counts of the ``paper`` presets are our choice: the authors trained for
 a fixed wall-clock time (4 to 12 hours on a V100), not a number of steps.
@@ -33,13 +23,15 @@ a fixed wall-clock time (4 to 12 hours on a V100), not a number of steps.
 Settings common to the image experiments (authors' code): full-batch GD/SAM
 with no momentum or weight decay, pixels / 256 centred by the mean training
 image, one-hot targets, the loss ``mean((f(x) - y)^2)`` over examples and
-classes, Glorot-normal kernels with zero biases, SAM's ``eps = 1e-5``.
+classes, Glorot-normal kernels with zero biases (PyTorch's default init for
+Cohen et al.'s models), SAM's ``eps = 1e-5``.
 
 References:
   Long & Bartlett, "Sharpness-Aware Minimization and the Edge of Stability",
   arXiv:2309.12488, 2023 (JMLR 2024), Section 4, and the authors' code.
   Cohen, Kaur, Li, Kolter & Talwalkar, "Gradient Descent on Neural Networks
-  Typically Occurs at the Edge of Stability", ICLR 2021 (``cifar10-5k``).
+  Typically Occurs at the Edge of Stability", ICLR 2021
+  (``cifar10-fc-tanh``, ``cifar10-cnn-relu``).
   Bartlett, Long & Bousquet, "The Dynamics of Sharpness-Aware Minimization",
   JMLR 2023 (the quadratic test vector).
 """
@@ -284,54 +276,68 @@ def _is_int(value: Any, minimum: int) -> bool:
 _IMAGE = dict(loss="mse", momentum=0.0, eps=1e-5, normalize=True,
               batch_size=None)
 
+# CPU: Cohen et al.'s cnn-relu with 4-8 channels on the first 128 images.
+CNN_RELU_CPU = ExperimentConfig(
+    name="cifar10-cnn-relu", preset="cpu",
+    description="CIFAR-10 (first 128), cnn-relu 4-8 channels",
+    dataset="cifar10", num_examples=128, model="cnn-relu",
+    model_kwargs={"channels": (4, 8)}, loss="half_sse",
+    learning_rates=(0.01,), rhos=(0.0, 0.1), seeds=(0, 1, 2),
+    standardize=True, num_steps=1_500, track_every=25, num_lanczos_iters=10,
+    momentum=0.0, eps=1e-5, batch_size=None, num_test_examples=256)
+
 EXPERIMENTS: dict[str, dict[str, ExperimentConfig]] = {
     "mnist-mlp": {
         # Paper: all 60,000 training images, MLP 784-1000-1000-1000-10 ReLU,
-        # full-batch GD/SAM at eta = 0.01. The rho grid is like the paper's
-        # (its figures show one rho each; these four cover them).
+        # full-batch GD/SAM at eta = 0.01. The rho grid is our choice (no
+        # source gives one; the paper's figures show one rho each).
         "paper": ExperimentConfig(
             name="mnist-mlp", preset="paper",
             description="MNIST, MLP 784-1000-1000-1000-10 ReLU, full batch",
             dataset="mnist", num_examples=None, model="mlp",
             model_kwargs={"hidden_sizes": (1000, 1000, 1000)},
             learning_rates=(0.01,), rhos=(0.0, 0.01, 0.1, 1.0),
-            num_steps=20_000, track_every=100, num_lanczos_iters=20, **_IMAGE),
-        # CPU: first 2,000 images, 784-256-256-10, eta = 1.0 (2/eta = 2). GD
-        # sharpens to 2/eta by step ~400 and stays (0.99 x 2/eta); SAM
-        # (rho = 0.1) sits at its edge (1.05 x), at a fifth of 2/eta.
+            seeds=(0, 1, 2), num_steps=20_000, track_every=100,
+            num_lanczos_iters=20, num_test_examples=10_000, **_IMAGE),
+        # CPU: first 2,000 images, 784-128-128-128-10 (three hidden layers,
+        # as in the paper). The initial sharpness of the three seeds is
+        # 1.42-1.58, so eta = 0.9 (2/eta = 2.22) starts GD at about 0.7 x
+        # 2/eta, in the regime of progressive sharpening.
         "cpu": ExperimentConfig(
             name="mnist-mlp", preset="cpu",
-            description="MNIST (first 2,000), MLP 784-256-256-10 ReLU",
+            description="MNIST (first 2,000), MLP 784-128-128-128-10 ReLU",
             dataset="mnist", num_examples=2_000, model="mlp",
-            model_kwargs={"hidden_sizes": (256, 256)},
-            learning_rates=(1.0,), rhos=(0.0, 0.1),
-            num_steps=900, track_every=20, num_lanczos_iters=10, **_IMAGE),
+            model_kwargs={"hidden_sizes": (128, 128, 128)},
+            learning_rates=(0.9,), rhos=(0.0, 0.1), seeds=(0, 1, 2),
+            num_steps=1_500, track_every=25, num_lanczos_iters=10,
+            num_test_examples=1_000, **_IMAGE),
     },
     "cifar10-cnn": {
         # Paper: first 1,000 CIFAR-10 training images, CNN with blocks of 16
         # and 32 channels ([conv 3x3 -> ReLU -> LayerNorm] + max-pool), eta =
-        # 0.01.
+        # 0.01. Test metrics on the first 1,000 test images (bundled).
         "paper": ExperimentConfig(
             name="cifar10-cnn", preset="paper",
             description="CIFAR-10 (first 1,000), CNN 16-32 channels",
             dataset="cifar10", num_examples=1_000, model="cnn",
             model_kwargs={"channels": (16, 32)},
             learning_rates=(0.01,), rhos=(0.0, 0.01, 0.1, 1.0),
-            num_steps=20_000, track_every=100, num_lanczos_iters=20, **_IMAGE),
-        # CPU: first 64 images, 8-16 channels (11,690 parameters): the
-        # sharpness at initialization is ~201, at 2/eta = 200, so GD starts
-        # at the edge and stays just below it (0.96 x 2/eta); SAM (rho =
-        # 0.1) sits at its edge (1.09 x), at a sixth of 2/eta. XLA's CPU
-        # convolutions (and their Hessian-vector products) are slow, hence
-        # the small sizes and the sparse tracking; later in training (steps
-        # 200-300) SAM's ratio drifts up to 1.1-1.2 as ||g|| shrinks.
+            seeds=(0, 1, 2), num_steps=20_000, track_every=100,
+            num_lanczos_iters=20, num_test_examples=1_000, **_IMAGE),
+        # CPU: first 64 images, 8-16 channels. NOT the regime of the paper:
+        # the sharpness at initialization is already about 2/eta = 200 (GD
+        # starts at the edge, a known failure of gd_sharpens), and 256 or
+        # more images do not fit the CPU budget: with 20 tracked points in
+        # the claim window, 3 seeds and GD + SAM, XLA's CPU convolutions
+        # and their Hessian-vector products take over 5 minutes on 2 cores.
         "cpu": ExperimentConfig(
             name="cifar10-cnn", preset="cpu",
             description="CIFAR-10 (first 64), CNN 8-16 channels",
             dataset="cifar10", num_examples=64, model="cnn",
             model_kwargs={"channels": (8, 16)},
-            learning_rates=(0.01,), rhos=(0.0, 0.1),
-            num_steps=200, track_every=20, num_lanczos_iters=8, **_IMAGE),
+            learning_rates=(0.01,), rhos=(0.0, 0.1), seeds=(0, 1, 2),
+            num_steps=200, track_every=3, num_lanczos_iters=8,
+            num_test_examples=256, **_IMAGE),
     },
     "shakespeare-transformer": {
         # Paper: Tiny Shakespeare (last 10,000 lines held out), bytes as
@@ -346,76 +352,67 @@ EXPERIMENTS: dict[str, dict[str, ExperimentConfig]] = {
             model_kwargs={"num_layers": 6, "num_heads": 8, "key_size": 32,
                           "model_size": 128},
             loss="cross_entropy", learning_rates=(0.1,),
-            rhos=(0.0, 0.01, 0.1, 1.0), batch_size=128, context_length=64,
-            num_steps=20_000, track_every=100, num_lanczos_iters=20,
-            eps=1e-5),
+            rhos=(0.0, 0.01, 0.1, 1.0), seeds=(0, 1, 2), batch_size=128,
+            context_length=64, num_steps=20_000, track_every=100,
+            num_lanczos_iters=20, eps=1e-5, num_test_examples=None),
         # CPU: a 2-layer, width-32 transformer on 2,048 crops of 32 + 1
-        # characters, batch 32. The sharpness of SGD's minibatch sits a
-        # little above 2/eta, more so for larger eta (medians measured at
-        # eta = 0.03, 0.04, 0.05, 0.1, 0.2: 1.03, 1.06, 1.08, 1.14, 1.35 x
-        # 2/eta), so the cpu preset uses eta = 0.04.
+        # characters, batch 32, at the paper's eta = 0.1 and at 0.04: the
+        # minibatch sharpness sits above 2/eta, more so for larger eta (the
+        # README reports both).
         "cpu": ExperimentConfig(
             name="shakespeare-transformer", preset="cpu",
             description="Tiny Shakespeare (2,048 crops), 2-layer transformer",
             dataset="shakespeare", num_examples=2_048, model="transformer",
             model_kwargs={"num_layers": 2, "num_heads": 2, "key_size": 16,
                           "model_size": 32},
-            loss="cross_entropy", learning_rates=(0.04,), rhos=(0.0, 0.1),
-            batch_size=32, context_length=32, num_steps=600, track_every=10,
-            num_lanczos_iters=10, eps=1e-5),
+            loss="cross_entropy", learning_rates=(0.04, 0.1), rhos=(0.0, 0.1),
+            seeds=(0, 1, 2), batch_size=32, context_length=32, num_steps=600,
+            track_every=10, num_lanczos_iters=10, eps=1e-5,
+            num_test_examples=512),
     },
-    "cifar10-5k": {
+    "cifar10-fc-tanh": {
         # Cohen et al. 2021: first 5,000 CIFAR-10 training images (centred
-        # and standardized), fc-tanh 3072-200-200-10, loss 1/2 * sum over
-        # classes averaged over examples, full-batch GD at two of their step
-        # sizes (2/eta = 30 and 50); a SAM row for comparison.
+        # and standardized), fc-tanh 3072-200-200-10 with PyTorch's default
+        # init, loss 1/2 * sum over classes averaged over examples,
+        # full-batch GD at two of their step sizes (2/eta = 30 and 50); a SAM
+        # row for comparison.
         "paper": ExperimentConfig(
-            name="cifar10-5k", preset="paper",
+            name="cifar10-fc-tanh", preset="paper",
             description="CIFAR-10 (first 5,000), fc-tanh 3072-200-200-10 "
                         "(Cohen et al.)",
             dataset="cifar10", num_examples=5_000, model="fc-tanh",
             model_kwargs={}, loss="half_sse", learning_rates=(2 / 30, 2 / 50),
-            rhos=(0.0, 0.1), standardize=True, num_steps=10_000,
-            track_every=50, num_lanczos_iters=20, momentum=0.0, eps=1e-5,
-            batch_size=None),
-        # CPU: the first 500 images, 3072-64-64-10 tanh, 2/eta = 30. With
-        # Glorot-normal kernels (models.py; Cohen et al. used PyTorch's
-        # default init) the sharpness starts near 270, so GD reaches 2/eta by
-        # a catapult within 25 steps rather than by progressive sharpening,
-        # and then stays there (1.05 x 2/eta).
+            rhos=(0.0, 0.1), seeds=(0, 1, 2), standardize=True,
+            num_steps=10_000, track_every=50, num_lanczos_iters=20,
+            momentum=0.0, eps=1e-5, batch_size=None,
+            num_test_examples=10_000),
+        # CPU: the first 500 images, 3072-64-64-10 tanh. The sharpness at
+        # initialization is about 120 (all seeds), above Cohen et al.'s
+        # 2/eta = 30 and 50, so eta = 0.01 (2/eta = 200): GD starts at
+        # 0.4-0.6 x 2/eta and sharpens progressively to the edge.
         "cpu": ExperimentConfig(
-            name="cifar10-5k", preset="cpu",
+            name="cifar10-fc-tanh", preset="cpu",
             description="CIFAR-10 (first 500), fc-tanh 3072-64-64-10",
             dataset="cifar10", num_examples=500, model="fc-tanh",
             model_kwargs={"hidden_sizes": (64, 64)}, loss="half_sse",
-            learning_rates=(2 / 30,), rhos=(0.0, 0.1), standardize=True,
-            num_steps=1_500, track_every=25, num_lanczos_iters=10,
-            momentum=0.0, eps=1e-5, batch_size=None),
+            learning_rates=(0.01,), rhos=(0.0, 0.1), seeds=(0, 1, 2),
+            standardize=True, num_steps=4_000, track_every=50,
+            num_lanczos_iters=10, momentum=0.0, eps=1e-5, batch_size=None,
+            num_test_examples=500),
     },
-    "cifar10-5k-cnn": {
+    "cifar10-cnn-relu": {
         # Cohen et al.'s cnn-relu (two [conv(32) -> ReLU -> max-pool]
-        # blocks) on the same 5,000 images and loss.
+        # blocks, PyTorch's default init) on the same 5,000 images and loss.
         "paper": ExperimentConfig(
-            name="cifar10-5k-cnn", preset="paper",
+            name="cifar10-cnn-relu", preset="paper",
             description="CIFAR-10 (first 5,000), cnn-relu (Cohen et al.)",
             dataset="cifar10", num_examples=5_000, model="cnn-relu",
             model_kwargs={}, loss="half_sse", learning_rates=(2 / 30, 2 / 50),
-            rhos=(0.0, 0.1), standardize=True, num_steps=10_000,
-            track_every=50, num_lanczos_iters=20, momentum=0.0, eps=1e-5,
-            batch_size=None),
-        # CPU: the first 64 images, 4-8 channels, 2/eta = 30. GD sharpens
-        # progressively and reaches 2/eta only near step 600 (median 0.96 x
-        # 2/eta over steps 467-700 measured). SAM does NOT sit at its edge at
-        # this size (median sharpness / SAM-edge 1.43), so this preset is
-        # not among the claim checks; cifar10-5k is.
-        "cpu": ExperimentConfig(
-            name="cifar10-5k-cnn", preset="cpu",
-            description="CIFAR-10 (first 64), cnn-relu 4-8 channels",
-            dataset="cifar10", num_examples=64, model="cnn-relu",
-            model_kwargs={"channels": (4, 8)}, loss="half_sse",
-            learning_rates=(2 / 30,), rhos=(0.0, 0.1), standardize=True,
-            num_steps=800, track_every=20, num_lanczos_iters=10,
-            momentum=0.0, eps=1e-5, batch_size=None),
+            rhos=(0.0, 0.1), seeds=(0, 1, 2), standardize=True,
+            num_steps=10_000, track_every=50, num_lanczos_iters=20,
+            momentum=0.0, eps=1e-5, batch_size=None,
+            num_test_examples=10_000),
+        "cpu": CNN_RELU_CPU,
     },
     "quadratic": {
         # Bartlett, Long & Bousquet's test vector: Hessian diag(50, 20, 5, 1),
@@ -429,14 +426,33 @@ EXPERIMENTS: dict[str, dict[str, ExperimentConfig]] = {
             dataset="quadratic", num_examples=None, model="quadratic",
             model_kwargs={"diagonal": (50.0, 20.0, 5.0, 1.0)},
             loss="quadratic", learning_rates=(0.01,), rhos=(0.05, 0.1),
-            num_steps=500, track_every=5, num_lanczos_iters=4, eps=0.0),
+            seeds=(0, 1, 2), num_steps=500, track_every=5,
+            num_lanczos_iters=4, eps=0.0),
         "cpu": ExperimentConfig(
             name="quadratic", preset="cpu",
             description="Quadratic diag(50, 20, 5, 1): SAM's exact 2-cycle",
             dataset="quadratic", num_examples=None, model="quadratic",
             model_kwargs={"diagonal": (50.0, 20.0, 5.0, 1.0)},
             loss="quadratic", learning_rates=(0.01,), rhos=(0.05, 0.1),
-            num_steps=500, track_every=5, num_lanczos_iters=4, eps=0.0),
+            seeds=(0, 1, 2), num_steps=500, track_every=5,
+            num_lanczos_iters=4, eps=0.0),
+    },
+}
+
+# The cpu presets whose claims ``make test`` checks (every seed).
+CLAIM_PRESETS = ("mnist-mlp", "cifar10-cnn", "shakespeare-transformer",
+                 "cifar10-fc-tanh", "cifar10-cnn-relu", "quadratic")
+
+# Findings, not passes: claims a cpu preset does NOT show, as
+# ``{name: {(claim, learning_rate, rho): reason}}``. The README reports them
+# with their numbers (``make figures``); the slow tests require every other
+# claim to hold for every seed.
+KNOWN_FAILURES: dict[str, dict[tuple[str, float, float], str]] = {
+    "cifar10-cnn": {
+        ("gd_sharpens", 0.01, 0.0):
+            "the sharpness at initialization is already about 2/eta; the "
+            "sharpening regime needs more images and steps than a CPU run "
+            "affords",
     },
 }
 
@@ -445,8 +461,8 @@ def list_experiments() -> list[str]:
   """The registered experiment names, sorted.
 
   Examples:
-    >>> list_experiments()[:2]
-    ['cifar10-5k', 'cifar10-5k-cnn']
+    >>> list_experiments()[:3]
+    ['cifar10-cnn', 'cifar10-cnn-relu', 'cifar10-fc-tanh']
   """
   return sorted(EXPERIMENTS)
 

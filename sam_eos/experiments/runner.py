@@ -335,8 +335,10 @@ def run_experiment(config: ExperimentConfig, out_dir: str | os.PathLike,
     ValueError: for data requests that cannot be met, an unwritable
       ``out_dir``, an ``out_dir`` holding a run of other settings, or a bad
       ``x_axis``.
-    se.TrainingDiverged: if a configuration's loss became non-finite; the
-      rows before it are in ``metrics.csv`` and the figures.
+    se.TrainingDiverged: if every configuration's loss became non-finite;
+      the rows before it are in ``metrics.csv`` and the figures. When only
+      some diverged, the others run to the end, ``se.train`` warns and
+      ``result.diverged_at`` names the step of each (-1 if finite).
   """
   if x_axis not in ("step", "wall_time"):
     raise ValueError(f"`x_axis` must be 'step' or 'wall_time', got {x_axis!r}.")

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from sam_eos import history
-from sam_eos.experiments import claims, cli
+from sam_eos.experiments import claims, cli, presets
 
 NUM_ROWS = 90  # a row every 10 steps: 30 in the last third
 
@@ -227,19 +227,28 @@ def test_bad_metrics_are_named():
     claims.check_claims(empty)
 
 
-# The cpu presets of the paper's three experiments and Cohen et al.'s
-# baseline, run through the real entry point; each takes 1-2.5 minutes on
-# two CPU cores (GD and SAM in one vmapped program).
+# Every cpu preset, run through the real entry point with all its seeds
+# (about 1-4 minutes each on two CPU cores). Each claim must hold for every
+# seed, except the findings listed in presets.KNOWN_FAILURES, which the
+# README reports with their numbers.
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["mnist-mlp", "cifar10-cnn",
-                                  "shakespeare-transformer", "cifar10-5k"])
+@pytest.mark.parametrize("name", presets.CLAIM_PRESETS)
 def test_cpu_preset_shows_the_claims(name, tmp_path, capsys):
+  config = presets.get_experiment(name)
+  assert len(config.seeds) >= 3
   out = str(tmp_path / name)
   assert cli.main(["run", name, "--out", out, "--no-progress"]) == 0
   results = claims.check_claims(history.read_csv(os.path.join(out,
                                                               "metrics.csv")))
-  assert {c.name for c in results} == {"gd_at_edge", "sam_at_sam_edge",
-                                       "sam_below_gd_edge"}
-  assert all(c.passed for c in results), "\n".join(map(str, results))
-  assert cli.main(["check", out]) == 0
-  assert "claims hold" in capsys.readouterr().out
+  known = presets.KNOWN_FAILURES.get(name, {})
+  expected = {"window_points", "gd_at_edge", "gd_sharpens", "gd_oscillates",
+              "sam_at_sam_edge", "sam_below_gd_edge", "edge_tracking",
+              "early_flattening"}
+  assert {c.name for c in results} == expected
+  unexpected = [str(c) for c in results if not c.passed
+                and (c.name, c.learning_rate, c.rho) not in known]
+  assert not unexpected, "\n".join(unexpected)
+  failed = any(not c.passed for c in results)
+  assert cli.main(["check", out]) == (1 if failed else 0)
+  printed = capsys.readouterr().out
+  assert "claims hold" in printed and "SAM offset" in printed

@@ -23,7 +23,7 @@ def tiny_args(name: str, preset: str) -> list[str]:
   config = presets.get_experiment(name, preset)
   args = ["run", name, "--preset", preset] + TINY
   if config.dataset != "quadratic":
-    args += ["--num-examples", "8"]
+    args += ["--num-examples", "8", "--num-test-examples", "8"]
   if config.batch_size is not None:
     args += ["--batch-size", "4"]
   return args
@@ -137,7 +137,7 @@ def test_invalid_preset_value_exits_2(tmp_path, capsys):
 
 def test_missing_data_exits_1_saying_what_to_fetch(tmp_path, capsys):
   # 5,000 CIFAR-10 images exceed the local copies; downloads are disabled.
-  assert cli.main(["run", "cifar10-5k", "--preset", "paper", "--out",
+  assert cli.main(["run", "cifar10-fc-tanh", "--preset", "paper", "--out",
                    str(tmp_path / "r"), "--no-progress"]) == 1
   err = capsys.readouterr().err
   assert "data unavailable" in err and "cifar-10-binary.tar.gz" in err
@@ -189,7 +189,8 @@ def test_plot_redraws_and_overlays(quadratic_runs, tmp_path, capsys):
   assert cli.main(["plot", first, second, "--out", out, "--x",
                    "wall_time"]) == 0
   printed = capsys.readouterr().out.split()
-  assert printed[-4:] == [os.path.join(out, name) for name in plots.FIGURES]
+  assert printed[-len(plots.FIGURES):] == [os.path.join(out, name)
+                                          for name in plots.FIGURES]
   assert cli.main(["plot", str(tmp_path / "missing")]) == 2
   assert "argument DIR" in capsys.readouterr().err
 
@@ -197,13 +198,32 @@ def test_plot_redraws_and_overlays(quadratic_runs, tmp_path, capsys):
 def test_check_exit_code_follows_the_claims(quadratic_runs, tmp_path, capsys):
   # SAM settles into its 2-cycle at the SAM-edge exactly.
   assert cli.main(["check", quadratic_runs["sam"]]) == 0
-  assert "2/2 claims hold" in capsys.readouterr().out
+  printed = capsys.readouterr().out
+  assert "PASS  sam_at_sam_edge    config 0 (eta=0.01, rho=0.05" in printed
+  assert "4/4 claims hold (1 of them N/A)" in printed
+  assert "SAM offset (eta=0.01, rho=0.05): median sharpness / SAM-edge 1.000" \
+      in printed
   # GD on a fixed quadratic stays at lam1 = 50, a quarter of 2/eta = 200.
   assert cli.main(["check", quadratic_runs["gd_sam"]]) == 1
   printed = capsys.readouterr().out
-  assert "FAIL  config 0 (eta=0.01, rho=0, seed=0)" in printed
-  assert "= 0.250" in printed and "2/3 claims hold" in printed
+  assert ("FAIL  gd_at_edge         config 0 (eta=0.01, rho=0, seed=0): "
+          "median sharpness / (2/eta) = 0.250") in printed
+  assert "FAIL  gd_at_edge         eta=0.01  rho=0     1 seeds" in printed
   assert cli.main(["check", str(tmp_path / "missing")]) == 2
+
+
+def test_check_fails_an_incomplete_run(quadratic_runs, tmp_path, capsys):
+  out = str(tmp_path / "short")
+  assert cli.main(["run", "quadratic", "--rho", "0.05", "--steps", "300",
+                   "--out", out, "--no-progress"]) == 0
+  with open(os.path.join(out, "config.json")) as f:
+    saved = json.load(f)
+  saved["metadata"]["num_steps"] = 400  # as if stopped after 300 of 400
+  with open(os.path.join(out, "config.json"), "w") as f:
+    json.dump(saved, f)
+  capsys.readouterr()
+  assert cli.main(["check", out]) == 1
+  assert "for a finished run" in capsys.readouterr().err
 
 
 def test_data_parallel_run_pads_and_matches_one_device(tmp_path, capsys):

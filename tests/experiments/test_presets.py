@@ -18,8 +18,8 @@ ALL = [(name, preset) for name in presets.list_experiments()
 
 def test_registry_names_and_presets():
   assert presets.list_experiments() == sorted([
-      "cifar10-5k", "cifar10-5k-cnn", "cifar10-cnn", "mnist-mlp", "quadratic",
-      "shakespeare-transformer"])
+      "cifar10-cnn", "cifar10-cnn-relu", "cifar10-fc-tanh", "mnist-mlp",
+      "quadratic", "shakespeare-transformer"])
   for name, preset in ALL:
     config = presets.get_experiment(name, preset)
     assert (config.name, config.preset) == (name, preset)
@@ -88,7 +88,7 @@ def test_paper_presets_hold_the_published_settings():
           lm.momentum, lm.eps) == ("cross_entropy", (0.1,), 128, 64, 0.0, 1e-5)
   assert lm.model_kwargs == {"key_size": 32, "model_size": 128,
                              "num_heads": 8, "num_layers": 6}
-  cohen = presets.get_experiment("cifar10-5k", "paper")
+  cohen = presets.get_experiment("cifar10-fc-tanh", "paper")
   assert (cohen.num_examples, cohen.model, cohen.loss, cohen.batch_size,
           cohen.standardize) == (5000, "fc-tanh", "half_sse", None, True)
   assert cohen.learning_rates == (2 / 30, 2 / 50) and 0.0 in cohen.rhos
@@ -135,6 +135,20 @@ def test_build_problem_of_each_cpu_preset(name):
   else:
     assert len(inputs) == 8 and targets.shape == (8, 10)
     assert np.allclose(targets.sum(axis=1), 1.0)
+
+
+def test_cpu_presets_are_evidence_over_seeds():
+  # Issue: claims over >= 3 seeds, with >= 20 tracked points in the window.
+  for name in presets.CLAIM_PRESETS:
+    config = presets.get_experiment(name)
+    assert len(config.seeds) >= 3, name
+    steps = range(0, config.num_steps, config.track_every)
+    window = [s for s in steps if s >= max(steps) * (1 - 1 / 3)]
+    assert len(window) >= 20, (name, len(window))
+  for name, known in presets.KNOWN_FAILURES.items():
+    config = presets.get_experiment(name)
+    for claim, eta, rho in known:
+      assert eta in config.learning_rates and rho in config.rhos, name
 
 
 def test_seeds_are_distinct_initializations():
