@@ -18,6 +18,7 @@ import jax
 import numpy as np
 
 from sam_eos import parallel
+from sam_eos._types import PyTree
 
 
 class Checkpoint(NamedTuple):
@@ -30,7 +31,7 @@ class Checkpoint(NamedTuple):
     wall_time: training seconds spent so far.
     signature: the settings the run was started with.
   """
-  state: Any
+  state: PyTree
   history: dict[str, np.ndarray]
   next_step: int
   wall_time: float
@@ -59,7 +60,7 @@ def signature_mismatch(saved: dict[str, Any], signature: dict[str, Any]
                 if saved.get(k) != signature.get(k))
 
 
-def save(path: str | os.PathLike, state: Any, history: dict[str, np.ndarray],
+def save(path: str | os.PathLike, state: PyTree, history: dict[str, np.ndarray],
          next_step: int, wall_time: float, signature: dict[str, Any]) -> None:
   """Writes a checkpoint atomically: a temp file, fsync, then rename.
 
@@ -90,7 +91,7 @@ def save(path: str | os.PathLike, state: Any, history: dict[str, np.ndarray],
   replace(tmp, path)
 
 
-def load(path: str | os.PathLike, template: Any,
+def load(path: str | os.PathLike, template: PyTree,
          signature: dict[str, Any] | None) -> Checkpoint:
   """Reads a checkpoint, rebuilding the carry on ``template``'s structure.
 

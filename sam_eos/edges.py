@@ -26,8 +26,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 
 from sam_eos import _checks
-
-ArrayLike = jnp.ndarray | float
+from sam_eos._types import ArrayLike
 
 
 def _threshold(momentum: ArrayLike) -> jnp.ndarray:

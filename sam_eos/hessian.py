@@ -9,7 +9,10 @@ computed exactly (no finite differences) as a forward-mode JVP of the
 reverse-mode gradient (Pearlmutter 1994). It costs a small constant times one
 gradient and never forms ``H``. ``hessian_matvec`` linearizes the gradient
 once at ``w`` so that many products at the same point (Lanczos, power
-iteration) reuse the forward pass. ``finite_difference_hvp`` (and
+iteration) reuse the forward pass; ``linearize_gradient`` also returns the
+loss and gradient of that linearization, for a caller that needs them too
+(the training loop), and ``flat_matvec`` turns such an operator into one on
+flat vectors, the form Lanczos takes. ``finite_difference_hvp`` (and
 ``finite_difference_matvec``) is the central-difference approximation used by
 the authors' power iteration, kept here beside the exact product for
 comparisons.
@@ -27,11 +30,10 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+from jax.flatten_util import ravel_pytree
 
 from sam_eos import _checks
-
-PyTree = Any
-LossFn = Callable[..., Any]
+from sam_eos._types import ArrayLike, LossFn, PyTree
 
 
 def gradient_fn(loss_fn: LossFn, batch: Any, *,
@@ -107,6 +109,59 @@ def hvp(loss_fn: LossFn, params: PyTree, batch: Any, vector: PyTree, *,
   return jax.jvp(grad, (params,), (tangent,))[1]
 
 
+def linearize_gradient(loss_fn: LossFn, params: PyTree, batch: Any, *,
+                       has_aux: bool = False
+                       ) -> tuple[jax.Array, PyTree, Callable[[PyTree], PyTree]]:
+  """Loss, gradient and the map ``v -> H(w) v``, from one linearization.
+
+  ``jax.linearize`` of ``w -> (L(w), grad L(w))`` evaluates the loss and
+  gradient at ``w`` (its primal output) and keeps the linear part of that
+  computation, ``v -> (grad L(w) . v, H(w) v)``, whose second half is the
+  Hessian-vector product (Pearlmutter's forward-over-reverse). A step that
+  needs the gradient and Hessian products at one point (the tracked steps of
+  the compiled training loop) so pays for a single gradient evaluation.
+
+  Args:
+    loss_fn: ``loss_fn(params, batch) -> scalar`` (or ``(scalar, aux)`` if
+      ``has_aux``).
+    params: parameter pytree ``w``, the linearization point.
+    batch: passed unchanged to ``loss_fn``.
+    has_aux: whether ``loss_fn`` returns ``(loss, aux)``; ``aux`` is dropped.
+
+  Returns:
+    ``(loss, grads, matvec)``: the scalar ``L(w)``, ``grad L(w)`` (a pytree
+    like ``params``) and ``matvec(vector) -> H(w) vector`` on pytrees like
+    ``params``, which raises ValueError if ``vector`` and ``params`` differ
+    in structure or shapes.
+
+  Examples:
+    On ``L(w) = 0.5 w^T A w``: ``L = 1.25``, ``g = A w``, ``H v = A v``:
+
+    >>> import jax.numpy as jnp
+    >>> from sam_eos.hessian import linearize_gradient
+    >>> a = jnp.array([[2.0, 1.0], [1.0, 3.0]])
+    >>> loss, g, matvec = linearize_gradient(lambda w, a: 0.5 * w @ a @ w,
+    ...                                      jnp.array([0.5, -1.0]), a)
+    >>> float(loss), g.tolist(), matvec(jnp.array([1.0, 0.0])).tolist()
+    (1.25, [0.0, -2.5], [2.0, 1.0])
+
+  References:
+    Pearlmutter 1994; JAX documentation of ``jax.linearize``.
+  """
+  value_and_grad = jax.value_and_grad(loss_fn, has_aux=has_aux)
+
+  def loss_and_grad(w: PyTree) -> tuple[jax.Array, PyTree]:
+    value, grads = value_and_grad(w, batch)
+    return (value[0] if has_aux else value), grads
+
+  (loss, grads), linear = jax.linearize(loss_and_grad, params)
+
+  def matvec(vector: PyTree) -> PyTree:
+    return linear(_as_tangent(params, vector))[1]
+
+  return loss, grads, matvec
+
+
 def hessian_matvec(loss_fn: LossFn, params: PyTree, batch: Any, *,
                    has_aux: bool = False) -> Callable[[PyTree], PyTree]:
   """The map ``v -> H(w) v`` at a fixed point, linearized once.
@@ -114,7 +169,8 @@ def hessian_matvec(loss_fn: LossFn, params: PyTree, batch: Any, *,
   ``jax.linearize`` evaluates the gradient at ``w`` once and keeps the
   linear (tangent) part of its computation, so each later product costs only
   the tangent pass: the right operator for iterative eigensolvers that apply
-  ``H(w)`` many times at one ``w``.
+  ``H(w)`` many times at one ``w``. It is the operator of
+  ``linearize_gradient``.
 
   Args:
     loss_fn: ``loss_fn(params, batch) -> scalar`` (or ``(scalar, aux)`` if
@@ -144,17 +200,42 @@ def hessian_matvec(loss_fn: LossFn, params: PyTree, batch: Any, *,
   References:
     Pearlmutter 1994; JAX documentation of ``jax.linearize``.
   """
-  grad = gradient_fn(loss_fn, batch, has_aux=has_aux)
-  _, linear = jax.linearize(grad, params)
+  return linearize_gradient(loss_fn, params, batch, has_aux=has_aux)[2]
 
-  def matvec(vector: PyTree) -> PyTree:
-    return linear(_as_tangent(params, vector))
 
-  return matvec
+def flat_matvec(matvec: Callable[[PyTree], PyTree], params: PyTree
+                ) -> Callable[[jax.Array], jax.Array]:
+  """An operator on pytrees like ``params`` as one on flat vectors.
+
+  ``v -> ravel(matvec(unravel(v)))`` in ``jax.flatten_util.ravel_pytree``
+  order, the form ``lanczos`` takes. The flat ``v`` may be wider than the
+  parameters (the eigensolvers' working dtype, e.g. float32 for bfloat16
+  parameters): it is cast to their flat dtype before the product, and the
+  product is returned in that dtype.
+
+  Args:
+    matvec: a linear map on pytrees like ``params`` (e.g. from
+      ``hessian_matvec``).
+    params: the parameter pytree that fixes the structure, shapes and dtypes.
+
+  Returns:
+    ``flat(v) -> flat(matvec(v))`` on vectors of shape ``(n,)``, ``n`` the
+    number of parameters.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from sam_eos.hessian import flat_matvec
+    >>> params = {"a": jnp.zeros(2), "b": jnp.zeros(())}
+    >>> double = lambda tree: {k: 2 * x for k, x in tree.items()}
+    >>> flat_matvec(double, params)(jnp.array([1.0, 2.0, 3.0])).tolist()
+    [2.0, 4.0, 6.0]
+  """
+  flat, unravel = ravel_pytree(params)
+  return lambda v: ravel_pytree(matvec(unravel(v.astype(flat.dtype))))[0]
 
 
 def finite_difference_matvec(loss_fn: LossFn, params: PyTree, batch: Any, *,
-                             fd_eps: float | jax.Array = 1e-3,
+                             fd_eps: ArrayLike = 1e-3,
                              has_aux: bool = False
                              ) -> Callable[[PyTree], PyTree]:
   """The map ``v -> (g(w + eps v) - g(w - eps v)) / (2 eps)``, ``g = grad L``.
@@ -207,7 +288,7 @@ def finite_difference_matvec(loss_fn: LossFn, params: PyTree, batch: Any, *,
 
 
 def finite_difference_hvp(loss_fn: LossFn, params: PyTree, batch: Any,
-                          vector: PyTree, *, fd_eps: float | jax.Array = 1e-3,
+                          vector: PyTree, *, fd_eps: ArrayLike = 1e-3,
                           has_aux: bool = False) -> PyTree:
   """Central-difference approximation of ``H(w) v`` (the paper's product).
 

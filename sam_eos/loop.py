@@ -19,7 +19,9 @@ real branch under ``vmap``), measures at ``w_t`` on the step's batch:
 * if the config has an ``eval_fn``, its scalars ``eval_fn(w_t, eval_data)``
   (e.g. test loss and accuracy), inside the same compiled program.
 
-It then takes the step ``w_{t+1} = w_t + base_update(grad L(w_t + e_t))``.
+It then takes the step ``w_{t+1} = w_t + base_update(grad L(w_t + e_t))``,
+the SAM gradient coming from ``sam.perturbed_gradient`` fed with the step's
+gradient (one more gradient per step; ``m_sharpness`` groups add their own).
 Steps with ``t >= end`` are skipped (``lax.cond``), so a partial last chunk
 reuses the same compiled program.
 
@@ -50,10 +52,10 @@ import optax
 from jax.flatten_util import ravel_pytree
 
 from sam_eos import edges
+from sam_eos._types import PyTree
+from sam_eos.hessian import flat_matvec, linearize_gradient
 from sam_eos.lanczos import lanczos
-from sam_eos.sam import sam_perturbation
-
-PyTree = Any
+from sam_eos.sam import global_norm, perturbed_gradient
 
 METRIC_NAMES = ("loss", "grad_norm", "sharpness", "lambda_min", "gd_edge",
                 "sam_edge", "grad_alignment", "sam_grad_alignment")
@@ -120,7 +122,8 @@ class LoopConfig:
       algorithm), or the number ``m`` of equal groups the batch is split
       into, each ascending with its own gradient and the SAM gradient being
       the mean of the groups' perturbed gradients (Foret et al.'s
-      per-device "m-sharpness"; a different algorithm).
+      per-device "m-sharpness"; a different algorithm; see
+      ``sam.perturbed_gradient``).
     batch_sharding: sharding of a drawn minibatch (data parallelism), or
       None.
     group_sharding: sharding of the ``(m, B/m, ...)`` groups, or None.
@@ -226,33 +229,6 @@ def sample_batch(data: PyTree, key: jax.Array, batch_size: int | None,
   return batch
 
 
-def _perturbed_gradient(config: LoopConfig, hparams: Hyperparams,
-                        params: PyTree, grads: PyTree, batch: Any) -> PyTree:
-  """``grad L(w + e)``: whole-batch SAM, or the m-sharpness mean over groups.
-
-  With ``rho == 0`` the incoming ``grads`` are returned (selected with
-  ``jnp.where``, so ``rho`` may be traced).
-  """
-  grad_fn = jax.grad(config.loss_fn)
-
-  def ascend(g, b):
-    e = sam_perturbation(g, hparams.rho, normalize=config.normalize,
-                         eps=config.eps)
-    return grad_fn(optax.apply_updates(params, e), b)
-
-  if config.m_sharpness is None:
-    sam_grads = ascend(grads, batch)
-  else:
-    m = config.m_sharpness
-    groups = jax.tree.map(lambda x: x.reshape((m, -1) + x.shape[1:]), batch)
-    if config.group_sharding is not None:
-      groups = jax.lax.with_sharding_constraint(groups, config.group_sharding)
-    per_group = jax.vmap(lambda b: ascend(grad_fn(params, b), b))(groups)
-    sam_grads = jax.tree.map(lambda x: jnp.mean(x, axis=0), per_group)
-  return jax.tree.map(lambda g, s: jnp.where(hparams.rho == 0, g, s),
-                      grads, sam_grads)
-
-
 def _abs_cos(u: jax.Array, v: jax.Array) -> jax.Array:
   """``|<u, v>| / (||u|| ||v||)``, 0 when either is zero."""
   denom = jnp.linalg.norm(u) * jnp.linalg.norm(v)
@@ -296,18 +272,13 @@ def _measure(config: LoopConfig, params: PyTree, batch: Any,
              ) -> tuple[jax.Array, PyTree, jax.Array, jax.Array, jax.Array]:
   """Loss, gradient, top eigenvector, top and bottom Ritz values at ``params``.
 
-  Linearizes ``value_and_grad`` once: its primal output is the step's loss
-  and gradient and its tangent map the Hessian-vector product fed to
-  Lanczos, warm-started from ``eigvec``.
+  Linearizes ``value_and_grad`` once (``hessian.linearize_gradient``): its
+  primal output is the step's loss and gradient and its tangent map the
+  Hessian-vector product fed to Lanczos, warm-started from ``eigvec``.
   """
-  flat, unravel = ravel_pytree(params)
-  value_and_grad = jax.value_and_grad(config.loss_fn)
-  (loss, grads), jvp = jax.linearize(lambda p: value_and_grad(p, batch), params)
-
-  def matvec(v: jax.Array) -> jax.Array:
-    return ravel_pytree(jvp(unravel(v.astype(flat.dtype)))[1])[0]
-
-  result = lanczos(matvec, eigvec, config.num_lanczos_iters)
+  loss, grads, matvec = linearize_gradient(config.loss_fn, params, batch)
+  result = lanczos(flat_matvec(matvec, params), eigvec,
+                   config.num_lanczos_iters)
   return (loss, grads, result.ritz_vectors[0], result.ritz_values[0],
           result.ritz_values[-1])
 
@@ -343,9 +314,12 @@ def _train_step(config: LoopConfig, hparams: Hyperparams, data: PyTree,
 
   loss, grads, eigvec, top_value, bottom_value, evals = jax.lax.cond(
       tracked, with_tracking, without_tracking, state.params, state.eigvec)
-  grad_norm = optax.tree.norm(grads)
+  grad_norm = global_norm(grads)
   if config.use_sam:
-    sam_grads = _perturbed_gradient(config, hparams, state.params, grads, batch)
+    sam_grads = perturbed_gradient(
+        config.loss_fn, state.params, batch, grads, rho=hparams.rho,
+        normalize=config.normalize, eps=config.eps,
+        m_sharpness=config.m_sharpness, group_sharding=config.group_sharding)
   else:
     sam_grads = grads
   optimizer = make_optimizer(config, hparams)

@@ -24,7 +24,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-PyTree = Any
+from sam_eos._types import PyTree
+
 DATA_AXIS = "data"
 CONFIG_AXIS = "config"
 

@@ -14,15 +14,15 @@ References:
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
 
 from sam_eos import _checks
-
-PyTree = Any
+from sam_eos._types import ArrayLike, LossFn, PyTree
+from sam_eos.hessian import gradient_fn
 
 
 class SAMGrad(NamedTuple):
@@ -100,7 +100,7 @@ def global_norm(tree: PyTree) -> jax.Array:
   return (scale * jnp.sqrt(total)).astype(dtype)
 
 
-def sam_perturbation(grads: PyTree, rho: float | jax.Array, *,
+def sam_perturbation(grads: PyTree, rho: ArrayLike, *,
                      normalize: bool = True, eps: float = 1e-12) -> PyTree:
   """The SAM ascent step ``rho * g / (||g|| + eps)`` (or ``rho * g``).
 
@@ -139,14 +139,129 @@ def sam_perturbation(grads: PyTree, rho: float | jax.Array, *,
   return jax.tree.map(lambda g: (scale * g).astype(g.dtype), grads)
 
 
-def sam_gradient(loss_fn: Callable[..., Any], params: PyTree, batch: Any, *,
-                 rho: float | jax.Array, normalize: bool = True,
-                 eps: float = 1e-12, has_aux: bool = False
+def _split_groups(batch: Any, m_sharpness: int) -> Any:
+  """``batch`` with each leaf's leading axis ``B`` reshaped to ``(m, B/m)``."""
+  def split(x: jax.Array) -> jax.Array:
+    if jnp.ndim(x) == 0 or jnp.shape(x)[0] % m_sharpness:
+      raise ValueError(
+          f"`m_sharpness` ({m_sharpness}) must divide the leading (example) "
+          f"axis of every leaf of `batch`; got a leaf of shape {jnp.shape(x)}.")
+    return jnp.reshape(x, (m_sharpness, -1) + jnp.shape(x)[1:])
+
+  return jax.tree.map(split, batch)
+
+
+def perturbed_gradient(loss_fn: LossFn, params: PyTree, batch: Any,
+                       grads: PyTree, *, rho: ArrayLike, normalize: bool = True,
+                       eps: float = 1e-12, m_sharpness: int | None = None,
+                       group_sharding: jax.sharding.Sharding | None = None,
+                       has_aux: bool = False) -> PyTree:
+  """The SAM gradient ``grad L(w + e)``, given the gradient ``g`` at ``w``.
+
+  Whole-batch SAM (``m_sharpness=None``, the algorithm Long & Bartlett
+  analyse) ascends along the given ``grads = g = grad L(w)`` and takes the
+  gradient there, on the same ``batch``: one gradient evaluation,
+
+    ``grad L(w + e)``,  ``e = sam_perturbation(g, rho)``.
+
+  m-sharpness (Foret et al. 2021, Sec. 4.1; their per-accelerator SAM)
+  splits the batch's leading axis of ``B`` examples into ``m`` consecutive
+  groups ``b_1, ..., b_m`` of ``B/m`` examples. Each group ascends with its
+  own gradient and the SAM gradient is the mean of the groups' perturbed
+  gradients:
+
+    ``e_j = sam_perturbation(grad L_{b_j}(w), rho)``,
+    ``g_SAM = (1/m) sum_j grad L_{b_j}(w + e_j)``,
+
+  two gradient evaluations per group (vmapped over the groups); ``grads``
+  then serves only the ``rho == 0`` case. With ``m = 1`` it is whole-batch
+  SAM.
+
+  For ``rho == 0`` the result is ``grads`` itself, bit for bit (selected with
+  ``jnp.where``, so ``rho`` may be traced, e.g. under ``vmap``), so SAM with
+  ``rho = 0`` is exactly the base method.
+
+  Args:
+    loss_fn: ``loss_fn(params, batch) -> scalar`` (or ``(scalar, aux)`` if
+      ``has_aux``).
+    params: parameter pytree ``w``.
+    batch: the batch passed to ``loss_fn``; with ``m_sharpness``, a pytree
+      of arrays sharing a leading (example) axis divisible by it.
+    grads: ``g = grad L(w)`` on ``batch``, a pytree like ``params`` (e.g.
+      from the caller's own ``jax.value_and_grad``, so it is not recomputed).
+    rho: radius ``rho >= 0`` (may be traced).
+    normalize: SAM (True) or unnormalized SAM (False).
+    eps: added to ``||g||`` in the normalization.
+    m_sharpness: None for whole-batch SAM, or the number ``m >= 1`` of
+      groups.
+    group_sharding: with ``m_sharpness``, a sharding the ``(m, B/m, ...)``
+      groups are constrained to (e.g. one group per device along a
+      ``"data"`` mesh axis), or None.
+    has_aux: whether ``loss_fn`` returns ``(loss, aux)``; ``aux`` is dropped.
+
+  Returns:
+    The SAM gradient, a pytree like ``params``.
+
+  Raises:
+    ValueError: for a concrete ``rho < 0`` or ``eps < 0``, an
+      ``m_sharpness`` that is not a positive integer dividing the batch's
+      leading axis, or a ``group_sharding`` without ``m_sharpness``.
+
+  Examples:
+    On ``L(w) = 0.5 * w^T diag(4, 1) w`` (no batch dependence) every group
+    sees the whole-batch gradient, so m-sharpness equals SAM:
+
+    >>> import jax.numpy as jnp
+    >>> from sam_eos.sam import perturbed_gradient
+    >>> loss = lambda w, b: 0.5 * jnp.sum(jnp.array([4.0, 1.0]) * w**2)
+    >>> w, batch = jnp.array([1.0, 0.0]), jnp.zeros((4, 1))
+    >>> perturbed_gradient(loss, w, batch, jnp.array([4.0, 0.0]), rho=0.5
+    ...                    ).tolist()
+    [6.0, 0.0]
+    >>> perturbed_gradient(loss, w, batch, jnp.array([4.0, 0.0]), rho=0.5,
+    ...                    m_sharpness=2).tolist()
+    [6.0, 0.0]
+
+  References:
+    Foret et al. 2021, Eq. (3) and Sec. 4.1 (m-sharpness); Long & Bartlett
+    2023, Eq. (1).
+  """
+  if group_sharding is not None and m_sharpness is None:
+    raise ValueError("`group_sharding` constrains the m-sharpness groups; it "
+                     "needs `m_sharpness`.")
+
+  def grad(w: PyTree, b: Any) -> PyTree:
+    return gradient_fn(loss_fn, b, has_aux=has_aux)(w)
+
+  def ascend(g: PyTree, b: Any) -> PyTree:
+    e = sam_perturbation(g, rho, normalize=normalize, eps=eps)
+    return grad(optax.apply_updates(params, e), b)
+
+  if m_sharpness is None:
+    sam_grads = ascend(grads, batch)
+  else:
+    m_sharpness = _checks.check_int("m_sharpness", m_sharpness, 1)
+    groups = _split_groups(batch, m_sharpness)
+    if group_sharding is not None:
+      groups = jax.lax.with_sharding_constraint(groups, group_sharding)
+    per_group = jax.vmap(lambda b: ascend(grad(params, b), b))(groups)
+    sam_grads = jax.tree.map(lambda x: jnp.mean(x, axis=0), per_group)
+  return jax.tree.map(lambda g, s: jnp.where(rho == 0, g, s),
+                      grads, sam_grads)
+
+
+def sam_gradient(loss_fn: LossFn, params: PyTree, batch: Any, *,
+                 rho: ArrayLike, normalize: bool = True, eps: float = 1e-12,
+                 m_sharpness: int | None = None, has_aux: bool = False
                  ) -> SAMGrad | tuple[SAMGrad, Any]:
   """Loss, gradient and SAM gradient of ``loss_fn`` at ``params``.
 
-  Computes ``g = grad L(w)`` and ``grad L(w + e)`` with
-  ``e = sam_perturbation(g, rho)``, both on ``batch``.
+  Computes ``g = grad L(w)`` on ``batch`` and the SAM gradient from it with
+  ``perturbed_gradient``: ``grad L(w + e)`` with
+  ``e = sam_perturbation(g, rho)``, on the same batch, or with
+  ``m_sharpness`` the mean over ``m`` groups of the batch of each group's
+  own SAM gradient (Foret et al.'s m-sharpness; see ``perturbed_gradient``).
+  The loss, gradient and gradient norm are the whole batch's either way.
 
   Args:
     loss_fn: ``loss_fn(params, batch) -> scalar`` (or ``(scalar, aux)`` if
@@ -156,14 +271,19 @@ def sam_gradient(loss_fn: Callable[..., Any], params: PyTree, batch: Any, *,
     rho: radius ``rho >= 0`` (may be traced, e.g. under ``vmap``).
     normalize: SAM (True) or unnormalized SAM (False).
     eps: added to ``||g||`` in the normalization.
+    m_sharpness: None for SAM with the whole batch's gradient, or the
+      number ``m`` of equal groups the batch's leading axis is split into.
     has_aux: whether ``loss_fn`` returns ``(loss, aux)``.
 
   Returns:
     ``SAMGrad(loss, grads, grad_norm, sam_grads)``; with ``has_aux`` the pair
-    ``(SAMGrad, aux)``, ``aux`` taken at the unperturbed ``params``.
+    ``(SAMGrad, aux)``, ``aux`` taken at the unperturbed ``params`` on the
+    whole batch. With ``rho == 0``, ``sam_grads`` is ``grads`` exactly.
 
   Raises:
-    ValueError: for a concrete ``rho < 0`` or ``eps < 0``.
+    ValueError: for a concrete ``rho < 0`` or ``eps < 0``, or an
+      ``m_sharpness`` that is not a positive integer dividing the batch's
+      leading axis.
 
   Examples:
     On ``L(w) = 0.5 * w^T diag(4, 1) w`` the SAM gradient at ``w`` is
@@ -177,15 +297,15 @@ def sam_gradient(loss_fn: Callable[..., Any], params: PyTree, batch: Any, *,
     (4.0, [6.0, 0.0])
 
   References:
-    Foret et al. 2021, Eq. (3); Long & Bartlett 2023, Eq. (1).
+    Foret et al. 2021, Eq. (3) and Sec. 4.1 (m-sharpness); Long & Bartlett
+    2023, Eq. (1).
   """
   value_and_grad = jax.value_and_grad(loss_fn, has_aux=has_aux)
   value, grads = value_and_grad(params, batch)
   loss, aux = value if has_aux else (value, None)
-  perturbation = sam_perturbation(grads, rho, normalize=normalize, eps=eps)
-  perturbed = optax.apply_updates(params, perturbation)
-  sam_value_grads = jax.grad(loss_fn, has_aux=has_aux)(perturbed, batch)
-  sam_grads = sam_value_grads[0] if has_aux else sam_value_grads
+  sam_grads = perturbed_gradient(
+      loss_fn, params, batch, grads, rho=rho, normalize=normalize, eps=eps,
+      m_sharpness=m_sharpness, has_aux=has_aux)
   out = SAMGrad(loss=loss, grads=grads, grad_norm=global_norm(grads),
                 sam_grads=sam_grads)
   return (out, aux) if has_aux else out

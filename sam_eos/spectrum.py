@@ -21,19 +21,17 @@ References:
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
 
 from sam_eos import _checks
-from sam_eos.hessian import finite_difference_matvec, hessian_matvec
+from sam_eos._types import ArrayLike, LossFn, PyTree
+from sam_eos.hessian import (finite_difference_matvec, flat_matvec,
+                             hessian_matvec)
 from sam_eos.lanczos import lanczos, working_dtype
-
-PyTree = Any
-LossFn = Callable[..., Any]
-FlatMatvec = Callable[[jax.Array], jax.Array]
 
 
 class Eigenpairs(NamedTuple):
@@ -72,19 +70,6 @@ class PowerIterationResult(NamedTuple):
   value: jax.Array
   vector: PyTree
   num_iters: jax.Array
-
-
-def _flat_hessian_matvec(loss_fn: LossFn, params: PyTree, batch: Any,
-                         unravel: Callable[[jax.Array], PyTree],
-                         has_aux: bool) -> FlatMatvec:
-  """``v -> H(w) v`` on flat vectors, linearized once at ``params``.
-
-  ``v`` may be wider than the parameters (the working dtype); it is cast to
-  their dtype before the product.
-  """
-  matvec = hessian_matvec(loss_fn, params, batch, has_aux=has_aux)
-  flat_dtype = ravel_pytree(params)[0].dtype
-  return lambda v: ravel_pytree(matvec(unravel(v.astype(flat_dtype))))[0]
 
 
 def _start_vector(flat: jax.Array, key: jax.Array | None,
@@ -177,7 +162,8 @@ def hessian_eigenpairs(loss_fn: LossFn, params: PyTree, batch: Any, *,
   if k > flat.size:
     raise ValueError(f"`k` ({k}) must be <= the number of parameters "
                      f"({flat.size}).")
-  matvec = _flat_hessian_matvec(loss_fn, params, batch, unravel, has_aux)
+  matvec = flat_matvec(hessian_matvec(loss_fn, params, batch, has_aux=has_aux),
+                       params)
   result = lanczos(matvec, _start_vector(flat, key, init),
                    min(num_iters, flat.size))
   vectors = result.ritz_vectors[:k].astype(flat.dtype)
@@ -230,8 +216,8 @@ def sharpness(loss_fn: LossFn, params: PyTree, batch: Any, *,
 
 
 def power_iteration(loss_fn: LossFn, params: PyTree, batch: Any, *,
-                    num_iters: int = 100, tol: float | jax.Array = 1e-3,
-                    fd_eps: float | jax.Array = 1e-3,
+                    num_iters: int = 100, tol: ArrayLike = 1e-3,
+                    fd_eps: ArrayLike = 1e-3,
                     key: jax.Array | None = None,
                     has_aux: bool = False) -> PowerIterationResult:
   """``||H||_op`` by power iteration on finite-difference HVPs (paper protocol).

@@ -32,8 +32,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from sam_eos import _checks, checkpoint, history as hist, loop, parallel
-
-PyTree = Any
+from sam_eos._types import PyTree
 CHECKPOINT_FILE = "checkpoint.npz"
 METRICS_FILE = "metrics.csv"
 CONFIG_FILE = "config.json"

@@ -24,10 +24,10 @@ import jax.numpy as jnp
 import optax
 
 from sam_eos import _checks
+from sam_eos._types import ArrayLike, PyTree
 from sam_eos.sam import global_norm, norm_dtype, sam_perturbation
 
-PyTree = Any
-Rho = float | jax.Array | Callable[[jax.Array], jax.Array]
+Rho = ArrayLike | Callable[[jax.Array], jax.Array]
 
 
 class SAMState(NamedTuple):

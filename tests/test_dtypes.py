@@ -206,3 +206,29 @@ def test_sam_gradient_norm_is_wide(dtype):
                              np.linalg.norm(quad_hess * np.array([300, 100])),
                              rtol=4 * eps(dtype))
   chex.assert_tree_all_finite(out)
+
+
+@pytest.mark.parametrize("dtype", LOW)
+def test_train_with_large_low_precision_gradients(dtype):
+  # ||g|| = ||(1200, 100)|| > 256: float16 squares of the gradient overflow,
+  # which must neither stop the run as divergence nor blur grad_norm.
+  w0 = np.array([300.0, 100.0])
+  params = {"w": jnp.asarray(w0, dtype)}
+  eta, rho, num_steps = 1e-3, 0.1, 4
+  result = se.train(quad_loss, params, (jnp.zeros((1, 1)),),
+                    learning_rate=eta, rho=rho, num_steps=num_steps,
+                    track_every=1, progress=False)
+  assert result.params["w"].dtype == dtype
+  history = result.history
+  for name in ("loss", "grad_norm", "sharpness", "sam_edge"):
+    assert np.all(np.isfinite(history[name])), name
+  np.testing.assert_allclose(history["grad_norm"][0],
+                             np.linalg.norm(quad_hess * w0), rtol=eps(dtype))
+  np.testing.assert_allclose(history["sharpness"], 4.0, rtol=2 * eps(dtype))
+  # float64 SAM from the same start; the iterates round once per step.
+  w = w0
+  for _ in range(num_steps):
+    g = quad_hess * w
+    w = w - eta * quad_hess * (w + rho * g / np.linalg.norm(g))
+  np.testing.assert_allclose(np.asarray(result.params["w"], np.float64), w,
+                             rtol=num_steps * eps(dtype))

@@ -10,6 +10,7 @@ import pytest
 from jax.flatten_util import ravel_pytree
 
 import sam_eos as se
+from sam_eos.hessian import flat_matvec, linearize_gradient
 
 
 @pytest.fixture(autouse=True)
@@ -160,3 +161,38 @@ def test_finite_difference_hvp_beside_exact_hvp():
   np.testing.assert_allclose(flat(matvec(vector)), approx, rtol=1e-14)
   grad = hessian.gradient_fn(mlp_loss, batch)
   chex.assert_trees_all_close(grad(params), jax.grad(mlp_loss)(params, batch))
+
+
+def test_linearize_gradient_gives_loss_gradient_and_hvp_from_one_trace():
+  params, batch = mlp_problem(seed=6)
+  traces = []
+
+  def counted_aux(p, b):
+    traces.append(1)
+    return mlp_loss(p, b), {"step": jnp.array(3)}  # an integer aux is dropped
+
+  loss, grads, matvec = linearize_gradient(counted_aux, params, batch,
+                                           has_aux=True)
+  assert len(traces) == 1
+  chex.assert_trees_all_close(loss, mlp_loss(params, batch), rtol=1e-14)
+  chex.assert_trees_all_close(grads, jax.grad(mlp_loss)(params, batch),
+                              rtol=1e-14)
+  hess = dense_hessian(mlp_loss, params, batch)
+  v = random_like(params, 7)
+  np.testing.assert_allclose(flat(matvec(v)), hess @ flat(v), rtol=1e-10,
+                             atol=1e-12)
+  assert len(traces) == 1  # products reuse the linearization
+  with pytest.raises(ValueError, match="vector"):
+    matvec({"w1": v["w1"]})
+
+
+@pytest.mark.parametrize("dtype", [jnp.float64, jnp.float32, jnp.bfloat16])
+def test_flat_matvec_in_ravel_order_and_param_dtype(dtype):
+  params, batch = mlp_problem(seed=8)
+  params = jax.tree.map(lambda x: x.astype(dtype), params)
+  matvec = se.hessian_matvec(mlp_loss, params, batch)
+  v = jnp.asarray(np.random.default_rng(9).normal(size=flat(params).size))
+  out = flat_matvec(matvec, params)(v)  # float64 v, as a wide Lanczos vector
+  assert out.dtype == dtype and out.shape == v.shape
+  tree = ravel_pytree(params)[1](v.astype(dtype))
+  chex.assert_trees_all_equal(out, ravel_pytree(matvec(tree))[0])

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 import sam_eos as se
+from sam_eos.sam import perturbed_gradient
 
 
 @pytest.fixture(autouse=True)
@@ -130,3 +131,101 @@ def test_two_cycle_test_vector():
   expected_norm = eta * rho * 50.0 ** 2 / (2 - eta * 50.0)
   chex.assert_trees_all_close(norms[-10:], jnp.full(10, expected_norm), rtol=1e-8)
   chex.assert_trees_all_close(se.sam_edge(eta, rho, norms[-1]), 50.0, rtol=1e-8)
+
+
+def m_sharpness_reference(loss_fn, params, batch, m, rho, normalize, eps):
+  """m-sharpness written out: a Python loop over the m groups, NumPy norms."""
+  size = len(batch[0]) // m
+  total = None
+  for j in range(m):
+    group = tuple(x[j * size:(j + 1) * size] for x in batch)
+    g = jax.grad(loss_fn)(params, group)
+    n = np.sqrt(sum(np.sum(np.asarray(x) ** 2) for x in jax.tree.leaves(g)))
+    scale = rho / (n + eps) if normalize else rho
+    moved = jax.tree.map(lambda p, gi: p + scale * gi, params, g)
+    sam_g = jax.grad(loss_fn)(moved, group)
+    total = sam_g if total is None else jax.tree.map(np.add, total, sam_g)
+  return jax.tree.map(lambda x: x / m, total)
+
+
+@pytest.mark.parametrize("normalize", [True, False])
+@pytest.mark.parametrize("m", [1, 2, 4])
+def test_m_sharpness_matches_explicit_group_loop(m, normalize):
+  params, _ = mlp_problem()
+  k = jax.random.split(jax.random.key(5), 2)
+  batch = (jax.random.normal(k[0], (8, 3)), jax.random.normal(k[1], (8, 2)))
+  rho, eps = 0.1, 1e-12
+  fn = jax.jit(lambda p, b: se.sam_gradient(mlp_loss, p, b, rho=rho,
+                                            normalize=normalize, m_sharpness=m))
+  out = fn(params, batch)
+  expected = m_sharpness_reference(mlp_loss, params, batch, m, rho, normalize, eps)
+  chex.assert_trees_all_close(out.sam_grads, expected, rtol=1e-12, atol=1e-14)
+  # Loss, gradient and its norm stay the whole batch's.
+  whole = se.sam_gradient(mlp_loss, params, batch, rho=rho, normalize=normalize)
+  chex.assert_trees_all_close(out.grads, whole.grads, rtol=1e-12)
+  chex.assert_trees_all_close(out.loss, whole.loss, rtol=1e-12)
+  chex.assert_trees_all_close(out.grad_norm, whole.grad_norm, rtol=1e-12)
+  if m == 1:
+    chex.assert_trees_all_close(out.sam_grads, whole.sam_grads, rtol=1e-12)
+  else:  # a different algorithm: the groups' ascents differ from the batch's
+    diff = max(float(jnp.max(jnp.abs(a - b))) for a, b in zip(
+        jax.tree.leaves(out.sam_grads), jax.tree.leaves(whole.sam_grads)))
+    assert diff > 1e-6
+
+
+def test_m_sharpness_rho_zero_is_the_whole_batch_gradient_under_vmap():
+  params, _ = mlp_problem()
+  batch = (jax.random.normal(jax.random.key(1), (6, 3)),
+           jax.random.normal(jax.random.key(2), (6, 2)))
+  rhos = jnp.array([0.0, 0.05])
+  many = jax.vmap(lambda r: se.sam_gradient(mlp_loss, params, batch, rho=r,
+                                            m_sharpness=3))(rhos)
+  zero = jax.tree.map(lambda x: x[0], many)
+  chex.assert_trees_all_equal(zero.sam_grads, zero.grads)
+  expected = m_sharpness_reference(mlp_loss, params, batch, 3, 0.05, True, 1e-12)
+  chex.assert_trees_all_close(jax.tree.map(lambda x: x[1], many.sam_grads),
+                              expected, rtol=1e-12, atol=1e-14)
+
+
+def test_m_sharpness_with_aux_and_bad_values():
+  params, batch = mlp_problem()  # 7 examples
+
+  def loss_aux(p, b):
+    return mlp_loss(p, b), {"n": b[0].shape[0]}
+
+  even = jax.tree.map(lambda x: x[:6], batch)
+  out, aux = se.sam_gradient(loss_aux, params, even, rho=0.1, m_sharpness=2,
+                             has_aux=True)
+  assert aux["n"] == 6  # aux of the whole batch at w
+  chex.assert_trees_all_close(
+      out, se.sam_gradient(mlp_loss, params, even, rho=0.1, m_sharpness=2))
+  for m in (0, 2, 1.5):
+    with pytest.raises(ValueError, match="m_sharpness"):
+      se.sam_gradient(mlp_loss, params, batch, rho=0.1, m_sharpness=m)
+  with pytest.raises(ValueError, match="group_sharding"):
+    perturbed_gradient(mlp_loss, params, batch, params, rho=0.1,
+                       group_sharding=jax.sharding.SingleDeviceSharding(
+                           jax.devices()[0]))
+
+
+def test_perturbed_gradient_reuses_the_given_gradient():
+  params, batch = mlp_problem(2)
+  traces = []
+
+  def counted(p, b):
+    traces.append(1)
+    return mlp_loss(p, b)
+
+  grads = jax.grad(mlp_loss)(params, batch)
+  out = perturbed_gradient(counted, params, batch, grads, rho=0.05)
+  assert len(traces) == 1  # only the ascent's gradient: g is not recomputed
+  chex.assert_trees_all_close(
+      out, se.sam_gradient(mlp_loss, params, batch, rho=0.05).sam_grads,
+      rtol=1e-12)
+  # The ascent follows the given gradient, whatever it is.
+  fake = jax.tree.map(jnp.ones_like, params)
+  num = sum(x.size for x in jax.tree.leaves(params))
+  moved = jax.tree.map(lambda p: p + 0.05 / np.sqrt(num), params)
+  chex.assert_trees_all_close(
+      perturbed_gradient(mlp_loss, params, batch, fake, rho=0.05, eps=0.0),
+      jax.grad(mlp_loss)(moved, batch), rtol=1e-12)
