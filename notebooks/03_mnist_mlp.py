@@ -23,16 +23,19 @@
 # centred by the mean training image; the targets are one-hot. This notebook
 # runs the experiment through the library's own runner
 # (`sam_eos.experiments.runner.run_experiment`) with its **`cpu` preset**:
-# the first 2,000 images, a 784-256-256-10 network and `eta = 1` (so
-# `2/eta = 2`), GD (`rho = 0`) and SAM (`rho = 0.1`) as one vmapped program.
-# It takes about a minute and a half on two CPU cores (more when they are
-# shared).
+# the first 2,000 images, a network with three hidden layers as in the paper
+# but narrower, and a step size chosen so that GD starts clearly below
+# `2/eta` (the settings are printed below). GD (`rho = 0`) and SAM
+# (`rho = 0.1`) are trained for **three seeds**, each seed its own
+# initialization, all six configurations as one vmapped program. It takes
+# a few minutes on two CPU cores (the notebook prints its training time).
 #
 # What to look for:
 #
 # - **GD** (Cohen et al. 2021): the sharpness (the top eigenvalue of the loss
-#   Hessian) rises until it reaches `2/eta`, then hovers there, the *edge of
-#   stability*, while the loss keeps falling (not monotonically).
+#   Hessian) starts below `2/eta`, rises (*progressive sharpening*) until it
+#   reaches `2/eta`, then hovers there, the *edge of stability*, while the
+#   loss keeps falling (not monotonically).
 # - **SAM** (Long & Bartlett 2023): the sharpness hovers at the **SAM-edge**
 #
 #   $$\lambda_{\mathrm{SAM}} = \frac{\|g\|}{2\rho}\left(\sqrt{1 + \frac{8\rho}{\eta\,\|g\|}} - 1\right),$$
@@ -40,7 +43,9 @@
 #   the largest curvature at which SAM's step is stable on a quadratic
 #   (`eta * lam * (1 + rho * lam / ||g||) = 2`). It depends on the gradient
 #   norm `||g||`, so it moves during training, and it lies **far below**
-#   `2/eta`.
+#   `2/eta`. SAM also leaves the sharp region **early**, while its loss is
+#   still comparable to GD's, and where the SAM-edge moves its sharpness
+#   follows it.
 # - **Alignment**: the paper also follows how much of the gradient `g` and of
 #   the SAM gradient `g_SAM` (taken at `w + rho g / ||g||`) lies along the
 #   top Hessian eigenvector `v1`, i.e. `|cos(g, v1)|` and
@@ -71,7 +76,7 @@ from IPython.display import Image, display
 
 from sam_eos.experiments import claims as claims_lib
 from sam_eos.experiments import plots
-from sam_eos.experiments.presets import get_experiment
+from sam_eos.experiments.presets import KNOWN_FAILURES, get_experiment
 from sam_eos.experiments.runner import run_or_load
 
 NAME = "mnist-mlp"
@@ -95,31 +100,37 @@ print(f"jax {jax.__version__} on {jax.devices()[0].platform}, SMALL={SMALL}, "
 # ## The experiment's settings
 #
 # `get_experiment(name, preset)` returns a frozen `ExperimentConfig`; the
-# sweep is `learning_rates x rhos x seeds`, run from one initialization. The
-# two presets side by side:
+# sweep is `learning_rates x rhos x seeds`. Every seed is its own
+# initialization (shared by the GD and SAM configurations of that seed, so
+# SAM and GD of one seed start from the same point), and a claim holds only
+# if it holds for every seed. The two presets side by side:
 
 # %%
 paper = get_experiment(NAME, "paper")
 config = get_experiment(NAME, "cpu")
 fields = ("num_examples", "model_kwargs", "loss", "learning_rates", "rhos",
-          "batch_size", "num_steps", "track_every", "num_lanczos_iters")
+          "seeds", "batch_size", "num_steps", "track_every",
+          "num_lanczos_iters", "num_test_examples")
 print(f"{'field':18s} {'paper':42s} cpu")
 for field in fields:
   print(f"{field:18s} {str(getattr(paper, field)):42s} "
         f"{getattr(config, field)}")
+print(f"cpu: 2/eta = {2 / config.learning_rates[0]:.3g}, "
+      f"{config.num_configs} configurations")
 
 if SMALL:  # a smoke test of the pipeline: far too short for the claims
   config = config.replace(
       num_examples=128, model_kwargs={"hidden_sizes": (32,)}, num_steps=30,
-      track_every=10, num_lanczos_iters=4)
+      track_every=10, num_lanczos_iters=4, num_test_examples=128)
 
 # %% [markdown]
 # ## Train (or load a finished run)
 #
 # `run_or_load(config, out_dir=...)` calls the library's runner,
 # `run_experiment(config, out_dir)`, which loads the data, builds the model
-# and its loss, and trains every configuration of the sweep as one compiled,
-# vmapped `se.train` program, writing `config.json` (with the config as
+# and its loss (and the held-out test images), initializes one network per
+# seed, and trains every configuration of the sweep as one compiled,
+# vmapped `se.train` program (`per_config_params=True`), writing `config.json` (with the config as
 # `metadata`), `metrics.csv` and `checkpoint.npz` to `out_dir`
 # (`overwrite=True` starts afresh instead of resuming; a SMALL run goes to a
 # temporary folder). The figures are drawn below, so the runner's own (as in
@@ -131,7 +142,9 @@ if SMALL:  # a smoke test of the pipeline: far too short for the claims
 #
 # Either way the run is read back from its folder: `run.metrics` holds the
 # flat columns of `metrics.csv` (one entry per tracked step and
-# configuration, `se.read_csv`), `run.config` the saved settings, and
+# configuration, `se.read_csv`; besides the sharpness `lambda_max` there are
+# the bottom Ritz value `lambda_min` and the held-out `test_loss` and
+# `test_accuracy`), `run.config` the saved settings, and
 # `run.result` the `se.TrainResult` when this notebook trained it (`None`
 # when it loaded one). Unless told `check=False`, `run_or_load` also checks
 # the history with `check_history`, which the next section calls itself.
@@ -188,15 +201,21 @@ print("columns finite; gd_edge = 2/eta; sam_edge = the SAM-edge formula")
 # %% [markdown]
 # ## The paper's figures
 #
-# The four panels of the paper's figures, drawn by `sam_eos.experiments.plots`
-# (the same functions as `sam-eos run` and `sam-eos plot`), one colour per
-# configuration:
+# The panels of the paper's figures, and the ratio to the edge, drawn by
+# `sam_eos.experiments.plots` (the same functions as `sam-eos run` and
+# `sam-eos plot`), one colour per setting (GD, SAM), each drawn as the
+# median over its seeds with a shaded min-max band:
 #
 # 1. sharpness (solid) with the SAM-edge (dashed) and `2/eta` (dotted);
+#    crosses would mark points where `|lambda_min| > lambda_max`;
 # 2. SAM's sharpness and SAM-edge alone (no GD, no `2/eta`), where the two
 #    can be told apart (log scale when they span more than a decade);
 # 3. `|cos(g, v1)|` and `|cos(g_SAM, v1)|` with the top Hessian eigenvector;
-# 4. the training loss.
+# 4. the training loss (solid) and the held-out loss (dashed), and the
+#    held-out accuracy;
+# 5. the ratio the claims test: `sharpness / (2/eta)` for GD and
+#    `sharpness / SAM-edge` for SAM, with the accepted bands and the claim
+#    window (the last third of the steps) shaded.
 
 # %%
 title = (f"{config.name} ({config.preset}{', SMALL' if SMALL else ''}): "
@@ -207,6 +226,7 @@ figures = {
         metrics, p, show_gd_edge=False, title=title),
     "alignment": lambda p: plots.plot_alignment(metrics, p, title=title),
     "loss": lambda p: plots.plot_loss(metrics, p, title=title),
+    "ratio": lambda p: plots.plot_ratio(metrics, p, title=title),
 }
 for name, draw in figures.items():
   path = draw(FIG_DIR / f"{STEM}-{name}.png")
@@ -216,64 +236,116 @@ print(f"figures in {FIG_DIR}")
 # %% [markdown]
 # ## The claims, in numbers
 #
-# `check_claims` takes the median, over the last third of each run, of
-# `sharpness / (2/eta)` for GD (want `[0.9, 1.1]`: at the edge of stability)
-# and of `sharpness / SAM-edge` for SAM (want `[0.85, 1.15]`: at the
-# SAM-edge), and checks that SAM's sharpness is below `0.8 x 2/eta`.
-# We also report the median alignments over the same window.
+# `check_claims(metrics)` judges every configuration, that is every seed, on
+# its own tracked points (the module docstring of
+# `sam_eos.experiments.claims` has the exact thresholds):
+#
+# - `window_points`: the claim window, the last third of the steps, holds
+#   enough tracked points for a median;
+# - GD: `gd_sharpens` (GD starts clearly below `2/eta`, the regime of
+#   progressive sharpening), `gd_at_edge` (the window median of
+#   `sharpness / (2/eta)` lies in `[0.9, 1.1]`) and `gd_oscillates` (the
+#   loss rises between tracked points, or the gradient is aligned with the
+#   top eigenvector: the edge-of-stability signature);
+# - SAM: `sam_at_sam_edge` (the window median of `sharpness / SAM-edge` lies
+#   in `[0.85, 1.15]`), `sam_below_gd_edge` (below `0.8 x 2/eta`),
+#   `edge_tracking` (where the SAM-edge moves by 1.5x or more, log sharpness
+#   follows log SAM-edge; `N/A` where it does not move) and
+#   `early_flattening` (early in training SAM is much flatter than GD of the
+#   same seed while its loss is still comparable).
+#
+# `claims.summarize` groups them over the seeds: PASS only if every seed
+# passes, the median over seeds, the seed range and a bootstrap 90%
+# interval. `claims.findings` adds what the bands hide: how far SAM's
+# sharpness sits above its edge, and points where the bottom Ritz value is
+# larger in magnitude than the top one. `presets.KNOWN_FAILURES` lists the
+# claims a cpu preset is known not to show (with the reason); for the full
+# `cpu` preset trained here, every other claim is asserted for every seed,
+# as the slow test `tests/experiments/test_claims.py` does. We also report
+# the median alignments and the final losses per configuration.
 
 # %%
 claims = claims_lib.check_claims(metrics)
 for claim in claims:
   print(claim)
+print()
+print("\n".join(claims_lib.summarize(claims)))
+print()
+print("\n".join(claims_lib.findings(metrics)
+                or ["findings: nothing to report"]))
+print()
 for c, rows in runs.items():
-  tail = rows["step"] >= rows["step"].max() * (1 - claims_lib.TAIL_FRACTION)
-  label = "GD " if rows["rho"][0] == 0 else f"SAM rho={rows['rho'][0]:g}"
-  print(f"{label}: last-third medians |cos(g, v1)| "
-        f"{np.median(rows['grad_alignment'][tail]):.2f}, |cos(g_SAM, v1)| "
-        f"{np.median(rows['sam_grad_alignment'][tail]):.2f}; final loss "
-        f"{rows['loss'][-1]:.4f}")
+  tail = claims_lib.tail_window(rows)
+  label = ("GD " if rows["rho"][0] == 0 else f"SAM rho={rows['rho'][0]:g}")
+  print(f"config {c} ({label}, seed {rows['seed'][0]}): last-third medians "
+        f"|cos(g, v1)| {np.median(rows['grad_alignment'][tail]):.2f}, "
+        f"|cos(g_SAM, v1)| {np.median(rows['sam_grad_alignment'][tail]):.2f}"
+        f"; final loss {rows['loss'][-1]:.4f}, test loss "
+        f"{rows['test_loss'][-1]:.4f}, test accuracy "
+        f"{rows['test_accuracy'][-1]:.3f}")
 
-kinds = {"gd_at_edge", "sam_at_sam_edge", "sam_below_gd_edge"}
-assert {claim.name for claim in claims} <= kinds
-num_sam = sum(rows["rho"][0] > 0 for rows in runs.values())
-assert len(claims) == config.num_configs + num_sam
+# Every configuration gets its claims: window_points, three for GD, and for
+# SAM three more plus early_flattening against GD of the same eta and seed.
+GD_CLAIMS = {"gd_sharpens", "gd_at_edge", "gd_oscillates"}
+SAM_CLAIMS = {"sam_at_sam_edge", "sam_below_gd_edge", "edge_tracking"}
+gd_keys = {(rows["learning_rate"][0], rows["seed"][0])
+           for rows in runs.values() if rows["rho"][0] == 0}
+for c, rows in runs.items():
+  want = {"window_points"} | (GD_CLAIMS if rows["rho"][0] == 0 else SAM_CLAIMS)
+  if rows["rho"][0] > 0 and (rows["learning_rate"][0],
+                             rows["seed"][0]) in gd_keys:
+    want |= {"early_flattening"}
+  got = [claim.name for claim in claims if claim.config == c]
+  assert sorted(got) == sorted(want), (c, got)
 
+known = KNOWN_FAILURES.get(NAME, {})
+unexpected = [str(claim) for claim in claims if not claim.passed
+              and (claim.name, claim.learning_rate, claim.rho) not in known]
 if SMALL:
   print("\nSMALL run: too short to test the claims; not asserted.")
 elif not run.trained:
   print(f"\nLoaded run: {sum(c.passed for c in claims)} of {len(claims)} "
         "claims hold (not asserted: a run of other settings may differ).")
 else:
-  failed = [str(claim) for claim in claims if not claim.passed]
-  assert not failed, failed
-  gd = next(c for c in claims if c.name == "gd_at_edge")
-  sam = [c for c in claims if c.name == "sam_at_sam_edge"]
-  below = [c for c in claims if c.name == "sam_below_gd_edge"]
-  print(f"\nAll {len(claims)} claims hold. GD's sharpness sits at "
-        f"{gd.value:.2f} x 2/eta. SAM's sits at "
-        + ", ".join(f"{c.value:.2f} x its SAM-edge (rho = {c.rho:g})"
-                    for c in sam)
-        + ", that is at "
-        + ", ".join(f"{c.value:.2f}" for c in below)
-        + " x 2/eta: a much flatter region, as Long & Bartlett found.")
+  assert not unexpected, "\n".join(unexpected)
+  for (name, eta, rho), reason in known.items():
+    print(f"known failure {name} (eta={eta:g}, rho={rho:g}): {reason}")
+  def median(name, **where):
+    values = [claim.value for claim in claims if claim.name == name
+              and all(getattr(claim, k) == v for k, v in where.items())]
+    return float(np.median(values))
+  sam_rhos = sorted({claim.rho for claim in claims if claim.rho > 0})
+  print(f"\nEvery claim not listed in KNOWN_FAILURES holds for all "
+        f"{len(config.seeds)} seeds. Medians over seeds: GD starts at "
+        f"{median('gd_sharpens'):.2f} x 2/eta and sits at "
+        f"{median('gd_at_edge'):.2f} x 2/eta over the last third; SAM sits at "
+        + ", ".join(f"{median('sam_at_sam_edge', rho=r):.2f} x its SAM-edge, "
+                    f"{median('sam_below_gd_edge', rho=r):.2f} x 2/eta "
+                    f"(rho = {r:g})" for r in sam_rhos)
+        + ": a flatter region than GD's, as Long & Bartlett found.")
 
 # %% [markdown]
 # ## Reading the result
 #
-# With the `cpu` preset, GD reaches `2/eta = 2` after a few hundred steps of
-# *progressive sharpening* and stays there while the loss keeps decreasing:
-# Cohen et al.'s edge of stability, here on a small network and 2,000
-# images. Once GD is at the edge its gradient lines up almost exactly with
-# the top eigenvector (`|cos(g, v1)|` near 1): the iterates oscillate along
-# `v1`, the motion that stops the sharpness from growing further. SAM's
-# sharpness never goes near `2/eta`: it tracks the SAM-edge, which itself
-# falls as the gradient shrinks, so SAM ends in a region several times
-# flatter than GD's at a similar training loss. SAM's gradients are only
-# partly aligned with `v1`, and the alignment swings from one measurement to
-# the next. The paper's full-size run (`--preset paper`: all 60,000 images,
-# width 1,000, `eta = 0.01`, four radii) needs an accelerator; load it with
-# `SAM_EOS_RUN_DIR` to compare.
+# The printed summary is the result; the figures show it over time. With the
+# `cpu` preset GD starts clearly below `2/eta` (`gd_sharpens`), sharpens
+# progressively until it reaches `2/eta` and stays there while the loss
+# keeps decreasing, with the oscillation that marks the edge of stability
+# (`gd_oscillates`): Cohen et al.'s edge of stability, here on a small
+# network and 2,000 images, for each of the three initializations (the
+# seed bands in the figures are their spread). SAM starts from the same
+# point as GD of its seed, but its sharpness does not rise to `2/eta`: it
+# parts from GD's early in training (`early_flattening`), then sits at its
+# SAM-edge, which moves with the gradient norm (it falls as the gradient
+# shrinks), so SAM ends well below `2/eta` (`sam_below_gd_edge`). The ratio figure shows both
+# ratios against their accepted bands over the claim window; the SAM offset
+# line of the findings says whether SAM sits systematically above or below
+# its edge, and `edge_tracking` whether the edge moved enough to test that
+# SAM follows it. The alignment medians show how much of each gradient lies
+# along the top eigenvector, and the loss figure how the held-out loss and
+# accuracy of the two methods compare. The paper's full-size run
+# (`--preset paper`: all 60,000 images, width 1,000, `eta = 0.01`, four
+# radii) needs an accelerator; load it with `SAM_EOS_RUN_DIR` to compare.
 
 # %%
 print(f"run folder: {run.out_dir}")
