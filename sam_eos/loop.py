@@ -230,7 +230,12 @@ def sample_batch(data: PyTree, key: jax.Array, batch_size: int | None,
 
 
 def _abs_cos(u: jax.Array, v: jax.Array) -> jax.Array:
-  """``|<u, v>| / (||u|| ||v||)``, 0 when either is zero."""
+  """``|<u, v>| / (||u|| ||v||)`` in float32 or wider, 0 when either is zero.
+
+  Float16 squares overflow past 256, so narrower vectors are widened first.
+  """
+  dtype = jnp.promote_types(jnp.result_type(u, v), jnp.float32)
+  u, v = u.astype(dtype), v.astype(dtype)
   denom = jnp.linalg.norm(u) * jnp.linalg.norm(v)
   dot = jnp.abs(jnp.dot(u, v, precision=jax.lax.Precision.HIGHEST))
   return jnp.where(denom > 0, dot / jnp.where(denom > 0, denom, 1.0), 0.0)

@@ -225,6 +225,9 @@ def test_train_with_large_low_precision_gradients(dtype):
   np.testing.assert_allclose(history["grad_norm"][0],
                              np.linalg.norm(quad_hess * w0), rtol=eps(dtype))
   np.testing.assert_allclose(history["sharpness"], 4.0, rtol=2 * eps(dtype))
+  # |cos(g, v1)| with g = (1200, 100) (exact in both dtypes), v1 = e1.
+  np.testing.assert_allclose(history["grad_alignment"][0],
+                             1200 / np.linalg.norm([1200, 100]), rtol=1e-5)
   # float64 SAM from the same start; the iterates round once per step.
   w = w0
   for _ in range(num_steps):
