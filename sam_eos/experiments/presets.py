@@ -276,14 +276,19 @@ def _is_int(value: Any, minimum: int) -> bool:
 _IMAGE = dict(loss="mse", momentum=0.0, eps=1e-5, normalize=True,
               batch_size=None)
 
-# CPU: Cohen et al.'s cnn-relu with 4-8 channels on the first 128 images.
+# CPU: Cohen et al.'s cnn-relu with 4-8 channels on the first 64 images, at
+# their 2/eta = 30. NOT the sharpening regime: the sharpness at
+# initialization of the three seeds is 26, 33 and 105, so GD starts near or
+# above 2/eta, and a step size small enough for every seed to start below
+# it would need far more steps than a CPU run affords (XLA's CPU
+# convolutions are slow).
 CNN_RELU_CPU = ExperimentConfig(
     name="cifar10-cnn-relu", preset="cpu",
-    description="CIFAR-10 (first 128), cnn-relu 4-8 channels",
-    dataset="cifar10", num_examples=128, model="cnn-relu",
+    description="CIFAR-10 (first 64), cnn-relu 4-8 channels",
+    dataset="cifar10", num_examples=64, model="cnn-relu",
     model_kwargs={"channels": (4, 8)}, loss="half_sse",
-    learning_rates=(0.01,), rhos=(0.0, 0.1), seeds=(0, 1, 2),
-    standardize=True, num_steps=1_500, track_every=25, num_lanczos_iters=10,
+    learning_rates=(2 / 30,), rhos=(0.0, 0.1), seeds=(0, 1, 2),
+    standardize=True, num_steps=400, track_every=6, num_lanczos_iters=8,
     momentum=0.0, eps=1e-5, batch_size=None, num_test_examples=256)
 
 EXPERIMENTS: dict[str, dict[str, ExperimentConfig]] = {
