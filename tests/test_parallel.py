@@ -18,6 +18,7 @@ import pytest
 
 import sam_eos as se
 from sam_eos import loop, parallel
+from sam_eos.sam import perturbed_gradient
 
 COLUMNS = ("loss", "grad_norm", "sharpness", "sam_edge")
 
@@ -231,3 +232,24 @@ def test_minibatches_on_a_mesh_draw_real_examples_only():
   for t in range(20):
     batch = loop.sample_batch(padded, jax.random.key(t), 4, num_examples=10)
     assert not any(bool(jnp.any(jnp.isnan(x))) for x in jax.tree.leaves(batch))
+
+
+def test_perturbed_gradient_constrains_the_groups_to_the_sharding():
+  params, data = mlp_problem()
+  mesh = se.data_mesh(4)
+  sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+  grads = jax.grad(mlp_loss)(params, data)
+
+  def fn(group_sharding):
+    return jax.jit(lambda p, b, g: perturbed_gradient(
+        mlp_loss, p, b, g, rho=0.05, m_sharpness=4,
+        group_sharding=group_sharding))
+
+  sharded = parallel.shard_data(data, mesh)
+  lowered = lambda group_sharding: fn(group_sharding).lower(
+      params, sharded, grads).as_text()
+  assert "sharding_constraint" in lowered(sharding)
+  assert "sharding_constraint" not in lowered(None)
+  chex.assert_trees_all_close(fn(sharding)(params, sharded, grads),
+                              fn(None)(params, data, grads), rtol=1e-5,
+                              atol=1e-7)
