@@ -6,7 +6,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 PYTEST_ARGS ?=
 
-.PHONY: demo test test-quick venv clean figures
+.PHONY: demo test test-quick venv clean figures format
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -26,6 +26,10 @@ test: venv
 
 test-quick: venv
 	$(BIN)/python -m pytest -n 2 -m "not slow" $(PYTEST_ARGS)
+
+# Formats the code (pyink, configured in pyproject.toml); tests check it.
+format: venv
+	$(BIN)/pyink sam_eos tests benchmarks docs
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -33,14 +33,17 @@ Batch = tuple[jax.Array, jax.Array]
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 MNIST_TRAIN = ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz")
 BUNDLED = REPO_ROOT / "sam_eos" / "experiments" / "bundled"
-BUNDLED_TRAIN = ("mnist-train-images-idx3-ubyte.first2000.gz",
-                 "mnist-train-labels-idx1-ubyte.first2000.gz")
+BUNDLED_TRAIN = (
+    "mnist-train-images-idx3-ubyte.first2000.gz",
+    "mnist-train-labels-idx1-ubyte.first2000.gz",
+)
 # The benchmark model of the cpu preset: 784-256-256-10, 269,322 parameters.
 CPU_WIDTHS = (784, 256, 256, 10)
 CPU_EXAMPLES = 2000
 
 
 # ----------------------------------------------------------------- data ----
+
 
 def _mnist_candidates() -> list[pathlib.Path]:
   """Folders that may hold the four original MNIST files, in order."""
@@ -71,7 +74,8 @@ def _mnist_files(num_examples: int) -> tuple[pathlib.Path, pathlib.Path]:
   raise FileNotFoundError(
       f"MNIST training files {MNIST_TRAIN} not found in any of: {searched}. "
       "Set SAM_EOS_MNIST_DIR to the folder holding them (the project's "
-      "shared/data/mnist).")
+      "shared/data/mnist)."
+  )
 
 
 def read_idx(path: pathlib.Path, count: int) -> np.ndarray:
@@ -82,7 +86,7 @@ def read_idx(path: pathlib.Path, count: int) -> np.ndarray:
   """
   with gzip.open(path, "rb") as f:
     header = f.read(8)
-    magic, total = (int.from_bytes(header[i:i + 4], "big") for i in (0, 4))
+    magic, total = (int.from_bytes(header[i : i + 4], "big") for i in (0, 4))
     if magic == 2051:
       dims = f.read(8)
       shape = (int.from_bytes(dims[:4], "big"), int.from_bytes(dims[4:], "big"))
@@ -97,7 +101,9 @@ def read_idx(path: pathlib.Path, count: int) -> np.ndarray:
 
 
 @functools.lru_cache(maxsize=4)
-def load_mnist(num_examples: int = CPU_EXAMPLES) -> tuple[np.ndarray, np.ndarray]:
+def load_mnist(
+    num_examples: int = CPU_EXAMPLES,
+) -> tuple[np.ndarray, np.ndarray]:
   """The first ``num_examples`` MNIST training images, preprocessed.
 
   ``x = pixels / 256 - mean image`` (mean over the same examples), flattened
@@ -111,14 +117,16 @@ def load_mnist(num_examples: int = CPU_EXAMPLES) -> tuple[np.ndarray, np.ndarray
   return x, np.eye(10, dtype=np.float32)[labels]
 
 
-def batch_of(num_examples: int = CPU_EXAMPLES, dtype: Any = jnp.float32
-             ) -> Batch:
+def batch_of(
+    num_examples: int = CPU_EXAMPLES, dtype: Any = jnp.float32
+) -> Batch:
   """``(x, y)`` device arrays of the first ``num_examples`` examples."""
   x, y = load_mnist(num_examples)
   return jnp.asarray(x, dtype), jnp.asarray(y, dtype)
 
 
 # ---------------------------------------------------------------- model ----
+
 
 def mlp_widths(hidden: Sequence[int]) -> tuple[int, ...]:
   """``(784, *hidden, 10)``."""
@@ -130,10 +138,13 @@ def mlp_init(key: jax.Array, widths: tuple[int, ...]) -> dict[str, PyTree]:
   """Glorot-normal weights and zero biases, ``{"layer_i": {"w", "b"}}``."""
   init = jax.nn.initializers.glorot_normal()
   keys = jax.random.split(key, len(widths) - 1)
-  return {f"layer_{i}": {"w": init(k, (n_in, n_out), jnp.float32),
-                         "b": jnp.zeros((n_out,), jnp.float32)}
-          for i, (k, n_in, n_out) in enumerate(zip(keys, widths[:-1],
-                                                   widths[1:]))}
+  return {
+      f"layer_{i}": {
+          "w": init(k, (n_in, n_out), jnp.float32),
+          "b": jnp.zeros((n_out,), jnp.float32),
+      }
+      for i, (k, n_in, n_out) in enumerate(zip(keys, widths[:-1], widths[1:]))
+  }
 
 
 def mlp_apply(params: dict[str, PyTree], x: jax.Array) -> jax.Array:
@@ -163,22 +174,27 @@ def cast(tree: PyTree, dtype: Any) -> PyTree:
   return jax.tree.map(lambda a: jnp.asarray(a, dtype), tree)
 
 
-def gd_trajectory(params: PyTree, batch: Batch, *, learning_rate: float,
-                  num_steps: int) -> PyTree:
+def gd_trajectory(
+    params: PyTree, batch: Batch, *, learning_rate: float, num_steps: int
+) -> PyTree:
   """``num_steps`` full-batch GD steps on ``mse_loss`` (one compiled scan)."""
   grad = jax.grad(mse_loss)
 
   @jax.jit
   def run(params, batch):
     def body(p, _):
-      return jax.tree.map(lambda w, g: w - learning_rate * g, p,
-                          grad(p, batch)), None
+      return (
+          jax.tree.map(lambda w, g: w - learning_rate * g, p, grad(p, batch)),
+          None,
+      )
+
     return jax.lax.scan(body, params, None, length=num_steps)[0]
 
   return run(params, batch)
 
 
 # --------------------------------------------------------------- timing ----
+
 
 @dataclasses.dataclass(frozen=True)
 class Timing:
@@ -190,6 +206,7 @@ class Timing:
     compile: seconds spent compiling (0 when nothing was compiled).
     repeats: number of timed repeats.
   """
+
   median: float
   spread: float
   compile: float
@@ -199,12 +216,14 @@ class Timing:
 def _stats(times: Sequence[float], compile_s: float) -> Timing:
   median = statistics.median(times)
   spread = (max(times) - min(times)) / median if median > 0 else 0.0
-  return Timing(median=median, spread=spread, compile=compile_s,
-                repeats=len(times))
+  return Timing(
+      median=median, spread=spread, compile=compile_s, repeats=len(times)
+  )
 
 
-def time_host(fn: Callable[[], Any], *, repeats: int, warmup: int = 1
-              ) -> Timing:
+def time_host(
+    fn: Callable[[], Any], *, repeats: int, warmup: int = 1
+) -> Timing:
   """Times ``fn()`` (which must block on its own results).
 
   ``warmup`` untimed calls come first; the first one's excess over the median
@@ -224,9 +243,11 @@ def time_host(fn: Callable[[], Any], *, repeats: int, warmup: int = 1
   return dataclasses.replace(timing, compile=max(first - timing.median, 0.0))
 
 
-_COMPILE_EVENTS = ("/jax/core/compile/jaxpr_trace_duration",
-                   "/jax/core/compile/jaxpr_to_mlir_module_duration",
-                   "/jax/core/compile/backend_compile_duration")
+_COMPILE_EVENTS = (
+    "/jax/core/compile/jaxpr_trace_duration",
+    "/jax/core/compile/jaxpr_to_mlir_module_duration",
+    "/jax/core/compile/backend_compile_duration",
+)
 _compile_total = [0.0]
 
 
@@ -247,8 +268,12 @@ def compile_seconds() -> float:
   return _compile_total[0]
 
 
-def time_jit(fn: Callable[..., Any], *args: Any, repeats: int,
-             budget: float | None = None) -> tuple[Timing, Any]:
+def time_jit(
+    fn: Callable[..., Any],
+    *args: Any,
+    repeats: int,
+    budget: float | None = None,
+) -> tuple[Timing, Any]:
   """Compiles ``jax.jit(fn)`` ahead of time, then times calls on ``args``.
 
   Returns:
@@ -262,8 +287,12 @@ def time_jit(fn: Callable[..., Any], *args: Any, repeats: int,
   return dataclasses.replace(timing, compile=compile_s), out
 
 
-def time_compiled(compiled: Callable[..., Any], *args: Any, repeats: int,
-                  budget: float | None = None) -> tuple[Timing, Any]:
+def time_compiled(
+    compiled: Callable[..., Any],
+    *args: Any,
+    repeats: int,
+    budget: float | None = None,
+) -> tuple[Timing, Any]:
   """Times an already compiled function on ``args``.
 
   Args:
@@ -291,11 +320,11 @@ def time_compiled(compiled: Callable[..., Any], *args: Any, repeats: int,
 
 def log(message: str) -> None:
   """Progress on stderr (tables go to stdout)."""
-  print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr,
-        flush=True)
+  print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
 # --------------------------------------------------------------- memory ----
+
 
 def _status_kib(field: str) -> int | None:
   """A ``/proc/self/status`` field in KiB (``VmRSS``, ``VmHWM``), or None."""
@@ -328,6 +357,7 @@ def peak_rss_delta(fn: Callable[[], Any]) -> tuple[float, str]:
   larger peak hides it.
   """
   import resource  # pylint: disable=g-import-not-at-top
+
   if _reset_peak_rss() and _status_kib("VmRSS") is not None:
     before = _status_kib("VmRSS")
     jax.block_until_ready(fn())
@@ -348,8 +378,12 @@ def compiled_bytes(compiled: Any) -> int:
   stats = compiled.memory_analysis()
   if stats is None:
     return -1
-  return int(stats.argument_size_in_bytes + stats.output_size_in_bytes
-             + stats.temp_size_in_bytes - stats.alias_size_in_bytes)
+  return int(
+      stats.argument_size_in_bytes
+      + stats.output_size_in_bytes
+      + stats.temp_size_in_bytes
+      - stats.alias_size_in_bytes
+  )
 
 
 def fmt_bytes(num: float) -> str:
@@ -362,6 +396,7 @@ def fmt_bytes(num: float) -> str:
 
 
 # ---------------------------------------------------------- environment ----
+
 
 def cpu_model() -> str:
   """The CPU model name from /proc/cpuinfo (or ``platform.processor()``)."""
@@ -380,13 +415,14 @@ def environment() -> dict[str, str]:
   load = os.getloadavg() if hasattr(os, "getloadavg") else (float("nan"),) * 3
   env = {
       "date": datetime.datetime.now(datetime.timezone.utc).strftime(
-          "%Y-%m-%d %H:%M UTC"),
+          "%Y-%m-%d %H:%M UTC"
+      ),
       "cpu": cpu_model(),
       "cores": str(os.cpu_count()),
       "python": platform.python_version(),
       "jax": jax.__version__,
       "device": f"{jax.devices()[0].platform} ({jax.devices()[0].device_kind}"
-                f", {jax.device_count()} device(s))",
+      f", {jax.device_count()} device(s))",
       "load average (1/5/15 min)": " / ".join(f"{x:.2f}" for x in load),
   }
   for name in ("optax", "scipy", "torch", "matfree", "pyhessian"):
@@ -399,6 +435,7 @@ def environment() -> dict[str, str]:
 def package_version(name: str) -> str | None:
   """Installed version of a distribution, or None."""
   from importlib import metadata  # pylint: disable=g-import-not-at-top
+
   try:
     return metadata.version(name)
   except metadata.PackageNotFoundError:
@@ -408,10 +445,12 @@ def package_version(name: str) -> str | None:
 def installed(module: str) -> bool:
   """Whether ``module`` can be imported."""
   import importlib.util  # pylint: disable=g-import-not-at-top
+
   return importlib.util.find_spec(module) is not None
 
 
 # --------------------------------------------------------------- output ----
+
 
 def fmt_time(seconds: float) -> str:
   """Seconds in a readable unit (us, ms or s)."""
@@ -431,11 +470,14 @@ def fmt_err(value: float) -> str:
   return f"{value:.1e}"
 
 
-def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]
-                   ) -> str:
+def markdown_table(
+    headers: Sequence[str], rows: Sequence[Sequence[Any]]
+) -> str:
   """A GitHub markdown table."""
-  lines = ["| " + " | ".join(headers) + " |",
-           "|" + "|".join("---" for _ in headers) + "|"]
+  lines = [
+      "| " + " | ".join(headers) + " |",
+      "|" + "|".join("---" for _ in headers) + "|",
+  ]
   lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
   return "\n".join(lines)
 
@@ -448,12 +490,23 @@ def met(flag: bool) -> str:
 def parser(description: str) -> argparse.ArgumentParser:
   """The common command line: ``--quick``, ``--repeats``, ``--out``."""
   p = argparse.ArgumentParser(description=description)
-  p.add_argument("--quick", action="store_true",
-                 help="tiny sizes, one repeat: a smoke test, not a measurement")
-  p.add_argument("--repeats", type=int, default=None,
-                 help="timed repeats per measurement (default 5, quick 1)")
-  p.add_argument("--out", type=pathlib.Path, default=None,
-                 help="also write the markdown section to this file")
+  p.add_argument(
+      "--quick",
+      action="store_true",
+      help="tiny sizes, one repeat: a smoke test, not a measurement",
+  )
+  p.add_argument(
+      "--repeats",
+      type=int,
+      default=None,
+      help="timed repeats per measurement (default 5, quick 1)",
+  )
+  p.add_argument(
+      "--out",
+      type=pathlib.Path,
+      default=None,
+      help="also write the markdown section to this file",
+  )
   return p
 
 

@@ -58,6 +58,7 @@ AUTHORS_NORMALIZING_EPS = 1e-5
 
 # ------------------------------------------------------- authors' protocol --
 
+
 def _tree_norm(tree: PyTree) -> jax.Array:
   return jnp.sqrt(sum(jnp.sum(x * x) for x in jax.tree.leaves(tree)))
 
@@ -67,10 +68,13 @@ def _random_direction(key: jax.Array, params: PyTree) -> PyTree:
   """A standard normal pytree scaled to unit norm (plus their 1e-5 guard)."""
   leaves, treedef = jax.tree.flatten(params)
   keys = jax.random.split(key, len(leaves))
-  leaves = [jax.random.normal(k, x.shape, x.dtype) for k, x in zip(keys, leaves)]
+  leaves = [
+      jax.random.normal(k, x.shape, x.dtype) for k, x in zip(keys, leaves)
+  ]
   norm = _tree_norm(leaves)
   return jax.tree.unflatten(
-      treedef, [x / (norm + AUTHORS_NORMALIZING_EPS) for x in leaves])
+      treedef, [x / (norm + AUTHORS_NORMALIZING_EPS) for x in leaves]
+  )
 
 
 class AuthorsEstimate(NamedTuple):
@@ -82,15 +86,21 @@ class AuthorsEstimate(NamedTuple):
     vector: the last unit iterate ``v_t`` (a pytree), their principal
       direction.
   """
+
   value: float
   iterations: int
   vector: PyTree
 
 
-def authors_power_iteration(loss_fn: LossFn, params: PyTree, batch: Any,
-                            key: jax.Array, *, tol: float = AUTHORS_TOL,
-                            max_iters: int = AUTHORS_MAX_ITERS
-                            ) -> AuthorsEstimate:
+def authors_power_iteration(
+    loss_fn: LossFn,
+    params: PyTree,
+    batch: Any,
+    key: jax.Array,
+    *,
+    tol: float = AUTHORS_TOL,
+    max_iters: int = AUTHORS_MAX_ITERS,
+) -> AuthorsEstimate:
   """The authors' check: host loop, fresh jit, finite-difference HVPs."""
   grad = jax.grad(loss_fn)
   eps = AUTHORS_FD_STEP
@@ -100,7 +110,9 @@ def authors_power_iteration(loss_fn: LossFn, params: PyTree, batch: Any,
     minus = jax.tree.map(lambda p, v: p - eps * v, params, old_v)
     product = jax.tree.map(
         lambda a, b: (a - b) / (2.0 * eps + AUTHORS_NORMALIZING_EPS),
-        grad(plus, batch), grad(minus, batch))
+        grad(plus, batch),
+        grad(minus, batch),
+    )
     norm = _tree_norm(product)
     return jax.tree.map(lambda x: x / norm, product), product, norm
 
@@ -109,19 +121,25 @@ def authors_power_iteration(loss_fn: LossFn, params: PyTree, batch: Any,
   step = jax.jit(iteration)
   v = _random_direction(key, params)
   last_norm, current_norm, t = None, 1.0, 0
-  while ((last_norm is None
-          or (abs(current_norm - last_norm) > current_norm * tol
-              and abs(current_norm) > tol))
-         and t < max_iters):
+  while (
+      last_norm is None
+      or (
+          abs(current_norm - last_norm) > current_norm * tol
+          and abs(current_norm) > tol
+      )
+  ) and t < max_iters:
     last_norm = current_norm
     v, product, current_norm = step(v)
     t += 1
-  value = sum(jnp.sum(a * b) for a, b in zip(jax.tree.leaves(v),
-                                             jax.tree.leaves(product)))
+  value = sum(
+      jnp.sum(a * b)
+      for a, b in zip(jax.tree.leaves(v), jax.tree.leaves(product))
+  )
   return AuthorsEstimate(value=abs(float(value)), iterations=t, vector=v)
 
 
 # ------------------------------------------------------------- Cohen eigsh --
+
 
 def flat_hvp_fn(loss_fn: LossFn) -> Callable[..., jax.Array]:
   """Jitted ``(params, batch, flat v) -> flat H v`` by ``se.hvp``."""
@@ -134,9 +152,15 @@ def flat_hvp_fn(loss_fn: LossFn) -> Callable[..., jax.Array]:
   return fn
 
 
-def cohen_eigsh(hvp: Callable[..., jax.Array], params: PyTree, batch: Any,
-                v0: np.ndarray | None, *, tol: float = 0.0,
-                ncv: int | None = None) -> tuple[float, int]:
+def cohen_eigsh(
+    hvp: Callable[..., jax.Array],
+    params: PyTree,
+    batch: Any,
+    v0: np.ndarray | None,
+    *,
+    tol: float = 0.0,
+    ncv: int | None = None,
+) -> tuple[float, int]:
   """ARPACK ``eigsh(k=1, which='LA')`` with a host round trip per product.
 
   Args:
@@ -153,6 +177,7 @@ def cohen_eigsh(hvp: Callable[..., jax.Array], params: PyTree, batch: Any,
     the operator's dtype (their LinearOperator gives none).
   """
   from scipy.sparse.linalg import LinearOperator, eigsh  # pylint: disable=g-import-not-at-top
+
   n = ravel_pytree(params)[0].size
   count = [0]
 
@@ -161,23 +186,33 @@ def cohen_eigsh(hvp: Callable[..., jax.Array], params: PyTree, batch: Any,
     return np.asarray(hvp(params, batch, jnp.asarray(v, jnp.float32)))
 
   operator = LinearOperator((n, n), matvec=matvec)
-  values = eigsh(operator, k=1, which="LA", tol=tol, v0=v0, ncv=ncv,
-                 return_eigenvectors=False)
+  values = eigsh(
+      operator,
+      k=1,
+      which="LA",
+      tol=tol,
+      v0=v0,
+      ncv=ncv,
+      return_eigenvectors=False,
+  )
   return float(values[-1]), count[0]
 
 
 # ------------------------------------------------------ lobpcg and matfree --
 
-def _flat_linearized(loss_fn: LossFn, params: PyTree, batch: Any
-                     ) -> Callable[[jax.Array], jax.Array]:
+
+def _flat_linearized(
+    loss_fn: LossFn, params: PyTree, batch: Any
+) -> Callable[[jax.Array], jax.Array]:
   """``flat v -> flat H v`` linearized once at ``params``."""
   _, unravel = ravel_pytree(params)
   matvec = se.hessian_matvec(loss_fn, params, batch)
   return lambda v: ravel_pytree(matvec(unravel(v)))[0]
 
 
-def lobpcg_fn(loss_fn: LossFn, num_iters: int, tol: float | None
-              ) -> Callable[..., tuple[jax.Array, jax.Array]]:
+def lobpcg_fn(
+    loss_fn: LossFn, num_iters: int, tol: float | None
+) -> Callable[..., tuple[jax.Array, jax.Array]]:
   """Jitted ``(params, batch, x0 (n, 1)) -> (top eigenvalue, iterations)``."""
   from jax.experimental.sparse.linalg import lobpcg_standard  # pylint: disable=g-import-not-at-top
 
@@ -191,10 +226,10 @@ def lobpcg_fn(loss_fn: LossFn, num_iters: int, tol: float | None
   return fn
 
 
-def matfree_fn(loss_fn: LossFn, num_matvecs: int
-               ) -> Callable[..., jax.Array]:
+def matfree_fn(loss_fn: LossFn, num_matvecs: int) -> Callable[..., jax.Array]:
   """Jitted ``(params, batch, v0) -> top Ritz value`` by matfree's Lanczos."""
   from matfree import decomp, eig  # pylint: disable=g-import-not-at-top
+
   eigh = eig.eigh_partial(decomp.tridiag_sym(num_matvecs))
 
   @jax.jit
@@ -207,9 +242,11 @@ def matfree_fn(loss_fn: LossFn, num_matvecs: int
 
 # ---------------------------------------------------------------- PyTorch --
 
+
 def torch_mlp(params: dict[str, PyTree]) -> Any:
   """A ``torch.nn.Sequential`` ReLU MLP holding a copy of ``params``."""
   import torch  # pylint: disable=g-import-not-at-top
+
   layers = []
   num_layers = len(params)
   for i in range(num_layers):
@@ -228,8 +265,10 @@ def torch_mlp(params: dict[str, PyTree]) -> Any:
 def torch_batch(batch: Any) -> tuple[Any, Any]:
   """``(x, y)`` as float32 torch tensors."""
   import torch  # pylint: disable=g-import-not-at-top
-  return tuple(torch.from_numpy(np.asarray(a, np.float32).copy())
-               for a in batch)
+
+  return tuple(
+      torch.from_numpy(np.asarray(a, np.float32).copy()) for a in batch
+  )
 
 
 def uses_pyhessian_package() -> bool:
@@ -255,9 +294,9 @@ def _counting_pyhessian_products() -> Iterator[list[int]]:
     module.hessian_vector_product = original
 
 
-def _pyhessian_reimplementation(model: Any, data: tuple[Any, Any], *,
-                                tol: float, max_iters: int
-                                ) -> tuple[float, int]:
+def _pyhessian_reimplementation(
+    model: Any, data: tuple[Any, Any], *, tol: float, max_iters: int
+) -> tuple[float, int]:
   """PyHessian's ``eigenvalues(top_n=1)`` re-implemented (when not installed).
 
   One backward pass with ``create_graph=True``, then power iteration with
@@ -265,6 +304,7 @@ def _pyhessian_reimplementation(model: Any, data: tuple[Any, Any], *,
   stopping when it changes by less than ``tol`` relatively.
   """
   import torch  # pylint: disable=g-import-not-at-top
+
   x, y = data
   params = [p for p in model.parameters() if p.requires_grad]
   loss = torch.nn.functional.mse_loss(model(x), y)
@@ -281,26 +321,35 @@ def _pyhessian_reimplementation(model: Any, data: tuple[Any, Any], *,
     estimate = float(sum(torch.sum(a * b) for a, b in zip(hv, v)))
     v = normalize(list(hv))
     if eigenvalue is not None and (
-        abs(eigenvalue - estimate) / (abs(eigenvalue) + 1e-6) < tol):
+        abs(eigenvalue - estimate) / (abs(eigenvalue) + 1e-6) < tol
+    ):
       break
     eigenvalue = estimate
   return eigenvalue, it
 
 
-def pyhessian_power_iteration(model: Any, data: tuple[Any, Any], seed: int, *,
-                              tol: float = 1e-3, max_iters: int = 100
-                              ) -> tuple[float, int]:
+def pyhessian_power_iteration(
+    model: Any,
+    data: tuple[Any, Any],
+    seed: int,
+    *,
+    tol: float = 1e-3,
+    max_iters: int = 100,
+) -> tuple[float, int]:
   """PyHessian's top eigenvalue on a PyTorch model; ``(value, HVPs)``.
 
   The ``hessian`` object is built inside (its constructor runs the forward
   and ``create_graph`` backward pass), as a check during training would.
   """
   import torch  # pylint: disable=g-import-not-at-top
+
   torch.manual_seed(seed)
   if not uses_pyhessian_package():
-    return _pyhessian_reimplementation(model, data, tol=tol,
-                                       max_iters=max_iters)
+    return _pyhessian_reimplementation(
+        model, data, tol=tol, max_iters=max_iters
+    )
   from pyhessian import hessian  # pylint: disable=g-import-not-at-top
+
   with _counting_pyhessian_products() as count:
     computer = hessian(model, torch.nn.MSELoss(), data=data, cuda=False)
     values, _ = computer.eigenvalues(maxIter=max_iters, tol=tol, top_n=1)
@@ -308,12 +357,14 @@ def pyhessian_power_iteration(model: Any, data: tuple[Any, Any], seed: int, *,
   return float(values[0]), count[0]
 
 
-def torch_hvp_seconds(model: Any, data: tuple[Any, Any], repeats: int
-                      ) -> tuple[float, float]:
+def torch_hvp_seconds(
+    model: Any, data: tuple[Any, Any], repeats: int
+) -> tuple[float, float]:
   """Median seconds of one PyTorch gradient and one double-backward HVP."""
   import statistics  # pylint: disable=g-import-not-at-top
   import time  # pylint: disable=g-import-not-at-top
   import torch  # pylint: disable=g-import-not-at-top
+
   x, y = data
   params = list(model.parameters())
   v = [torch.randn_like(p) for p in params]

@@ -67,6 +67,7 @@ class Variant:
     compile: seconds of ahead-of-time compilation (0 for PyTorch).
     per_step: measured seconds per step, one entry per repeat.
   """
+
   name: str
   advance: Callable[[int], None]
   calls: int
@@ -96,25 +97,32 @@ def gd_step(opt: optax.GradientTransformation) -> Callable[..., Any]:
   return step
 
 
-def se_sam_step(opt: optax.GradientTransformationExtraArgs
-                ) -> Callable[..., Any]:
+def se_sam_step(
+    opt: optax.GradientTransformationExtraArgs,
+) -> Callable[..., Any]:
   """One ``se.sam`` step: a single update call evaluates the second gradient."""
 
   def step(params, state, batch):
-    updates, state = opt.update(_grad(params, batch), state, params,
-                                grad_fn=lambda p: _grad(p, batch))
+    updates, state = opt.update(
+        _grad(params, batch), state, params, grad_fn=lambda p: _grad(p, batch)
+    )
     return optax.apply_updates(params, updates), state
 
   return step
 
 
-def optax_sam_opaque_step(opt: optax.GradientTransformationExtraArgs
-                          ) -> Callable[..., Any]:
+def optax_sam_opaque_step(
+    opt: optax.GradientTransformationExtraArgs,
+) -> Callable[..., Any]:
   """``optax.contrib.sam(opaque_mode=True)``: one call per SAM step."""
 
   def step(params, state, batch):
-    updates, state = opt.update(_grad(params, batch), state, params,
-                                grad_fn=lambda p, _: _grad(p, batch))
+    updates, state = opt.update(
+        _grad(params, batch),
+        state,
+        params,
+        grad_fn=lambda p, _: _grad(p, batch),
+    )
     return optax.apply_updates(params, updates), state
 
   return step
@@ -131,8 +139,15 @@ def fused(step: Callable[..., Any], times: int) -> Callable[..., Any]:
   return run
 
 
-def jax_variant(name: str, step: Callable[..., Any], params: PyTree,
-                state: Any, batch: Any, *, calls_per_step: int) -> Variant:
+def jax_variant(
+    name: str,
+    step: Callable[..., Any],
+    params: PyTree,
+    state: Any,
+    batch: Any,
+    *,
+    calls_per_step: int,
+) -> Variant:
   """Compiles ``step`` and warms it up; ``advance`` loops its jitted calls."""
   start = time.perf_counter()
   compiled = jax.jit(step).lower(params, state, batch).compile()
@@ -146,14 +161,16 @@ def jax_variant(name: str, step: Callable[..., Any], params: PyTree,
     carry[:] = jax.block_until_ready((p, s))
 
   advance(2)  # warm-up
-  return Variant(name=name, advance=advance, calls=calls_per_step,
-                 compile=compile_s)
+  return Variant(
+      name=name, advance=advance, calls=calls_per_step, compile=compile_s
+  )
 
 
 def torch_variants(params: PyTree, batch: Any) -> list[Variant]:
   """PyTorch SGD and SAM steps on a copy of the same MLP and data."""
   import torch  # pylint: disable=g-import-not-at-top
   from benchmarks import _peers  # pylint: disable=g-import-not-at-top
+
   x, y = _peers.torch_batch(batch)
   out = []
   for sam in (False, True):
@@ -165,8 +182,9 @@ def torch_variants(params: PyTree, batch: Any) -> list[Variant]:
       torch.nn.functional.mse_loss(model(x), y).backward()
       if sam:
         with torch.no_grad():
-          norm = torch.sqrt(sum(torch.sum(p.grad * p.grad)
-                                for p in model.parameters()))
+          norm = torch.sqrt(
+              sum(torch.sum(p.grad * p.grad) for p in model.parameters())
+          )
           perturbations = []
           for p in model.parameters():
             e = RHO * p.grad / (norm + 1e-12)
@@ -184,14 +202,20 @@ def torch_variants(params: PyTree, batch: Any) -> list[Variant]:
         step()
 
     advance(2)  # warm-up
-    out.append(Variant(
-        name="PyTorch SAM (davda54/sam pattern)" if sam else "PyTorch SGD",
-        advance=advance, calls=1, compile=0.0))
+    out.append(
+        Variant(
+            name="PyTorch SAM (davda54/sam pattern)" if sam else "PyTorch SGD",
+            advance=advance,
+            calls=1,
+            compile=0.0,
+        )
+    )
   return out
 
 
-def measure(variants: Sequence[Variant], *, num_steps: int, repeats: int
-            ) -> None:
+def measure(
+    variants: Sequence[Variant], *, num_steps: int, repeats: int
+) -> None:
   """Round-robin repeats, so that load drifts hit every variant alike."""
   for _ in range(repeats):
     for v in variants:
@@ -200,8 +224,9 @@ def measure(variants: Sequence[Variant], *, num_steps: int, repeats: int
       v.per_step.append((time.perf_counter() - start) / num_steps)
 
 
-def _explain(sam: Variant, gd: Variant, contrib: Sequence[Variant]
-             ) -> list[str]:
+def _explain(
+    sam: Variant, gd: Variant, contrib: Sequence[Variant]
+) -> list[str]:
   """Why a missed target missed, from the measurements."""
   out = []
   noise = max(v.spread for v in (sam, gd, *contrib))
@@ -213,7 +238,8 @@ def _explain(sam: Variant, gd: Variant, contrib: Sequence[Variant]
         f"rho == 0 select; it costs {_common.fmt_time(extra)} more than two "
         f"GD steps ({extra / gd.seconds:.0%} of one), against a run-to-run "
         f"spread of up to {noise:.0%}. Closing it means fusing those passes "
-        "into the gradients' epilogues, or a quieter machine if it is noise.")
+        "into the gradients' epilogues, or a quieter machine if it is noise."
+    )
   fastest = min(contrib, key=lambda v: v.seconds)
   if sam.seconds >= fastest.seconds:
     out.append(
@@ -222,7 +248,8 @@ def _explain(sam: Variant, gd: Variant, contrib: Sequence[Variant]
         f"the same work in one call, and the gap "
         f"({(sam.seconds / fastest.seconds - 1):+.1%}) is within the spread "
         f"({noise:.0%}). Only the two-call transparent mode pays a second "
-        "dispatch and its arithmetic branch blend.")
+        "dispatch and its arithmetic branch blend."
+    )
   return out
 
 
@@ -231,8 +258,7 @@ def run(quick: bool = False, repeats: int | None = None) -> str:
   repeats = _common.default_repeats(quick, repeats)
   case = QUICK if quick else FULL
   batch = _common.batch_of(case.num_examples)
-  params = _common.mlp_init(jax.random.key(0),
-                            _common.mlp_widths(case.hidden))
+  params = _common.mlp_init(jax.random.key(0), _common.mlp_widths(case.hidden))
   grad_t, _ = _common.time_jit(_grad, params, batch, repeats=repeats)
 
   sgd = optax.sgd(LEARNING_RATE)
@@ -242,18 +268,41 @@ def run(quick: bool = False, repeats: int | None = None) -> str:
   opaque = optax.contrib.sam(sgd, adv, sync_period=2, opaque_mode=True)
   common = dict(params=params, batch=batch)
   variants = [
-      jax_variant("GD (optax.sgd)", gd_step(sgd), state=sgd.init(params),
-                  calls_per_step=1, **common),
-      jax_variant("se.sam(optax.sgd)", se_sam_step(ours),
-                  state=ours.init(params), calls_per_step=1, **common),
-      jax_variant("optax.contrib.sam, 2 update calls", gd_step(contrib),
-                  state=contrib.init(params), calls_per_step=2, **common),
-      jax_variant("optax.contrib.sam, 2 calls fused in one jit",
-                  fused(gd_step(contrib), 2), state=contrib.init(params),
-                  calls_per_step=1, **common),
-      jax_variant("optax.contrib.sam, opaque_mode",
-                  optax_sam_opaque_step(opaque), state=opaque.init(params),
-                  calls_per_step=1, **common),
+      jax_variant(
+          "GD (optax.sgd)",
+          gd_step(sgd),
+          state=sgd.init(params),
+          calls_per_step=1,
+          **common,
+      ),
+      jax_variant(
+          "se.sam(optax.sgd)",
+          se_sam_step(ours),
+          state=ours.init(params),
+          calls_per_step=1,
+          **common,
+      ),
+      jax_variant(
+          "optax.contrib.sam, 2 update calls",
+          gd_step(contrib),
+          state=contrib.init(params),
+          calls_per_step=2,
+          **common,
+      ),
+      jax_variant(
+          "optax.contrib.sam, 2 calls fused in one jit",
+          fused(gd_step(contrib), 2),
+          state=contrib.init(params),
+          calls_per_step=1,
+          **common,
+      ),
+      jax_variant(
+          "optax.contrib.sam, opaque_mode",
+          optax_sam_opaque_step(opaque),
+          state=opaque.init(params),
+          calls_per_step=1,
+          **common,
+      ),
   ]
   note = ""
   if _common.installed("torch"):
@@ -264,12 +313,28 @@ def run(quick: bool = False, repeats: int | None = None) -> str:
   gd, sam, contrib_rows = variants[0], variants[1], variants[2:5]
   floor = 2 * grad_t.median
   table = _common.markdown_table(
-      ["step", "time / step", "/ GD step", "/ floor (2 grads)",
-       "calls / step", "compile", "spread"],
-      [[v.name, _common.fmt_time(v.seconds), f"{v.seconds / gd.seconds:.2f}",
-        f"{v.seconds / floor:.2f}", v.calls,
-        _common.fmt_time(v.compile) if v.compile else "-",
-        f"{v.spread:.0%}"] for v in variants])
+      [
+          "step",
+          "time / step",
+          "/ GD step",
+          "/ floor (2 grads)",
+          "calls / step",
+          "compile",
+          "spread",
+      ],
+      [
+          [
+              v.name,
+              _common.fmt_time(v.seconds),
+              f"{v.seconds / gd.seconds:.2f}",
+              f"{v.seconds / floor:.2f}",
+              v.calls,
+              _common.fmt_time(v.compile) if v.compile else "-",
+              f"{v.spread:.0%}",
+          ]
+          for v in variants
+      ],
+  )
   ratio = sam.seconds / gd.seconds
   fastest = min(v.seconds for v in contrib_rows)
   targets = [
@@ -283,13 +348,20 @@ def run(quick: bool = False, repeats: int | None = None) -> str:
       f"{sam.seconds / floor:.2f}x the floor.",
   ] + _explain(sam, gd, contrib_rows)
   n = _common.num_params(params)
-  return "\n".join([
-      "## SAM step time (bench_sam_step.py)\n",
-      f"MLP {'-'.join(map(str, _common.mlp_widths(case.hidden)))} "
-      f"({n:,} parameters), {case.num_examples:,} examples, full batch, "
-      f"eta = {LEARNING_RATE:g}, rho = {RHO:g}; {case.num_steps} steps per "
-      f"repeat, variants interleaved, median of {repeats} repeats.\n", table,
-      note, "Targets:\n", "\n".join(targets), ""])
+  return "\n".join(
+      [
+          "## SAM step time (bench_sam_step.py)\n",
+          f"MLP {'-'.join(map(str, _common.mlp_widths(case.hidden)))} "
+          f"({n:,} parameters), {case.num_examples:,} examples, full batch, "
+          f"eta = {LEARNING_RATE:g}, rho = {RHO:g}; {case.num_steps} steps per "
+          f"repeat, variants interleaved, median of {repeats} repeats.\n",
+          table,
+          note,
+          "Targets:\n",
+          "\n".join(targets),
+          "",
+      ]
+  )
 
 
 def main(argv: Sequence[str] | None = None) -> int:

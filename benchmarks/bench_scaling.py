@@ -55,8 +55,13 @@ class Sweep:
   lanczos_iters: int
 
 
-FULL = Sweep((64, 128, 256, 512, 1024, 2048), 2000,
-             (500, 1000, 2000, 5000, 10000, 20000, 60000), 256, 8)
+FULL = Sweep(
+    (64, 128, 256, 512, 1024, 2048),
+    2000,
+    (500, 1000, 2000, 5000, 10000, 20000, 60000),
+    256,
+    8,
+)
 QUICK = Sweep((8, 16), 64, (64, 128), 8, 3)
 
 
@@ -74,19 +79,22 @@ class Point:
   sharpness_rss: float
 
 
-def measure(width: int, num_examples: int, lanczos_iters: int, repeats: int
-            ) -> tuple[Point, str]:
+def measure(
+    width: int, num_examples: int, lanczos_iters: int, repeats: int
+) -> tuple[Point, str]:
   """Times and memory of one SAM step and one sharpness estimate."""
   batch = _common.batch_of(num_examples)
-  params = _common.mlp_init(jax.random.key(0), _common.mlp_widths((width,
-                                                                   width)))
+  params = _common.mlp_init(
+      jax.random.key(0), _common.mlp_widths((width, width))
+  )
   opt = se.sam(optax.sgd(1.0), 0.1)
   state = opt.init(params)
   grad = jax.grad(LOSS)
 
   def step(params, state, batch):
-    updates, state = opt.update(grad(params, batch), state, params,
-                                grad_fn=lambda p: grad(p, batch))
+    updates, state = opt.update(
+        grad(params, batch), state, params, grad_fn=lambda p: grad(p, batch)
+    )
     return optax.apply_updates(params, updates), state
 
   def sharpness(params, batch):
@@ -94,23 +102,39 @@ def measure(width: int, num_examples: int, lanczos_iters: int, repeats: int
 
   step_fn = jax.jit(step).lower(params, state, batch).compile()
   sharp_fn = jax.jit(sharpness).lower(params, batch).compile()
-  step_t, _ = _common.time_compiled(step_fn, params, state, batch,
-                                    repeats=repeats, budget=3.0)
-  sharp_t, _ = _common.time_compiled(sharp_fn, params, batch, repeats=repeats,
-                                     budget=3.0)
+  step_t, _ = _common.time_compiled(
+      step_fn, params, state, batch, repeats=repeats, budget=3.0
+  )
+  sharp_t, _ = _common.time_compiled(
+      sharp_fn, params, batch, repeats=repeats, budget=3.0
+  )
   flat = jnp.ones(_common.num_params(params))
   book_t, _ = _common.time_jit(
       lambda v, d: se.lanczos(lambda x: d * x, v, lanczos_iters).ritz_values[0],
-      flat, jnp.linspace(0.0, 1.0, flat.size), repeats=repeats, budget=3.0)
+      flat,
+      jnp.linspace(0.0, 1.0, flat.size),
+      repeats=repeats,
+      budget=3.0,
+  )
   step_rss, method = _common.peak_rss_delta(
-      lambda: step_fn(params, state, batch))
+      lambda: step_fn(params, state, batch)
+  )
   sharp_rss, _ = _common.peak_rss_delta(lambda: sharp_fn(params, batch))
-  return Point(
-      width=width, num_examples=num_examples,
-      num_params=_common.num_params(params), step=step_t.median,
-      sharpness=sharp_t.median, bookkeeping=book_t.median, step_bytes=_common.compiled_bytes(step_fn),
-      sharpness_bytes=_common.compiled_bytes(sharp_fn), step_rss=step_rss,
-      sharpness_rss=sharp_rss), method
+  return (
+      Point(
+          width=width,
+          num_examples=num_examples,
+          num_params=_common.num_params(params),
+          step=step_t.median,
+          sharpness=sharp_t.median,
+          bookkeeping=book_t.median,
+          step_bytes=_common.compiled_bytes(step_fn),
+          sharpness_bytes=_common.compiled_bytes(sharp_fn),
+          step_rss=step_rss,
+          sharpness_rss=sharp_rss,
+      ),
+      method,
+  )
 
 
 def slope(sizes: Sequence[float], values: Sequence[float]) -> float:
@@ -121,8 +145,9 @@ def slope(sizes: Sequence[float], values: Sequence[float]) -> float:
   return float(np.polyfit(x, y, 1)[0])
 
 
-def _slopes(sizes: Sequence[float], points: Sequence[Point], *,
-            bookkeeping: bool) -> dict[str, float]:
+def _slopes(
+    sizes: Sequence[float], points: Sequence[Point], *, bookkeeping: bool
+) -> dict[str, float]:
   """Fitted slopes; the bookkeeping (independent of the data) on request."""
   out = {
       "SAM step time": slope(sizes, [p.step for p in points]),
@@ -131,67 +156,110 @@ def _slopes(sizes: Sequence[float], points: Sequence[Point], *,
       "sharpness XLA bytes": slope(sizes, [p.sharpness_bytes for p in points]),
   }
   if bookkeeping:
-    out["Lanczos bookkeeping time"] = slope(sizes,
-                                            [p.bookkeeping for p in points])
+    out["Lanczos bookkeeping time"] = slope(
+        sizes, [p.bookkeeping for p in points]
+    )
   return out
 
 
 def _table(points: Sequence[Point]) -> str:
   return _common.markdown_table(
-      ["width", "examples", "parameters", "SAM step", "sharpness",
-       "of which Lanczos bookkeeping", "step XLA buffers", "sharpness XLA buffers", "step peak RSS growth",
-       "sharpness peak RSS growth"],
-      [[p.width, f"{p.num_examples:,}", f"{p.num_params:,}",
-        _common.fmt_time(p.step), _common.fmt_time(p.sharpness),
-        _common.fmt_time(p.bookkeeping), _common.fmt_bytes(p.step_bytes), _common.fmt_bytes(p.sharpness_bytes),
-        _common.fmt_bytes(p.step_rss), _common.fmt_bytes(p.sharpness_rss)]
-       for p in points])
+      [
+          "width",
+          "examples",
+          "parameters",
+          "SAM step",
+          "sharpness",
+          "of which Lanczos bookkeeping",
+          "step XLA buffers",
+          "sharpness XLA buffers",
+          "step peak RSS growth",
+          "sharpness peak RSS growth",
+      ],
+      [
+          [
+              p.width,
+              f"{p.num_examples:,}",
+              f"{p.num_params:,}",
+              _common.fmt_time(p.step),
+              _common.fmt_time(p.sharpness),
+              _common.fmt_time(p.bookkeeping),
+              _common.fmt_bytes(p.step_bytes),
+              _common.fmt_bytes(p.sharpness_bytes),
+              _common.fmt_bytes(p.step_rss),
+              _common.fmt_bytes(p.sharpness_rss),
+          ]
+          for p in points
+      ],
+  )
 
 
 def _slope_lines(name: str, slopes: dict[str, float]) -> list[str]:
-  return [f"- {name}: {what} slope {value:.2f}"
-          + (" **superlinear**" if value > SUPERLINEAR else "")
-          for what, value in slopes.items()]
+  return [
+      f"- {name}: {what} slope {value:.2f}"
+      + (" **superlinear**" if value > SUPERLINEAR else "")
+      for what, value in slopes.items()
+  ]
 
 
 def _bookkeeping_note(largest: Point) -> str:
   """How much of the largest model's sharpness time is bookkeeping."""
   share = largest.bookkeeping / largest.sharpness
-  return (f"\nAt {largest.num_params:,} parameters the Lanczos bookkeeping "
-          f"(reorthogonalization against the stored basis) is "
-          f"{_common.fmt_time(largest.bookkeeping)} of "
-          f"{_common.fmt_time(largest.sharpness)} ({share:.0%}); it is linear "
-          "in the parameters in flops but streams the whole basis from memory "
-          "several times per iteration, so it slows down once the basis "
-          "leaves the caches.")
+  return (
+      f"\nAt {largest.num_params:,} parameters the Lanczos bookkeeping "
+      f"(reorthogonalization against the stored basis) is "
+      f"{_common.fmt_time(largest.bookkeeping)} of "
+      f"{_common.fmt_time(largest.sharpness)} ({share:.0%}); it is linear "
+      "in the parameters in flops but streams the whole basis from memory "
+      "several times per iteration, so it slows down once the basis "
+      "leaves the caches."
+  )
 
 
-def plot(by_width: Sequence[Point], by_examples: Sequence[Point],
-         path: pathlib.Path) -> None:
+def plot(
+    by_width: Sequence[Point], by_examples: Sequence[Point], path: pathlib.Path
+) -> None:
   """Log-log panels: time and XLA memory against parameters and examples."""
   import matplotlib  # pylint: disable=g-import-not-at-top
+
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+
   fig, axes = plt.subplots(2, 2, figsize=(10, 7.5))
-  sweeps = ((by_width, [p.num_params for p in by_width], "parameters"),
-            (by_examples, [p.num_examples for p in by_examples], "examples"))
+  sweeps = (
+      (by_width, [p.num_params for p in by_width], "parameters"),
+      (by_examples, [p.num_examples for p in by_examples], "examples"),
+  )
   for col, (points, sizes, label) in enumerate(sweeps):
     ax = axes[0, col]
     ax.loglog(sizes, [p.step for p in points], "o-", label="SAM step")
-    ax.loglog(sizes, [p.sharpness for p in points], "s-",
-              label="sharpness (fixed Lanczos iters)")
+    ax.loglog(
+        sizes,
+        [p.sharpness for p in points],
+        "s-",
+        label="sharpness (fixed Lanczos iters)",
+    )
     ax.set_ylabel("seconds")
     ax = axes[1, col]
-    ax.loglog(sizes, [p.step_bytes / 2**20 for p in points], "o-",
-              label="SAM step (XLA buffers)")
-    ax.loglog(sizes, [p.sharpness_bytes / 2**20 for p in points], "s-",
-              label="sharpness (XLA buffers)")
+    ax.loglog(
+        sizes,
+        [p.step_bytes / 2**20 for p in points],
+        "o-",
+        label="SAM step (XLA buffers)",
+    )
+    ax.loglog(
+        sizes,
+        [p.sharpness_bytes / 2**20 for p in points],
+        "s-",
+        label="sharpness (XLA buffers)",
+    )
     ax.set_ylabel("MiB")
     for row in range(2):
       ref = np.asarray(sizes, float)
       y0 = axes[row, col].get_lines()[0].get_ydata()[-1]
-      axes[row, col].loglog(ref, y0 * ref / ref[-1], "k:", lw=1,
-                            label="slope 1")
+      axes[row, col].loglog(
+          ref, y0 * ref / ref[-1], "k:", lw=1, label="slope 1"
+      )
       axes[row, col].set_xlabel(label)
       axes[row, col].legend(fontsize=8)
       axes[row, col].grid(True, which="both", alpha=0.3)
@@ -202,8 +270,11 @@ def plot(by_width: Sequence[Point], by_examples: Sequence[Point],
   plt.close(fig)
 
 
-def run(quick: bool = False, repeats: int | None = None,
-        figure: pathlib.Path | None = None) -> str:
+def run(
+    quick: bool = False,
+    repeats: int | None = None,
+    figure: pathlib.Path | None = None,
+) -> str:
   """The markdown section of this benchmark.
 
   The figure goes to ``figure``, by default ``benchmarks/scaling.png`` (quick
@@ -218,47 +289,67 @@ def run(quick: bool = False, repeats: int | None = None,
   def point(width: int, num_examples: int) -> Point:
     if (width, num_examples) not in cache:
       _common.log(f"scaling: width {width}, {num_examples} examples")
-      cache[width, num_examples] = measure(width, num_examples,
-                                           sweep.lanczos_iters, repeats)
+      cache[width, num_examples] = measure(
+          width, num_examples, sweep.lanczos_iters, repeats
+      )
     return cache[width, num_examples][0]
 
   by_width = [point(w, sweep.width_examples) for w in sweep.widths]
   by_examples = [point(sweep.example_width, n) for n in sweep.examples]
   method = next(iter(cache.values()))[1]
-  width_slopes = _slopes([p.num_params for p in by_width], by_width,
-                         bookkeeping=True)
-  example_slopes = _slopes([p.num_examples for p in by_examples], by_examples,
-                           bookkeeping=False)
-  flagged = [k for k, v in {**{f"{k} vs parameters": v
-                               for k, v in width_slopes.items()},
-                            **{f"{k} vs examples": v
-                               for k, v in example_slopes.items()}}.items()
-             if v > SUPERLINEAR]
+  width_slopes = _slopes(
+      [p.num_params for p in by_width], by_width, bookkeeping=True
+  )
+  example_slopes = _slopes(
+      [p.num_examples for p in by_examples], by_examples, bookkeeping=False
+  )
+  flagged = [
+      k
+      for k, v in {
+          **{f"{k} vs parameters": v for k, v in width_slopes.items()},
+          **{f"{k} vs examples": v for k, v in example_slopes.items()},
+      }.items()
+      if v > SUPERLINEAR
+  ]
   plot(by_width, by_examples, figure)
-  return "\n".join([
-      "## Scaling (bench_scaling.py)\n",
-      f"SAM step and sharpness estimate ({sweep.lanczos_iters} Lanczos "
-      f"iterations, cold) at the Glorot init; memory: XLA buffers "
-      f"(memory_analysis) and peak resident-set growth ({method}).\n",
-      f"Width sweep ({sweep.width_examples:,} examples):\n",
-      _table(by_width), "",
-      f"Example sweep (width {sweep.example_width}):\n",
-      _table(by_examples), "",
-      "Fitted log-log slopes (larger half of each sweep):\n",
-      "\n".join(_slope_lines("vs parameters", width_slopes)
-                + _slope_lines("vs examples", example_slopes)),
-      "",
-      ("Superlinear (slope > 1.1): " + ", ".join(flagged) + "."
-       if flagged else "Nothing superlinear (all slopes <= 1.1)."),
-      _bookkeeping_note(by_width[-1]),
-      f"\n![scaling]({figure.name})\n"])
+  return "\n".join(
+      [
+          "## Scaling (bench_scaling.py)\n",
+          f"SAM step and sharpness estimate ({sweep.lanczos_iters} Lanczos "
+          f"iterations, cold) at the Glorot init; memory: XLA buffers "
+          f"(memory_analysis) and peak resident-set growth ({method}).\n",
+          f"Width sweep ({sweep.width_examples:,} examples):\n",
+          _table(by_width),
+          "",
+          f"Example sweep (width {sweep.example_width}):\n",
+          _table(by_examples),
+          "",
+          "Fitted log-log slopes (larger half of each sweep):\n",
+          "\n".join(
+              _slope_lines("vs parameters", width_slopes)
+              + _slope_lines("vs examples", example_slopes)
+          ),
+          "",
+          (
+              "Superlinear (slope > 1.1): " + ", ".join(flagged) + "."
+              if flagged
+              else "Nothing superlinear (all slopes <= 1.1)."
+          ),
+          _bookkeeping_note(by_width[-1]),
+          f"\n![scaling]({figure.name})\n",
+      ]
+  )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
   p = _common.parser(__doc__.splitlines()[0])
-  p.add_argument("--figure", type=pathlib.Path, default=None,
-                 help="where to write the log-log PNG (default "
-                      "benchmarks/scaling.png; quick: the temp folder)")
+  p.add_argument(
+      "--figure",
+      type=pathlib.Path,
+      default=None,
+      help="where to write the log-log PNG (default "
+      "benchmarks/scaling.png; quick: the temp folder)",
+  )
   args = p.parse_args(argv)
   return _common.finish(run(args.quick, args.repeats, args.figure), args.out)
 

@@ -62,6 +62,7 @@ TARGET_ERROR = 1e-3
 @dataclasses.dataclass(frozen=True)
 class Case:
   """Sizes of one run of this benchmark."""
+
   hidden: tuple[int, ...]
   num_examples: int
   num_steps: int
@@ -72,8 +73,7 @@ class Case:
   reference_iters: int
 
 
-FULL = Case((256, 256), 2000, 200, 10, 1.0, 0.1, (4, 8, 12, 16, 20, 24, 30),
-            40)
+FULL = Case((256, 256), 2000, 200, 10, 1.0, 0.1, (4, 8, 12, 16, 20, 24, 30), 40)
 QUICK = Case((16,), 128, 20, 5, 1.0, 0.1, (3,), 12)
 
 
@@ -86,16 +86,29 @@ class Run:
   note: str
 
 
-def train_once(case: Case, params: PyTree, batch: Any, *, track_every: int,
-               num_lanczos_iters: int) -> tuple[float, dict[str, np.ndarray]]:
+def train_once(
+    case: Case,
+    params: PyTree,
+    batch: Any,
+    *,
+    track_every: int,
+    num_lanczos_iters: int,
+) -> tuple[float, dict[str, np.ndarray]]:
   """One ``se.train`` run: (seconds per step without compilation, history)."""
   compile_before = _common.compile_seconds()
   start = time.perf_counter()
-  result = se.train(LOSS, params, batch, learning_rate=case.learning_rate,
-                    rho=case.rho, num_steps=case.num_steps,
-                    track_every=track_every,
-                    num_lanczos_iters=num_lanczos_iters, key=0,
-                    progress=False)
+  result = se.train(
+      LOSS,
+      params,
+      batch,
+      learning_rate=case.learning_rate,
+      rho=case.rho,
+      num_steps=case.num_steps,
+      track_every=track_every,
+      num_lanczos_iters=num_lanczos_iters,
+      key=0,
+      progress=False,
+  )
   jax.block_until_ready(result.params)
   elapsed = time.perf_counter() - start
   compiled = _common.compile_seconds() - compile_before
@@ -111,33 +124,61 @@ class Accuracy:
   loss_diff: float  # max relative loss difference vs the reference run
 
 
-def accuracy(case: Case, params: PyTree, batch: Any, num_iters: int,
-             reference: dict[str, np.ndarray]) -> Accuracy:
+def accuracy(
+    case: Case,
+    params: PyTree,
+    batch: Any,
+    num_iters: int,
+    reference: dict[str, np.ndarray],
+) -> Accuracy:
   """Tracked sharpness at ``num_iters`` vs the high-iteration reference run."""
-  _, history = train_once(case, params, batch, track_every=case.track_every,
-                          num_lanczos_iters=num_iters)
-  errors = (np.abs(history["sharpness"] - reference["sharpness"])
-            / np.abs(reference["sharpness"]))
-  loss_diff = np.max(np.abs(history["loss"] - reference["loss"])
-                     / np.abs(reference["loss"]))
-  return Accuracy(num_iters=num_iters, median_err=float(np.median(errors[1:])),
-                  max_err=float(np.max(errors[1:])), first_err=float(errors[0]),
-                  loss_diff=float(loss_diff))
+  _, history = train_once(
+      case,
+      params,
+      batch,
+      track_every=case.track_every,
+      num_lanczos_iters=num_iters,
+  )
+  errors = np.abs(history["sharpness"] - reference["sharpness"]) / np.abs(
+      reference["sharpness"]
+  )
+  loss_diff = np.max(
+      np.abs(history["loss"] - reference["loss"]) / np.abs(reference["loss"])
+  )
+  return Accuracy(
+      num_iters=num_iters,
+      median_err=float(np.median(errors[1:])),
+      max_err=float(np.max(errors[1:])),
+      first_err=float(errors[0]),
+      loss_diff=float(loss_diff),
+  )
 
 
 def top_eigenvalues(params: PyTree, batch: Any, case: Case) -> np.ndarray:
   """The top 4 Hessian eigenvalues after the SAM run (how crowded the top is)."""
-  final = se.train(LOSS, params, batch, learning_rate=case.learning_rate,
-                   rho=case.rho, num_steps=case.num_steps,
-                   track_every=case.num_steps + 1, num_lanczos_iters=2, key=0,
-                   progress=False).params
-  out = jax.jit(lambda p: se.hessian_eigenpairs(
-      LOSS, p, batch, k=4, num_iters=case.reference_iters))(final)
+  final = se.train(
+      LOSS,
+      params,
+      batch,
+      learning_rate=case.learning_rate,
+      rho=case.rho,
+      num_steps=case.num_steps,
+      track_every=case.num_steps + 1,
+      num_lanczos_iters=2,
+      key=0,
+      progress=False,
+  ).params
+  out = jax.jit(
+      lambda p: se.hessian_eigenpairs(
+          LOSS, p, batch, k=4, num_iters=case.reference_iters
+      )
+  )(final)
   return np.asarray(out.values)
 
 
-def python_loop(case: Case, params: PyTree, batch: Any, *, num_iters: int
-                ) -> Callable[[], float]:
+def python_loop(
+    case: Case, params: PyTree, batch: Any, *, num_iters: int
+) -> Callable[[], float]:
   """A Python loop of jitted SAM steps (+ one check at step 0), ready to time.
 
   Returns:
@@ -152,8 +193,11 @@ def python_loop(case: Case, params: PyTree, batch: Any, *, num_iters: int
 
   state = sgd.init(params)
   compiled = jax.jit(step).lower(params, state).compile()
-  check = jax.jit(lambda p: se.sharpness(LOSS, p, batch, num_iters=num_iters)
-                  ).lower(params).compile()
+  check = (
+      jax.jit(lambda p: se.sharpness(LOSS, p, batch, num_iters=num_iters))
+      .lower(params)
+      .compile()
+  )
   jax.block_until_ready((compiled(params, state), check(params)))
 
   def once() -> float:
@@ -168,8 +212,9 @@ def python_loop(case: Case, params: PyTree, batch: Any, *, num_iters: int
   return once
 
 
-def scan_core(case: Case, params: PyTree, batch: Any, *, num_iters: int
-              ) -> Callable[[], float]:
+def scan_core(
+    case: Case, params: PyTree, batch: Any, *, num_iters: int
+) -> Callable[[], float]:
   """The compiled core alone (``sam_eos.loop.run_chunk``), ready to time.
 
   The same ``lax.scan`` program ``se.train`` runs (unvmapped here), tracking
@@ -179,14 +224,17 @@ def scan_core(case: Case, params: PyTree, batch: Any, *, num_iters: int
   Returns:
     A function that runs the ``num_steps`` once and returns seconds per step.
   """
-  config = loop.LoopConfig(loss_fn=LOSS, track_every=case.num_steps + 1,
-                           num_lanczos_iters=num_iters)
-  hparams = loop.Hyperparams(learning_rate=jnp.float32(case.learning_rate),
-                             rho=jnp.float32(case.rho))
+  config = loop.LoopConfig(
+      loss_fn=LOSS, track_every=case.num_steps + 1, num_lanczos_iters=num_iters
+  )
+  hparams = loop.Hyperparams(
+      learning_rate=jnp.float32(case.learning_rate), rho=jnp.float32(case.rho)
+  )
   state = loop.init_state(config, params, hparams, jax.random.key(0))
   args = (state, batch, hparams, jnp.int32(0), jnp.int32(case.num_steps))
-  fn = lambda s, d, h, a, b: loop.run_chunk(config, s, d, None, h, a, b,
-                                            case.num_steps)
+  fn = lambda s, d, h, a, b: loop.run_chunk(
+      config, s, d, None, h, a, b, case.num_steps
+  )
   compiled = jax.jit(fn).lower(*args).compile()
   jax.block_until_ready(compiled(*args))
 
@@ -215,8 +263,7 @@ def authors_loop(case: Case, params: PyTree, batch: Any) -> float:
   def sam_neighbor(params, x, y):
     grads = jax.grad(loss_by_params)(params, x, y)
     norm = _tree_norm(grads)
-    return jax.tree.map(lambda p, g: p + rho * g / (norm + 1e-5), params,
-                        grads)
+    return jax.tree.map(lambda p, g: p + rho * g / (norm + 1e-5), params, grads)
 
   @jax.jit
   def update(params, x, y):
@@ -229,8 +276,9 @@ def authors_loop(case: Case, params: PyTree, batch: Any) -> float:
 
   @jax.jit
   def alignment(s, t):
-    dot = sum(jnp.sum(a * b) for a, b in zip(jax.tree.leaves(s),
-                                             jax.tree.leaves(t)))
+    dot = sum(
+        jnp.sum(a * b) for a, b in zip(jax.tree.leaves(s), jax.tree.leaves(t))
+    )
     return jnp.abs(dot) / (_tree_norm(s) * _tree_norm(t))
 
   def check(params, key):
@@ -242,7 +290,8 @@ def authors_loop(case: Case, params: PyTree, batch: Any) -> float:
     grad_norm = float(_tree_norm(gradient))
     loss = float(loss_by_params(params, x, y))
     sam_edge = (grad_norm / (2 * rho)) * (
-        math.sqrt(1 + 8 * rho / (eta * grad_norm)) - 1)
+        math.sqrt(1 + 8 * rho / (eta * grad_norm)) - 1
+    )
     return estimate.value, sam_edge, g_align, sg_align, loss
 
   key = jax.random.key(0)
@@ -268,8 +317,13 @@ def run(quick: bool = False, repeats: int | None = None) -> str:
   num_checks = math.ceil(case.num_steps / case.track_every)
 
   _common.log("training: reference run")
-  _, reference = train_once(case, params, batch, track_every=case.track_every,
-                            num_lanczos_iters=case.reference_iters)
+  _, reference = train_once(
+      case,
+      params,
+      batch,
+      track_every=case.track_every,
+      num_lanczos_iters=case.reference_iters,
+  )
   results = []
   for m in case.lanczos_grid:
     _common.log(f"training: tracked run, {m} Lanczos iterations")
@@ -282,12 +336,16 @@ def run(quick: bool = False, repeats: int | None = None) -> str:
 
   _common.log("training: timing, round robin")
   timers = {
-      "tracked": lambda: train_once(case, params, batch,
-                                    track_every=case.track_every,
-                                    num_lanczos_iters=m)[0],
-      "untracked": lambda: train_once(case, params, batch,
-                                      track_every=case.num_steps + 1,
-                                      num_lanczos_iters=m)[0],
+      "tracked": lambda: train_once(
+          case, params, batch, track_every=case.track_every, num_lanczos_iters=m
+      )[0],
+      "untracked": lambda: train_once(
+          case,
+          params,
+          batch,
+          track_every=case.num_steps + 1,
+          num_lanczos_iters=m,
+      )[0],
       "core": scan_core(case, params, batch, num_iters=m),
       "python": python_loop(case, params, batch, num_iters=m),
   }
@@ -295,35 +353,77 @@ def run(quick: bool = False, repeats: int | None = None) -> str:
   for _ in range(repeats):
     for name, timer in timers.items():
       samples[name].append(timer())
-  tracked, untracked, core, python = (statistics.median(samples[name])
-                                      for name in timers)
+  tracked, untracked, core, python = (
+      statistics.median(samples[name]) for name in timers
+  )
   _common.log("training: the authors' loop")
   authors = authors_loop(case, params, batch)
   runs = [
-      Run(f"se.train, tracking every {case.track_every} ({m} warm Lanczos "
-          "iters)", tracked, num_checks, repeats, "lax.scan, in-graph checks"),
-      Run("se.train, tracking off (step 0 only)", untracked, 1, repeats,
-          "lax.scan"),
-      Run("its lax.scan core alone (sam_eos.loop.run_chunk)", core, 1,
-          repeats, "one compiled call, no driver"),
-      Run("Python loop of jitted SAM steps (+ check at step 0)", python, 1,
-          repeats, "se.sam_gradient + optax.sgd, one call per step"),
-      Run(f"authors' loop style, check every {case.track_every}", authors,
-          num_checks, 1, "power iteration (tol 1e-3, <= 100 it) re-jitted "
-          "per check"),
+      Run(
+          f"se.train, tracking every {case.track_every} ({m} warm Lanczos "
+          "iters)",
+          tracked,
+          num_checks,
+          repeats,
+          "lax.scan, in-graph checks",
+      ),
+      Run(
+          "se.train, tracking off (step 0 only)",
+          untracked,
+          1,
+          repeats,
+          "lax.scan",
+      ),
+      Run(
+          "its lax.scan core alone (sam_eos.loop.run_chunk)",
+          core,
+          1,
+          repeats,
+          "one compiled call, no driver",
+      ),
+      Run(
+          "Python loop of jitted SAM steps (+ check at step 0)",
+          python,
+          1,
+          repeats,
+          "se.sam_gradient + optax.sgd, one call per step",
+      ),
+      Run(
+          f"authors' loop style, check every {case.track_every}",
+          authors,
+          num_checks,
+          1,
+          "power iteration (tol 1e-3, <= 100 it) re-jitted " "per check",
+      ),
   ]
   overhead = tracked / untracked - 1
   check_cost = (tracked - untracked) * case.track_every
-  acc_rows = [[a.num_iters, _common.fmt_err(a.median_err),
-               _common.fmt_err(a.max_err), _common.fmt_err(a.first_err),
-               f"{a.loss_diff:.1e}"] for a in results]
-  run_rows = [[r.name, _common.fmt_time(r.seconds),
-               f"{r.seconds / untracked:.2f}", r.checks, r.repeats, r.note]
-              for r in runs]
-  accuracy_note = (f"{m} iterations reach {TARGET_ERROR:g} on every warm check"
-                   if chosen.max_err <= TARGET_ERROR else
-                   f"no tried iteration count reached {TARGET_ERROR:g}; "
-                   f"{m} is used")
+  acc_rows = [
+      [
+          a.num_iters,
+          _common.fmt_err(a.median_err),
+          _common.fmt_err(a.max_err),
+          _common.fmt_err(a.first_err),
+          f"{a.loss_diff:.1e}",
+      ]
+      for a in results
+  ]
+  run_rows = [
+      [
+          r.name,
+          _common.fmt_time(r.seconds),
+          f"{r.seconds / untracked:.2f}",
+          r.checks,
+          r.repeats,
+          r.note,
+      ]
+      for r in runs
+  ]
+  accuracy_note = (
+      f"{m} iterations reach {TARGET_ERROR:g} on every warm check"
+      if chosen.max_err <= TARGET_ERROR
+      else f"no tried iteration count reached {TARGET_ERROR:g}; " f"{m} is used"
+  )
   targets = [
       f"- (i) tracking overhead <= 70%: {overhead:.0%} -> "
       f"{_common.met(overhead <= 0.70)}.",
@@ -331,12 +431,14 @@ def run(quick: bool = False, repeats: int | None = None) -> str:
       f"{_common.fmt_time(core)} vs loop {_common.fmt_time(python)} per step "
       f"({core / python:.2f}x) -> {_common.met(core <= python)}; se.train "
       f"end to end {_common.fmt_time(untracked)} ({untracked / python:.2f}x), "
-      + (f"its driver adding "
-         f"{_common.fmt_time((untracked - core) * case.num_steps)} per call "
-         "(argument checks, state init, history to host)."
-         if untracked > core else
-         "its driver's cost per call (argument checks, state init, history "
-         "to host) is below the timing noise."),
+      + (
+          f"its driver adding "
+          f"{_common.fmt_time((untracked - core) * case.num_steps)} per call "
+          "(argument checks, state init, history to host)."
+          if untracked > core
+          else "its driver's cost per call (argument checks, state init, history "
+          "to host) is below the timing noise."
+      ),
       f"- (iii) authors' loop style / se.train with tracking: "
       f"{authors / tracked:.1f}x per step.",
   ]
@@ -351,9 +453,13 @@ def run(quick: bool = False, repeats: int | None = None) -> str:
         f"crowded (top 4 eigenvalues after the run: "
         f"{', '.join(f'{v:.4f}' for v in top)}), so the previous top "
         f"eigenvector is a poor start whenever the order changes: "
-        + (f"{cheap.num_iters} warm iterations already give a median error "
-           f"of {_common.fmt_err(cheap.median_err)} but a worst check of "
-           f"{_common.fmt_err(cheap.max_err)}. " if cheap else "")
+        + (
+            f"{cheap.num_iters} warm iterations already give a median error "
+            f"of {_common.fmt_err(cheap.median_err)} but a worst check of "
+            f"{_common.fmt_err(cheap.max_err)}. "
+            if cheap
+            else ""
+        )
         + "Tried and rejected (2026-11-25): starting each check from the "
         "unit sum of the previous top 4 Ritz vectors, a one-vector stand-in "
         "for a block restart, was worse (median 3.3e-02 at 4 iterations, "
@@ -363,24 +469,46 @@ def run(quick: bool = False, repeats: int | None = None) -> str:
         "section) whenever a new direction takes over the top of the "
         "spectrum. What could close it: block Lanczos warm-started from "
         "the top Ritz subspace, checking less often, or accepting 1e-2 "
-        "accuracy on the worst check (8 iterations).")
+        "accuracy on the worst check (8 iterations)."
+    )
   n = _common.num_params(params)
-  return "\n".join([
-      "## Training loop (bench_training.py)\n",
-      f"SAM, eta = {case.learning_rate:g}, rho = {case.rho:g}, full batch of "
-      f"{case.num_examples:,} examples, MLP "
-      f"{'-'.join(map(str, _common.mlp_widths(case.hidden)))} ({n:,} "
-      f"parameters), {case.num_steps} steps, {num_checks} checks.\n",
-      f"Tracking accuracy vs the same run tracked with "
-      f"{case.reference_iters} Lanczos iterations ({accuracy_note}):\n",
-      _common.markdown_table(
-          ["Lanczos iters", "median rel. err (warm checks)",
-           "max rel. err (warm checks)", "rel. err at step 0 (cold)",
-           "max rel. loss diff vs reference run"], acc_rows), "",
-      _common.markdown_table(
-          ["run", "time / step", "/ se.train tracking off", "checks",
-           "repeats", "how"], run_rows), "",
-      "Targets:\n", "\n".join(targets), ""])
+  return "\n".join(
+      [
+          "## Training loop (bench_training.py)\n",
+          f"SAM, eta = {case.learning_rate:g}, rho = {case.rho:g}, full batch of "
+          f"{case.num_examples:,} examples, MLP "
+          f"{'-'.join(map(str, _common.mlp_widths(case.hidden)))} ({n:,} "
+          f"parameters), {case.num_steps} steps, {num_checks} checks.\n",
+          f"Tracking accuracy vs the same run tracked with "
+          f"{case.reference_iters} Lanczos iterations ({accuracy_note}):\n",
+          _common.markdown_table(
+              [
+                  "Lanczos iters",
+                  "median rel. err (warm checks)",
+                  "max rel. err (warm checks)",
+                  "rel. err at step 0 (cold)",
+                  "max rel. loss diff vs reference run",
+              ],
+              acc_rows,
+          ),
+          "",
+          _common.markdown_table(
+              [
+                  "run",
+                  "time / step",
+                  "/ se.train tracking off",
+                  "checks",
+                  "repeats",
+                  "how",
+              ],
+              run_rows,
+          ),
+          "",
+          "Targets:\n",
+          "\n".join(targets),
+          "",
+      ]
+  )
 
 
 def main(argv: Sequence[str] | None = None) -> int:

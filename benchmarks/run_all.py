@@ -28,17 +28,21 @@ from typing import Sequence
 
 from benchmarks import _common
 
-FIRST = ("bench_sharpness", "bench_sam_step", "bench_training",
-         "bench_scaling")
-BENCHMARKS = FIRST + tuple(sorted(
-    p.stem for p in pathlib.Path(__file__).resolve().parent.glob("bench_*.py")
-    if p.stem not in FIRST))
+FIRST = ("bench_sharpness", "bench_sam_step", "bench_training", "bench_scaling")
+BENCHMARKS = FIRST + tuple(
+    sorted(
+        p.stem
+        for p in pathlib.Path(__file__).resolve().parent.glob("bench_*.py")
+        if p.stem not in FIRST
+    )
+)
 RESULTS = pathlib.Path(__file__).resolve().parent / "RESULTS.md"
 QUICK_RESULTS = pathlib.Path(tempfile.gettempdir()) / "sam_eos_RESULTS.quick.md"
 
 
-def _run_one(name: str, quick: bool, repeats: int | None
-             ) -> tuple[str, float, str]:
+def _run_one(
+    name: str, quick: bool, repeats: int | None
+) -> tuple[str, float, str]:
   """Runs one benchmark in a subprocess; (section, seconds, load before)."""
   load = " / ".join(f"{x:.2f}" for x in os.getloadavg())
   command = [sys.executable, "-m", f"benchmarks.{name}"]
@@ -48,8 +52,13 @@ def _run_one(name: str, quick: bool, repeats: int | None
     command += ["--repeats", str(repeats)]
   _common.log(f"run_all: {' '.join(command[1:])}")
   start = time.perf_counter()
-  out = subprocess.run(command, check=True, cwd=_common.REPO_ROOT,
-                       stdout=subprocess.PIPE, text=True).stdout
+  out = subprocess.run(
+      command,
+      check=True,
+      cwd=_common.REPO_ROOT,
+      stdout=subprocess.PIPE,
+      text=True,
+  ).stdout
   section = out.strip()
   if not section.startswith("#"):
     section = f"## {name}.py\n\n{section}"
@@ -72,7 +81,7 @@ def _header(argv: Sequence[str], note: str | None) -> str:
       _common.markdown_table(["", ""], [[k, v] for k, v in env.items()]),
       "",
       "Times are wall-clock medians after warm-up, blocking on results, "
-      "compilation excluded unless a row says otherwise. \"HVP\" is an exact "
+      'compilation excluded unless a row says otherwise. "HVP" is an exact '
       "Hessian-vector product (`se.hvp`, forward-over-reverse); relative "
       "errors are against a float64 reference.",
   ]
@@ -84,26 +93,41 @@ def _header(argv: Sequence[str], note: str | None) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
   argv = list(sys.argv[1:] if argv is None else argv)
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--quick", action="store_true",
-                      help="tiny sizes: checks the scripts, measures nothing")
+  parser.add_argument(
+      "--quick",
+      action="store_true",
+      help="tiny sizes: checks the scripts, measures nothing",
+  )
   parser.add_argument("--repeats", type=int, default=None)
   parser.add_argument("--only", nargs="*", choices=BENCHMARKS, default=None)
-  parser.add_argument("--out", type=pathlib.Path, default=None,
-                      help="default benchmarks/RESULTS.md (quick: the temp "
-                           "folder, so a smoke test never replaces it)")
-  parser.add_argument("--note", default=None,
-                      help="free text on the conditions of this run")
+  parser.add_argument(
+      "--out",
+      type=pathlib.Path,
+      default=None,
+      help="default benchmarks/RESULTS.md (quick: the temp "
+      "folder, so a smoke test never replaces it)",
+  )
+  parser.add_argument(
+      "--note", default=None, help="free text on the conditions of this run"
+  )
   args = parser.parse_args(argv)
   out = args.out or (QUICK_RESULTS if args.quick else RESULTS)
   start = time.perf_counter()
   sections = []
   for name in args.only or BENCHMARKS:
     section, seconds, load = _run_one(name, args.quick, args.repeats)
-    sections.append(f"{section}\n\n_{name}: {seconds:.0f} s wall clock; "
-                    f"load average before it {load}._\n")
+    sections.append(
+        f"{section}\n\n_{name}: {seconds:.0f} s wall clock; "
+        f"load average before it {load}._\n"
+    )
   total = time.perf_counter() - start
-  text = "\n".join([_header(argv, args.note),
-                    f"Total wall clock: {total / 60:.1f} min.\n", *sections])
+  text = "\n".join(
+      [
+          _header(argv, args.note),
+          f"Total wall clock: {total / 60:.1f} min.\n",
+          *sections,
+      ]
+  )
   out.write_text(text, encoding="utf-8")
   _common.log(f"run_all: wrote {out} in {total:.0f} s")
   return 0

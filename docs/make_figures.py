@@ -34,11 +34,19 @@ from sam_eos.experiments import claims, cli, plots, presets
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 FIGURE_ROOT = ROOT / "docs" / "figures"
 README = ROOT / "README.md"
-EXPERIMENTS = ("mnist-mlp", "cifar10-cnn", "shakespeare-transformer",
-               "cifar10-fc-tanh", "cifar10-cnn-relu", "quadratic")
+EXPERIMENTS = (
+    "mnist-mlp",
+    "cifar10-cnn",
+    "shakespeare-transformer",
+    "cifar10-fc-tanh",
+    "cifar10-cnn-relu",
+    "quadratic",
+)
 START, END = "<!-- FIGURES:START -->", "<!-- FIGURES:END -->"
-FAILURES_START, FAILURES_END = ("<!-- FAILURES:START -->",
-                                "<!-- FAILURES:END -->")
+FAILURES_START, FAILURES_END = (
+    "<!-- FAILURES:START -->",
+    "<!-- FAILURES:END -->",
+)
 TIMES = "times.json"
 
 
@@ -48,14 +56,18 @@ def _over_seeds(found: list, name: str) -> str:
   for claim in found:
     if claim.name == name:
       groups.setdefault((claim.learning_rate, claim.rho), []).append(
-          claim.value)
+          claim.value
+      )
   parts = []
   for (eta, rho), values in groups.items():
     label = f"eta {eta:.3g}: " if len({k[0] for k in groups}) > 1 else ""
-    label += f"rho {rho:g}: " if name != "gd_at_edge" and len(groups) > 1 \
-        else ""
-    parts.append(f"{label}{np.median(values):.3f} [{min(values):.3f}, "
-                 f"{max(values):.3f}]")
+    label += (
+        f"rho {rho:g}: " if name != "gd_at_edge" and len(groups) > 1 else ""
+    )
+    parts.append(
+        f"{label}{np.median(values):.3f} [{min(values):.3f}, "
+        f"{max(values):.3f}]"
+    )
   return "<br>".join(parts) or "-"
 
 
@@ -67,8 +79,9 @@ def _test_accuracy(metrics: dict) -> str:
   for rows in claims.split_configs(metrics).values():
     kind = "GD" if rows["rho"][0] == 0 else "SAM"
     final.setdefault(kind, []).append(rows["test_accuracy"][-1])
-  return " / ".join(f"{np.median(final[k]):.3f}" for k in ("GD", "SAM")
-                    if k in final)
+  return " / ".join(
+      f"{np.median(final[k]):.3f}" for k in ("GD", "SAM") if k in final
+  )
 
 
 def table_rows(names: tuple[str, ...] = EXPERIMENTS) -> list[str]:
@@ -94,14 +107,17 @@ def table_rows(names: tuple[str, ...] = EXPERIMENTS) -> list[str]:
     found = claims.check_claims(metrics)
     summary = claims.summarize(found)[1:]
     held = sum(line.startswith(("PASS", "N/A")) for line in summary)
-    links = " ".join(f"[{p[:-4]}](docs/figures/{name}/{p})"
-                     for p in plots.FIGURES)
-    rows.append(f"| `{name}` | {metadata['description']} | "
-                f"{times[name]:.0f} s | {len(metadata['seeds'])} | "
-                f"{_over_seeds(found, 'gd_at_edge')} | "
-                f"{_over_seeds(found, 'sam_at_sam_edge')} | "
-                f"{_test_accuracy(metrics)} | {held}/{len(summary)} | "
-                f"{links} |")
+    links = " ".join(
+        f"[{p[:-4]}](docs/figures/{name}/{p})" for p in plots.FIGURES
+    )
+    rows.append(
+        f"| `{name}` | {metadata['description']} | "
+        f"{times[name]:.0f} s | {len(metadata['seeds'])} | "
+        f"{_over_seeds(found, 'gd_at_edge')} | "
+        f"{_over_seeds(found, 'sam_at_sam_edge')} | "
+        f"{_test_accuracy(metrics)} | {held}/{len(summary)} | "
+        f"{links} |"
+    )
   return rows
 
 
@@ -118,19 +134,22 @@ def failure_lines(names: tuple[str, ...] = EXPERIMENTS) -> list[str]:
   lines = []
   for name in names:
     found = claims.check_claims(
-        history.read_csv(FIGURE_ROOT / name / "metrics.csv"))
+        history.read_csv(FIGURE_ROOT / name / "metrics.csv")
+    )
     known = presets.KNOWN_FAILURES.get(name, {})
-    failed = {(c.name, c.learning_rate, c.rho) for c in found
-              if not c.passed}
+    failed = {(c.name, c.learning_rate, c.rho) for c in found if not c.passed}
     for key in sorted(failed):
       group = [c for c in found if (c.name, c.learning_rate, c.rho) == key]
       numbers = claims.summarize(group)[1].split(": ", 1)[1]
-      values = ", ".join(f"seed {c.seed}: {c.detail}" for c in group
-                         if not c.passed)
+      values = ", ".join(
+          f"seed {c.seed}: {c.detail}" for c in group if not c.passed
+      )
       reason = known.get(key, "UNEXPECTED: not in presets.KNOWN_FAILURES")
-      lines.append(f"- `{name}`, `{key[0]}` (eta {key[1]:.3g}, rho "
-                   f"{key[2]:g}): {numbers}. Failing: {values}. Likely "
-                   f"reason: {reason}.")
+      lines.append(
+          f"- `{name}`, `{key[0]}` (eta {key[1]:.3g}, rho "
+          f"{key[2]:g}): {numbers}. Failing: {values}. Likely "
+          f"reason: {reason}."
+      )
   return lines or ["- none"]
 
 
@@ -143,8 +162,9 @@ def _replace(text: str, start: str, end: str, lines: list[str]) -> str:
 def write_table() -> None:
   """Rewrites the README's table and failure list between their markers."""
   text = _replace(README.read_text(), START, END, table_rows())
-  README.write_text(_replace(text, FAILURES_START, FAILURES_END,
-                             failure_lines()))
+  README.write_text(
+      _replace(text, FAILURES_START, FAILURES_END, failure_lines())
+  )
 
 
 def main(names: list[str]) -> int:
@@ -163,8 +183,9 @@ def main(names: list[str]) -> int:
   for name in names or EXPERIMENTS:
     out = FIGURE_ROOT / name
     start = time.perf_counter()
-    code = cli.main(["run", name, "--out", str(out), "--overwrite",
-                     "--no-progress"])
+    code = cli.main(
+        ["run", name, "--out", str(out), "--overwrite", "--no-progress"]
+    )
     times[name] = round(time.perf_counter() - start, 1)
     (out / "checkpoint.npz").unlink(missing_ok=True)
     status = status or code or cli.main(["check", str(out)])

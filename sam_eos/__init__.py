@@ -15,8 +15,13 @@ from sam_eos.history import HISTORY_COLUMNS, read_csv
 from sam_eos.lanczos import LanczosResult, lanczos
 from sam_eos.parallel import data_mesh, masked_mean, pad_to_multiple
 from sam_eos.sam import SAMGrad, sam_gradient, sam_perturbation
-from sam_eos.spectrum import (Eigenpairs, PowerIterationResult,
-                              hessian_eigenpairs, power_iteration, sharpness)
+from sam_eos.spectrum import (
+    Eigenpairs,
+    PowerIterationResult,
+    hessian_eigenpairs,
+    power_iteration,
+    sharpness,
+)
 from sam_eos.train import TrainResult, TrainingDiverged, train
 from sam_eos.transform import SAMState, sam
 

@@ -54,16 +54,18 @@ def check_nonnegative_scalar(name: str, value: Any, *, what: str = "") -> None:
     raise ValueError(message)
   try:
     shape = np.shape(value)
-    dtype = (value.dtype if hasattr(value, "dtype")
-             else np.asarray(value).dtype)
+    dtype = value.dtype if hasattr(value, "dtype") else np.asarray(value).dtype
   except (TypeError, ValueError) as err:
     raise ValueError(message) from err
-  if not (jnp.issubdtype(dtype, jnp.floating)
-          or jnp.issubdtype(dtype, jnp.integer)):
+  if not (
+      jnp.issubdtype(dtype, jnp.floating) or jnp.issubdtype(dtype, jnp.integer)
+  ):
     raise ValueError(message)
   if shape != ():
-    raise ValueError(f"`{name}` must be a scalar (0-d), got shape {shape}; "
-                     "to sweep over values, jax.vmap over a scalar instead.")
+    raise ValueError(
+        f"`{name}` must be a scalar (0-d), got shape {shape}; "
+        "to sweep over values, jax.vmap over a scalar instead."
+    )
   arr = concrete_value(value)
   if arr is not None and not arr >= 0:
     raise ValueError(message)
@@ -79,23 +81,29 @@ def check_momentum(value: Any) -> None:
 def check_int(name: str, value: Any, minimum: int) -> int:
   """Returns ``value`` as a Python int, raising ValueError if < ``minimum``."""
   if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-    raise ValueError(f"`{name}` must be an integer >= {minimum}, got {value!r}.")
+    raise ValueError(
+        f"`{name}` must be an integer >= {minimum}, got {value!r}."
+    )
   if value < minimum:
     raise ValueError(f"`{name}` must be an integer >= {minimum}, got {value}.")
   return int(value)
 
 
-def check_same_structure(name_a: str, tree_a: Any, name_b: str, tree_b: Any) -> None:
+def check_same_structure(
+    name_a: str, tree_a: Any, name_b: str, tree_b: Any
+) -> None:
   """Raises ValueError unless two pytrees have equal structure and leaf shapes."""
   struct_a = jax.tree.structure(tree_a)
   struct_b = jax.tree.structure(tree_b)
   if struct_a != struct_b:
     raise ValueError(
         f"`{name_b}` must have the same pytree structure as `{name_a}`: "
-        f"got {struct_b} vs {struct_a}.")
+        f"got {struct_b} vs {struct_a}."
+    )
   shapes_a = [np.shape(x) for x in jax.tree.leaves(tree_a)]
   shapes_b = [np.shape(x) for x in jax.tree.leaves(tree_b)]
   if shapes_a != shapes_b:
     raise ValueError(
         f"`{name_b}` must have the same leaf shapes as `{name_a}`: "
-        f"got {shapes_b} vs {shapes_a}.")
+        f"got {shapes_b} vs {shapes_a}."
+    )

@@ -31,6 +31,7 @@ class Checkpoint(NamedTuple):
     wall_time: training seconds spent so far.
     signature: the settings the run was started with.
   """
+
   state: PyTree
   history: dict[str, np.ndarray]
   next_step: int
@@ -53,15 +54,23 @@ def replace(tmp: str | os.PathLike, path: str | os.PathLike) -> None:
   fsync_dir(path)
 
 
-def signature_mismatch(saved: dict[str, Any], signature: dict[str, Any]
-                       ) -> list[str]:
+def signature_mismatch(
+    saved: dict[str, Any], signature: dict[str, Any]
+) -> list[str]:
   """The keys whose values differ between two signatures, sorted."""
-  return sorted(k for k in set(saved) | set(signature)
-                if saved.get(k) != signature.get(k))
+  return sorted(
+      k for k in set(saved) | set(signature) if saved.get(k) != signature.get(k)
+  )
 
 
-def save(path: str | os.PathLike, state: PyTree, history: dict[str, np.ndarray],
-         next_step: int, wall_time: float, signature: dict[str, Any]) -> None:
+def save(
+    path: str | os.PathLike,
+    state: PyTree,
+    history: dict[str, np.ndarray],
+    next_step: int,
+    wall_time: float,
+    signature: dict[str, Any],
+) -> None:
   """Writes a checkpoint atomically: a temp file, fsync, then rename.
 
   Args:
@@ -75,7 +84,8 @@ def save(path: str | os.PathLike, state: PyTree, history: dict[str, np.ndarray],
     signature: JSON-serializable settings of the run.
   """
   raw = jax.tree.map(
-      lambda x: jax.random.key_data(x) if parallel.is_key(x) else x, state)
+      lambda x: jax.random.key_data(x) if parallel.is_key(x) else x, state
+  )
   leaves = jax.tree.leaves(parallel.to_host(raw))
   arrays = {f"state_{i}": np.asarray(x) for i, x in enumerate(leaves)}
   arrays.update({f"history_{k}": v for k, v in history.items()})
@@ -91,8 +101,9 @@ def save(path: str | os.PathLike, state: PyTree, history: dict[str, np.ndarray],
   replace(tmp, path)
 
 
-def load(path: str | os.PathLike, template: PyTree,
-         signature: dict[str, Any] | None) -> Checkpoint:
+def load(
+    path: str | os.PathLike, template: PyTree, signature: dict[str, Any] | None
+) -> Checkpoint:
   """Reads a checkpoint, rebuilding the carry on ``template``'s structure.
 
   Args:
@@ -117,13 +128,17 @@ def load(path: str | os.PathLike, template: PyTree,
         raise ValueError(
             f"Checkpoint {path} is of a run with other settings: "
             f"{', '.join(differ)} differ. Resume it with the same settings, "
-            "or use a new out_dir to start afresh.")
+            "or use a new out_dir to start afresh."
+        )
     leaves, treedef = jax.tree.flatten(template)
-    stored = [f[f"state_{i}"] for i in range(len(leaves))
-              if f"state_{i}" in f.files]
+    stored = [
+        f[f"state_{i}"] for i in range(len(leaves)) if f"state_{i}" in f.files
+    ]
     if len(stored) != len(leaves):
-      raise ValueError(f"Checkpoint {path} does not match this run's state "
-                       "structure; start a new out_dir.")
+      raise ValueError(
+          f"Checkpoint {path} does not match this run's state "
+          "structure; start a new out_dir."
+      )
     restored = []
     for new, old in zip(stored, leaves):
       if parallel.is_key(old):
@@ -131,11 +146,15 @@ def load(path: str | os.PathLike, template: PyTree,
       if new.shape != old.shape or new.dtype != old.dtype:
         raise ValueError(
             f"Checkpoint {path} holds an array {new.shape} {new.dtype} where "
-            f"this run has {old.shape} {old.dtype}; start a new out_dir.")
+            f"this run has {old.shape} {old.dtype}; start a new out_dir."
+        )
       restored.append(new)
     names = json.loads(str(f["history_columns"]))
     history = {k: f[f"history_{k}"] for k in names}
-    return Checkpoint(state=jax.tree.unflatten(treedef, restored),
-                      history=history, next_step=int(f["next_step"]),
-                      wall_time=float(f["wall_time"]),
-                      signature=saved)
+    return Checkpoint(
+        state=jax.tree.unflatten(treedef, restored),
+        history=history,
+        next_step=int(f["next_step"]),
+        wall_time=float(f["wall_time"]),
+        signature=saved,
+    )

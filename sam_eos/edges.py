@@ -35,15 +35,18 @@ def _threshold(momentum: ArrayLike) -> jnp.ndarray:
   return 2.0 * (1.0 + jnp.asarray(momentum))
 
 
-def _quadratic_edge(learning_rate: ArrayLike, ratio: jnp.ndarray,
-                    threshold: jnp.ndarray) -> jnp.ndarray:
+def _quadratic_edge(
+    learning_rate: ArrayLike, ratio: jnp.ndarray, threshold: jnp.ndarray
+) -> jnp.ndarray:
   """Positive root of ``eta * lam * (1 + ratio * lam) = threshold``."""
   eta = jnp.asarray(learning_rate)
   disc = jnp.sqrt(1.0 + 4.0 * threshold * ratio / eta)
   return 2.0 * threshold / (eta * (1.0 + disc))
 
 
-def gd_edge(learning_rate: ArrayLike, *, momentum: ArrayLike = 0.0) -> jnp.ndarray:
+def gd_edge(
+    learning_rate: ArrayLike, *, momentum: ArrayLike = 0.0
+) -> jnp.ndarray:
   """Edge of stability of (heavy-ball) gradient descent, ``2 (1 + beta) / eta``.
 
   Args:
@@ -71,8 +74,13 @@ def gd_edge(learning_rate: ArrayLike, *, momentum: ArrayLike = 0.0) -> jnp.ndarr
   return _threshold(momentum) / jnp.asarray(learning_rate)
 
 
-def sam_edge(learning_rate: ArrayLike, rho: ArrayLike, grad_norm: ArrayLike, *,
-             momentum: ArrayLike = 0.0) -> jnp.ndarray:
+def sam_edge(
+    learning_rate: ArrayLike,
+    rho: ArrayLike,
+    grad_norm: ArrayLike,
+    *,
+    momentum: ArrayLike = 0.0,
+) -> jnp.ndarray:
   """The SAM-edge: the largest eigenvalue normalized SAM is stable at.
 
   Solves ``eta * lam * (1 + rho * lam / ||g||) = 2 (1 + beta)`` for
@@ -118,8 +126,9 @@ def sam_edge(learning_rate: ArrayLike, rho: ArrayLike, grad_norm: ArrayLike, *,
   return _quadratic_edge(learning_rate, ratio, _threshold(momentum))
 
 
-def usam_edge(learning_rate: ArrayLike, rho: ArrayLike, *,
-              momentum: ArrayLike = 0.0) -> jnp.ndarray:
+def usam_edge(
+    learning_rate: ArrayLike, rho: ArrayLike, *, momentum: ArrayLike = 0.0
+) -> jnp.ndarray:
   """Edge of unnormalized SAM, the root of ``eta lam (1 + rho lam) = 2(1+beta)``.
 
   Args:

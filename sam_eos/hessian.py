@@ -36,8 +36,9 @@ from sam_eos import _checks
 from sam_eos._types import ArrayLike, LossFn, PyTree
 
 
-def gradient_fn(loss_fn: LossFn, batch: Any, *,
-                has_aux: bool = False) -> Callable[[PyTree], PyTree]:
+def gradient_fn(
+    loss_fn: LossFn, batch: Any, *, has_aux: bool = False
+) -> Callable[[PyTree], PyTree]:
   """The map ``params -> grad L(params)`` on a fixed ``batch``, dropping aux.
 
   Args:
@@ -61,12 +62,19 @@ def gradient_fn(loss_fn: LossFn, batch: Any, *,
 def _as_tangent(params: PyTree, vector: PyTree) -> PyTree:
   """Checks ``vector`` against ``params`` and casts it to their dtypes."""
   _checks.check_same_structure("params", params, "vector", vector)
-  return jax.tree.map(lambda p, v: jnp.asarray(v, jnp.result_type(p)),
-                      params, vector)
+  return jax.tree.map(
+      lambda p, v: jnp.asarray(v, jnp.result_type(p)), params, vector
+  )
 
 
-def hvp(loss_fn: LossFn, params: PyTree, batch: Any, vector: PyTree, *,
-        has_aux: bool = False) -> PyTree:
+def hvp(
+    loss_fn: LossFn,
+    params: PyTree,
+    batch: Any,
+    vector: PyTree,
+    *,
+    has_aux: bool = False,
+) -> PyTree:
   """Hessian-vector product ``H(w) v`` by forward-over-reverse AD.
 
   Computes ``H(w) v = d/dt grad L(w + t v)|_{t=0}`` as ``jax.jvp`` of
@@ -109,9 +117,9 @@ def hvp(loss_fn: LossFn, params: PyTree, batch: Any, vector: PyTree, *,
   return jax.jvp(grad, (params,), (tangent,))[1]
 
 
-def linearize_gradient(loss_fn: LossFn, params: PyTree, batch: Any, *,
-                       has_aux: bool = False
-                       ) -> tuple[jax.Array, PyTree, Callable[[PyTree], PyTree]]:
+def linearize_gradient(
+    loss_fn: LossFn, params: PyTree, batch: Any, *, has_aux: bool = False
+) -> tuple[jax.Array, PyTree, Callable[[PyTree], PyTree]]:
   """Loss, gradient and the map ``v -> H(w) v``, from one linearization.
 
   ``jax.linearize`` of ``w -> (L(w), grad L(w))`` evaluates the loss and
@@ -162,8 +170,9 @@ def linearize_gradient(loss_fn: LossFn, params: PyTree, batch: Any, *,
   return loss, grads, matvec
 
 
-def hessian_matvec(loss_fn: LossFn, params: PyTree, batch: Any, *,
-                   has_aux: bool = False) -> Callable[[PyTree], PyTree]:
+def hessian_matvec(
+    loss_fn: LossFn, params: PyTree, batch: Any, *, has_aux: bool = False
+) -> Callable[[PyTree], PyTree]:
   """The map ``v -> H(w) v`` at a fixed point, linearized once.
 
   ``jax.linearize`` evaluates the gradient at ``w`` once and keeps the
@@ -203,8 +212,9 @@ def hessian_matvec(loss_fn: LossFn, params: PyTree, batch: Any, *,
   return linearize_gradient(loss_fn, params, batch, has_aux=has_aux)[2]
 
 
-def flat_matvec(matvec: Callable[[PyTree], PyTree], params: PyTree
-                ) -> Callable[[jax.Array], jax.Array]:
+def flat_matvec(
+    matvec: Callable[[PyTree], PyTree], params: PyTree
+) -> Callable[[jax.Array], jax.Array]:
   """An operator on pytrees like ``params`` as one on flat vectors.
 
   ``v -> ravel(matvec(unravel(v)))`` in ``jax.flatten_util.ravel_pytree``
@@ -234,10 +244,14 @@ def flat_matvec(matvec: Callable[[PyTree], PyTree], params: PyTree
   return lambda v: ravel_pytree(matvec(unravel(v.astype(flat.dtype))))[0]
 
 
-def finite_difference_matvec(loss_fn: LossFn, params: PyTree, batch: Any, *,
-                             fd_eps: ArrayLike = 1e-3,
-                             has_aux: bool = False
-                             ) -> Callable[[PyTree], PyTree]:
+def finite_difference_matvec(
+    loss_fn: LossFn,
+    params: PyTree,
+    batch: Any,
+    *,
+    fd_eps: ArrayLike = 1e-3,
+    has_aux: bool = False,
+) -> Callable[[PyTree], PyTree]:
   """The map ``v -> (g(w + eps v) - g(w - eps v)) / (2 eps)``, ``g = grad L``.
 
   The central-difference Hessian-vector product of the authors' power
@@ -278,18 +292,29 @@ def finite_difference_matvec(loss_fn: LossFn, params: PyTree, batch: Any, *,
     def shifted(sign: float) -> PyTree:
       return jax.tree.map(
           lambda p, v: (p + sign * fd_eps * v).astype(jnp.result_type(p)),
-          params, vector)
+          params,
+          vector,
+      )
 
     return jax.tree.map(
         lambda a, b, p: ((a - b) / (2 * fd_eps)).astype(jnp.result_type(p)),
-        grad(shifted(1.0)), grad(shifted(-1.0)), params)
+        grad(shifted(1.0)),
+        grad(shifted(-1.0)),
+        params,
+    )
 
   return matvec
 
 
-def finite_difference_hvp(loss_fn: LossFn, params: PyTree, batch: Any,
-                          vector: PyTree, *, fd_eps: ArrayLike = 1e-3,
-                          has_aux: bool = False) -> PyTree:
+def finite_difference_hvp(
+    loss_fn: LossFn,
+    params: PyTree,
+    batch: Any,
+    vector: PyTree,
+    *,
+    fd_eps: ArrayLike = 1e-3,
+    has_aux: bool = False,
+) -> PyTree:
   """Central-difference approximation of ``H(w) v`` (the paper's product).
 
   ``(grad L(w + eps v) - grad L(w - eps v)) / (2 eps)``; see
@@ -326,5 +351,6 @@ def finite_difference_hvp(loss_fn: LossFn, params: PyTree, batch: Any,
     Long & Bartlett 2023 and github.com/google-deepmind/sam_edge
     (``hessian_norm.py``).
   """
-  return finite_difference_matvec(loss_fn, params, batch, fd_eps=fd_eps,
-                                  has_aux=has_aux)(vector)
+  return finite_difference_matvec(
+      loss_fn, params, batch, fd_eps=fd_eps, has_aux=has_aux
+  )(vector)

@@ -21,9 +21,18 @@ import numpy as np
 
 from sam_eos import checkpoint
 
-HISTORY_COLUMNS = ("step", "loss", "grad_norm", "sharpness", "lambda_min",
-                   "gd_edge", "sam_edge", "grad_alignment",
-                   "sam_grad_alignment", "wall_time")
+HISTORY_COLUMNS = (
+    "step",
+    "loss",
+    "grad_norm",
+    "sharpness",
+    "lambda_min",
+    "gd_edge",
+    "sam_edge",
+    "grad_alignment",
+    "sam_grad_alignment",
+    "wall_time",
+)
 CONFIG_COLUMNS = ("config", "learning_rate", "rho", "seed")
 
 
@@ -40,12 +49,16 @@ def columns(extra: Sequence[str] = ()) -> tuple[str, ...]:
     ValueError: if an extra name repeats or clashes with a built-in column.
   """
   extra = tuple(extra)
-  clash = sorted((set(extra) & set(HISTORY_COLUMNS + CONFIG_COLUMNS))
-                 | {n for n in extra if extra.count(n) > 1})
+  clash = sorted(
+      (set(extra) & set(HISTORY_COLUMNS + CONFIG_COLUMNS))
+      | {n for n in extra if extra.count(n) > 1}
+  )
   if clash:
-    raise ValueError(f"Extra history columns {clash} repeat or clash with the "
-                     f"built-in columns {HISTORY_COLUMNS + CONFIG_COLUMNS}; "
-                     "rename them (e.g. prefix them with 'test_').")
+    raise ValueError(
+        f"Extra history columns {clash} repeat or clash with the "
+        f"built-in columns {HISTORY_COLUMNS + CONFIG_COLUMNS}; "
+        "rename them (e.g. prefix them with 'test_')."
+    )
   return HISTORY_COLUMNS + extra
 
 
@@ -54,8 +67,9 @@ def extra_columns(history: Mapping[str, np.ndarray]) -> tuple[str, ...]:
   return tuple(k for k in history if k not in HISTORY_COLUMNS)
 
 
-def empty_history(num_configs: int, extra: Sequence[str] = ()
-                  ) -> dict[str, np.ndarray]:
+def empty_history(
+    num_configs: int, extra: Sequence[str] = ()
+) -> dict[str, np.ndarray]:
   """A history with no rows.
 
   Args:
@@ -65,15 +79,23 @@ def empty_history(num_configs: int, extra: Sequence[str] = ()
   Returns:
     Dict column -> array of shape ``(C, 0)`` (``step`` int64, others float64).
   """
-  return {name: np.zeros((num_configs, 0),
-                         np.int64 if name == "step" else np.float64)
-          for name in columns(extra)}
+  return {
+      name: np.zeros(
+          (num_configs, 0), np.int64 if name == "step" else np.float64
+      )
+      for name in columns(extra)
+  }
 
 
-def chunk_rows(step: np.ndarray, tracked: np.ndarray,
-               metrics: Mapping[str, np.ndarray], wall_start: float,
-               wall_end: float, first_step: int, num_active: int
-               ) -> dict[str, np.ndarray]:
+def chunk_rows(
+    step: np.ndarray,
+    tracked: np.ndarray,
+    metrics: Mapping[str, np.ndarray],
+    wall_start: float,
+    wall_end: float,
+    first_step: int,
+    num_active: int,
+) -> dict[str, np.ndarray]:
   """The tracked rows of one chunk as history columns.
 
   Wall time is measured at chunk boundaries and interpolated linearly in the
@@ -95,32 +117,43 @@ def chunk_rows(step: np.ndarray, tracked: np.ndarray,
   steps = np.asarray(step)[keep]
   num_configs = next(iter(metrics.values())).shape[0]
   frac = (steps - first_step + 1) / max(num_active, 1)
-  rows = {name: np.asarray(values, np.float64)[:, keep]
-          for name, values in metrics.items()}
-  rows["step"] = np.broadcast_to(steps.astype(np.int64), (num_configs, len(steps)))
-  rows["wall_time"] = np.broadcast_to(wall_start + frac * (wall_end - wall_start),
-                                      (num_configs, len(steps)))
+  rows = {
+      name: np.asarray(values, np.float64)[:, keep]
+      for name, values in metrics.items()
+  }
+  rows["step"] = np.broadcast_to(
+      steps.astype(np.int64), (num_configs, len(steps))
+  )
+  rows["wall_time"] = np.broadcast_to(
+      wall_start + frac * (wall_end - wall_start), (num_configs, len(steps))
+  )
   extra = [name for name in metrics if name not in HISTORY_COLUMNS]
   return {name: np.array(rows[name]) for name in columns(extra)}
 
 
-def concat(history: Mapping[str, np.ndarray], rows: Mapping[str, np.ndarray]
-           ) -> dict[str, np.ndarray]:
+def concat(
+    history: Mapping[str, np.ndarray], rows: Mapping[str, np.ndarray]
+) -> dict[str, np.ndarray]:
   """Appends ``rows`` to ``history`` along the row axis."""
-  return {name: np.concatenate([history[name], rows[name]], axis=1)
-          for name in history}
+  return {
+      name: np.concatenate([history[name], rows[name]], axis=1)
+      for name in history
+  }
 
 
-def truncate(history: Mapping[str, np.ndarray], before_step: int
-             ) -> dict[str, np.ndarray]:
+def truncate(
+    history: Mapping[str, np.ndarray], before_step: int
+) -> dict[str, np.ndarray]:
   """Keeps the rows with ``step < before_step`` (equal across configs)."""
   keep = history["step"][0] < before_step
   return {name: values[:, keep] for name, values in history.items()}
 
 
-def _csv_lines(history: Mapping[str, np.ndarray],
-               configs: Sequence[Mapping[str, float]],
-               diverged_at: Sequence[int] | None) -> list[list[str]]:
+def _csv_lines(
+    history: Mapping[str, np.ndarray],
+    configs: Sequence[Mapping[str, float]],
+    diverged_at: Sequence[int] | None,
+) -> list[list[str]]:
   """Long-format lines: configuration columns, then history columns.
 
   Lines of configuration ``c`` at steps ``>= diverged_at[c] >= 0`` are left
@@ -130,10 +163,17 @@ def _csv_lines(history: Mapping[str, np.ndarray],
   num_rows = history["step"].shape[1]
   for row in range(num_rows):
     for c, cfg in enumerate(configs):
-      if diverged_at is not None and 0 <= diverged_at[c] <= history["step"][c, row]:
+      if (
+          diverged_at is not None
+          and 0 <= diverged_at[c] <= history["step"][c, row]
+      ):
         continue
-      line = [str(c), repr(float(cfg["learning_rate"])), repr(float(cfg["rho"])),
-              str(cfg["seed"])]
+      line = [
+          str(c),
+          repr(float(cfg["learning_rate"])),
+          repr(float(cfg["rho"])),
+          str(cfg["seed"]),
+      ]
       for name in history:
         value = history[name][c, row]
         line.append(str(int(value)) if name == "step" else repr(float(value)))
@@ -141,9 +181,12 @@ def _csv_lines(history: Mapping[str, np.ndarray],
   return lines
 
 
-def append_csv(path: str | os.PathLike, history: Mapping[str, np.ndarray],
-               configs: Sequence[Mapping[str, float]],
-               diverged_at: Sequence[int] | None = None) -> None:
+def append_csv(
+    path: str | os.PathLike,
+    history: Mapping[str, np.ndarray],
+    configs: Sequence[Mapping[str, float]],
+    diverged_at: Sequence[int] | None = None,
+) -> None:
   """Appends rows to ``path``, writing the header if the file is new.
 
   Args:
@@ -163,9 +206,12 @@ def append_csv(path: str | os.PathLike, history: Mapping[str, np.ndarray],
     os.fsync(f.fileno())
 
 
-def write_csv(path: str | os.PathLike, history: Mapping[str, np.ndarray],
-              configs: Sequence[Mapping[str, float]],
-              diverged_at: Sequence[int] | None = None) -> None:
+def write_csv(
+    path: str | os.PathLike,
+    history: Mapping[str, np.ndarray],
+    configs: Sequence[Mapping[str, float]],
+    diverged_at: Sequence[int] | None = None,
+) -> None:
   """Writes the whole history to ``path`` atomically (temp file + rename).
 
   Args:
@@ -217,5 +263,9 @@ def read_csv(path: str | os.PathLike) -> dict[str, np.ndarray]:
     lines = list(reader)
     names = reader.fieldnames or []
   ints = {"config", "step", "seed"}
-  return {name: np.array([int(l[name]) if name in ints else float(l[name])
-                          for l in lines]) for name in names}
+  return {
+      name: np.array(
+          [int(l[name]) if name in ints else float(l[name]) for l in lines]
+      )
+      for name in names
+  }

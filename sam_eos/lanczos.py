@@ -79,6 +79,7 @@ class LanczosResult(NamedTuple):
       final residual vector.
     basis: ``(m, n)`` orthonormal rows ``Q``.
   """
+
   ritz_values: jax.Array
   ritz_vectors: jax.Array
   residuals: jax.Array
@@ -104,8 +105,9 @@ def _dot(a: jax.Array, b: jax.Array) -> jax.Array:
   return jnp.dot(a, b, precision=_HIGHEST)
 
 
-def _orthogonalize(basis: jax.Array, vector: jax.Array
-                   ) -> tuple[jax.Array, jax.Array]:
+def _orthogonalize(
+    basis: jax.Array, vector: jax.Array
+) -> tuple[jax.Array, jax.Array]:
   """Classical Gram-Schmidt twice against the rows of ``basis``.
 
   Unfilled (zero) rows of ``basis`` contribute nothing.
@@ -130,8 +132,9 @@ def _restart_base(size: int, dtype: jnp.dtype) -> jax.Array:
   return jax.random.normal(jax.random.key(_RESTART_SEED), (size,), dtype)
 
 
-def _restart_direction(basis: jax.Array, base: jax.Array,
-                       index: jax.Array | int) -> jax.Array:
+def _restart_direction(
+    basis: jax.Array, base: jax.Array, index: jax.Array | int
+) -> jax.Array:
   """``roll(base, index)`` orthogonalized against ``basis``, unit norm.
 
   Rolled copies of one Gaussian vector are, with probability one, linearly
@@ -141,9 +144,13 @@ def _restart_direction(basis: jax.Array, base: jax.Array,
   return _safe_normalize(vector, jnp.linalg.norm(vector))
 
 
-def _step(matvec: Matvec, base: jax.Array, rounding: float, index: jax.Array,
-          state: tuple[jax.Array, jax.Array, jax.Array]
-          ) -> tuple[jax.Array, jax.Array, jax.Array]:
+def _step(
+    matvec: Matvec,
+    base: jax.Array,
+    rounding: float,
+    index: jax.Array,
+    state: tuple[jax.Array, jax.Array, jax.Array],
+) -> tuple[jax.Array, jax.Array, jax.Array]:
   """Lanczos step ``index``: expands ``A q_index``, stores ``q_{index+1}``.
 
   ``rounding`` is the unit roundoff of the products (the coarser of the
@@ -160,8 +167,10 @@ def _step(matvec: Matvec, base: jax.Array, rounding: float, index: jax.Array,
   # A cond, not a where: the restart costs two more passes over the basis,
   # paid only on a breakdown (under vmap both branches run, as with where).
   next_vector = jax.lax.cond(
-      breakdown, lambda: _restart_direction(basis, base, index + 1),
-      lambda: _safe_normalize(residual, beta))
+      breakdown,
+      lambda: _restart_direction(basis, base, index + 1),
+      lambda: _safe_normalize(residual, beta),
+  )
   basis = basis.at[index + 1].set(next_vector, mode="drop")
   alphas = alphas.at[index].set(coeffs[index])
   betas = betas.at[index].set(jnp.where(breakdown, 0, beta))
@@ -181,8 +190,11 @@ def _start_vector(v0: jax.Array, base: jax.Array) -> jax.Array:
   whole result is NaN rather than silently computed from another start.
   """
   norm = jnp.linalg.norm(v0)
-  return jnp.where(norm == 0, _safe_normalize(base, jnp.linalg.norm(base)),
-                   v0 / jnp.where(norm == 0, 1, norm))
+  return jnp.where(
+      norm == 0,
+      _safe_normalize(base, jnp.linalg.norm(base)),
+      v0 / jnp.where(norm == 0, 1, norm),
+  )
 
 
 def _validate(v0: jax.Array, num_iters: int) -> int:
@@ -191,14 +203,18 @@ def _validate(v0: jax.Array, num_iters: int) -> int:
     raise ValueError(f"`v0` must be a 1-D array, got shape {v0.shape}.")
   num_iters = _checks.check_int("num_iters", num_iters, 1)
   if num_iters > v0.shape[0]:
-    raise ValueError(f"`num_iters` ({num_iters}) must be <= the length of "
-                     f"`v0` ({v0.shape[0]}).")
+    raise ValueError(
+        f"`num_iters` ({num_iters}) must be <= the length of "
+        f"`v0` ({v0.shape[0]})."
+    )
   concrete = _checks.concrete_value(v0)
   if concrete is not None:
     if not np.all(np.isfinite(concrete)):
-      raise ValueError("`v0` must be finite: it contains NaN or inf (e.g. "
-                       "a warm start from a diverged run); pass a fresh "
-                       "random start vector instead.")
+      raise ValueError(
+          "`v0` must be finite: it contains NaN or inf (e.g. "
+          "a warm start from a diverged run); pass a fresh "
+          "random start vector instead."
+      )
     if not concrete.any():
       raise ValueError("`v0` must be non-zero.")
   return num_iters
@@ -217,20 +233,26 @@ def _check_matvec(matvec: Matvec, size: int, dtype: jnp.dtype) -> jnp.dtype:
         f"`matvec` must return one array of shape ({size},), got the pytree "
         f"{out}. For an operator on pytrees, flatten at the boundary: "
         "`lambda v: ravel_pytree(op(unravel(v)))[0]` "
-        "(jax.flatten_util.ravel_pytree).")
+        "(jax.flatten_util.ravel_pytree)."
+    )
   if out.shape != (size,):
     raise ValueError(
         f"`matvec` must map shape ({size},) to shape ({size},) (x -> A x "
         f"for a square A), got output shape {out.shape}. Check that A is "
         f"{size} x {size} and that matvec returns a 1-D vector, e.g. "
-        "`lambda x: a @ x` rather than `a @ x[:, None]`.")
+        "`lambda x: a @ x` rather than `a @ x[:, None]`."
+    )
   if not jnp.issubdtype(out.dtype, jnp.floating):
     raise ValueError(
         f"`matvec` must return a real floating dtype, got dtype {out.dtype} "
         f"for a {dtype} input. Lanczos needs a real symmetric operator: "
         "return A x as floats, e.g. `(a @ x).astype(x.dtype)`"
-        + (" or its real part for a Hermitian A with real entries."
-           if jnp.issubdtype(out.dtype, jnp.complexfloating) else "."))
+        + (
+            " or its real part for a Hermitian A with real entries."
+            if jnp.issubdtype(out.dtype, jnp.complexfloating)
+            else "."
+        )
+    )
   return out.dtype
 
 
@@ -308,14 +330,16 @@ def lanczos(matvec: Matvec, v0: jax.Array, num_iters: int) -> LanczosResult:
   out_dtype = v0.dtype
   dtype = working_dtype(out_dtype)
   product_dtype = _check_matvec(matvec, v0.shape[0], dtype)
-  rounding = max(float(jnp.finfo(dtype).eps),
-                 float(jnp.finfo(product_dtype).eps))
+  rounding = max(
+      float(jnp.finfo(dtype).eps), float(jnp.finfo(product_dtype).eps)
+  )
   base = _restart_base(v0.shape[0], dtype)
   basis = jnp.zeros((num_iters, v0.shape[0]), dtype)
   basis = basis.at[0].set(_start_vector(v0.astype(dtype), base))
   state = (basis, jnp.zeros(num_iters, dtype), jnp.zeros(num_iters, dtype))
   basis, alphas, betas = jax.lax.fori_loop(
-      0, num_iters, lambda j, s: _step(matvec, base, rounding, j, s), state)
+      0, num_iters, lambda j, s: _step(matvec, base, rounding, j, s), state
+  )
   eigvals, eigvecs = jnp.linalg.eigh(_tridiagonal(alphas, betas))
   eigvals, eigvecs = eigvals[::-1], eigvecs[:, ::-1]
   result = LanczosResult(
@@ -324,5 +348,6 @@ def lanczos(matvec: Matvec, v0: jax.Array, num_iters: int) -> LanczosResult:
       residuals=jnp.abs(betas[-1] * eigvecs[-1]),
       alphas=alphas,
       betas=betas,
-      basis=basis)
+      basis=basis,
+  )
   return jax.tree.map(lambda x: x.astype(out_dtype), result)

@@ -57,8 +57,16 @@ from sam_eos.hessian import flat_matvec, linearize_gradient
 from sam_eos.lanczos import lanczos
 from sam_eos.sam import global_norm, perturbed_gradient
 
-METRIC_NAMES = ("loss", "grad_norm", "sharpness", "lambda_min", "gd_edge",
-                "sam_edge", "grad_alignment", "sam_grad_alignment")
+METRIC_NAMES = (
+    "loss",
+    "grad_norm",
+    "sharpness",
+    "lambda_min",
+    "gd_edge",
+    "sam_edge",
+    "grad_alignment",
+    "sam_grad_alignment",
+)
 
 
 class Hyperparams(NamedTuple):
@@ -68,6 +76,7 @@ class Hyperparams(NamedTuple):
     learning_rate: step size ``eta`` (scalar array).
     rho: SAM radius (scalar array); 0 gives plain GD/SGD.
   """
+
   learning_rate: jax.Array
   rho: jax.Array
 
@@ -82,6 +91,7 @@ class TrainState(NamedTuple):
     eigvec: flat unit vector, the last top Hessian eigenvector (warm start).
     diverged_at: first diverged step (see the module docstring), -1 if none.
   """
+
   params: PyTree
   opt_state: optax.OptState
   key: jax.Array
@@ -98,6 +108,7 @@ class ChunkOutput(NamedTuple):
     metrics: dict name -> values (NaN on untracked rows, never used):
       ``METRIC_NAMES``, then the keys of ``eval_fn``'s dict.
   """
+
   step: jax.Array
   tracked: jax.Array
   metrics: dict[str, jax.Array]
@@ -138,6 +149,7 @@ class LoopConfig:
       at step 0, and the edges use the ``learning_rate`` (and ``momentum``,
       if injected) that the optimizer's state holds after each update.
   """
+
   loss_fn: Callable[[PyTree, Any], jax.Array]
   batch_size: int | None = None
   track_every: int = 10
@@ -155,8 +167,9 @@ class LoopConfig:
   injected_learning_rate: bool = False
 
 
-def make_optimizer(config: LoopConfig, hparams: Hyperparams
-                   ) -> optax.GradientTransformation:
+def make_optimizer(
+    config: LoopConfig, hparams: Hyperparams
+) -> optax.GradientTransformation:
   """The base optimizer: ``config.optimizer`` or SGD with heavy-ball momentum.
 
   Args:
@@ -168,12 +181,15 @@ def make_optimizer(config: LoopConfig, hparams: Hyperparams
   """
   if config.optimizer is not None:
     return config.optimizer
-  return optax.sgd(hparams.learning_rate,
-                   momentum=config.momentum if config.momentum else None)
+  return optax.sgd(
+      hparams.learning_rate,
+      momentum=config.momentum if config.momentum else None,
+  )
 
 
-def init_state(config: LoopConfig, params: PyTree, hparams: Hyperparams,
-               key: jax.Array) -> TrainState:
+def init_state(
+    config: LoopConfig, params: PyTree, hparams: Hyperparams, key: jax.Array
+) -> TrainState:
   """Initial carry: optimizer state and a random unit start vector for Lanczos.
 
   Args:
@@ -190,20 +206,30 @@ def init_state(config: LoopConfig, params: PyTree, hparams: Hyperparams,
   opt_state = make_optimizer(config, hparams).init(params)
   if config.injected_learning_rate:
     injected = opt_state.hyperparams
-    opt_state = opt_state._replace(hyperparams={
-        **injected, "learning_rate": jnp.asarray(
-            hparams.learning_rate, injected["learning_rate"].dtype)})
+    opt_state = opt_state._replace(
+        hyperparams={
+            **injected,
+            "learning_rate": jnp.asarray(
+                hparams.learning_rate, injected["learning_rate"].dtype
+            ),
+        }
+    )
   return TrainState(
       params=params,
       opt_state=opt_state,
       key=key,
       eigvec=v0 / jnp.linalg.norm(v0),
-      diverged_at=jnp.array(-1, jnp.int32))
+      diverged_at=jnp.array(-1, jnp.int32),
+  )
 
 
-def sample_batch(data: PyTree, key: jax.Array, batch_size: int | None,
-                 sharding: jax.sharding.Sharding | None = None,
-                 num_examples: int | None = None) -> PyTree:
+def sample_batch(
+    data: PyTree,
+    key: jax.Array,
+    batch_size: int | None,
+    sharding: jax.sharding.Sharding | None = None,
+    num_examples: int | None = None,
+) -> PyTree:
   """Full batch, or ``batch_size`` examples drawn without replacement.
 
   Args:
@@ -241,8 +267,9 @@ def _abs_cos(u: jax.Array, v: jax.Array) -> jax.Array:
   return jnp.where(denom > 0, dot / jnp.where(denom > 0, denom, 1.0), 0.0)
 
 
-def _step_hyperparams(config: LoopConfig, hparams: Hyperparams,
-                      opt_state: optax.OptState) -> tuple[Any, Any]:
+def _step_hyperparams(
+    config: LoopConfig, hparams: Hyperparams, opt_state: optax.OptState
+) -> tuple[Any, Any]:
   """The learning rate and momentum of the update just taken.
 
   The run's own, or those an ``inject_hyperparams`` optimizer's state holds
@@ -254,9 +281,13 @@ def _step_hyperparams(config: LoopConfig, hparams: Hyperparams,
   return injected["learning_rate"], injected.get("momentum", 0.0)
 
 
-def _edges(config: LoopConfig, learning_rate: Any, momentum: Any,
-           rho: jax.Array, grad_norm: jax.Array
-           ) -> tuple[jax.Array, jax.Array]:
+def _edges(
+    config: LoopConfig,
+    learning_rate: Any,
+    momentum: Any,
+    rho: jax.Array,
+    grad_norm: jax.Array,
+) -> tuple[jax.Array, jax.Array]:
   """``gd_edge`` and the SAM-edge (USAM-edge if unnormalized)."""
   gd = edges.gd_edge(learning_rate, momentum=momentum)
   if config.normalize:
@@ -268,13 +299,14 @@ def _edges(config: LoopConfig, learning_rate: Any, momentum: Any,
 
 def _all_finite(tree: PyTree) -> jax.Array:
   """Whether every entry of every leaf of ``tree`` is finite."""
-  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x))
-                            for x in jax.tree.leaves(tree)]))
+  return jnp.all(
+      jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)])
+  )
 
 
-def _measure(config: LoopConfig, params: PyTree, batch: Any,
-             eigvec: jax.Array
-             ) -> tuple[jax.Array, PyTree, jax.Array, jax.Array, jax.Array]:
+def _measure(
+    config: LoopConfig, params: PyTree, batch: Any, eigvec: jax.Array
+) -> tuple[jax.Array, PyTree, jax.Array, jax.Array, jax.Array]:
   """Loss, gradient, top eigenvector, top and bottom Ritz values at ``params``.
 
   Linearizes ``value_and_grad`` once (``hessian.linearize_gradient``): its
@@ -282,64 +314,100 @@ def _measure(config: LoopConfig, params: PyTree, batch: Any,
   Hessian-vector product fed to Lanczos, warm-started from ``eigvec``.
   """
   loss, grads, matvec = linearize_gradient(config.loss_fn, params, batch)
-  result = lanczos(flat_matvec(matvec, params), eigvec,
-                   config.num_lanczos_iters)
-  return (loss, grads, result.ritz_vectors[0], result.ritz_values[0],
-          result.ritz_values[-1])
+  result = lanczos(
+      flat_matvec(matvec, params), eigvec, config.num_lanczos_iters
+  )
+  return (
+      loss,
+      grads,
+      result.ritz_vectors[0],
+      result.ritz_values[0],
+      result.ritz_values[-1],
+  )
 
 
-def _evaluate(config: LoopConfig, params: PyTree, eval_data: Any
-              ) -> dict[str, jax.Array]:
+def _evaluate(
+    config: LoopConfig, params: PyTree, eval_data: Any
+) -> dict[str, jax.Array]:
   """``eval_fn(params, eval_data)`` as a dict of arrays (empty without one)."""
   if config.eval_fn is None:
     return {}
-  return {k: jnp.asarray(v) for k, v in
-          config.eval_fn(params, eval_data).items()}
+  return {
+      k: jnp.asarray(v) for k, v in config.eval_fn(params, eval_data).items()
+  }
 
 
-def _train_step(config: LoopConfig, hparams: Hyperparams, data: PyTree,
-                eval_data: Any, state: TrainState, step: jax.Array
-                ) -> tuple[TrainState, tuple[jax.Array, dict[str, jax.Array]]]:
+def _train_step(
+    config: LoopConfig,
+    hparams: Hyperparams,
+    data: PyTree,
+    eval_data: Any,
+    state: TrainState,
+    step: jax.Array,
+) -> tuple[TrainState, tuple[jax.Array, dict[str, jax.Array]]]:
   """One GD/SAM step at global step ``step``, measuring when it is due."""
-  batch = sample_batch(data, jax.random.fold_in(state.key, step),
-                       config.batch_size, config.batch_sharding,
-                       config.num_examples)
+  batch = sample_batch(
+      data,
+      jax.random.fold_in(state.key, step),
+      config.batch_size,
+      config.batch_sharding,
+      config.num_examples,
+  )
   tracked = step % config.track_every == 0
 
   def with_tracking(params, eigvec):
-    return (*_measure(config, params, batch, eigvec),
-            _evaluate(config, params, eval_data))
+    return (
+        *_measure(config, params, batch, eigvec),
+        _evaluate(config, params, eval_data),
+    )
 
   def without_tracking(params, eigvec):
     loss, grads = jax.value_and_grad(config.loss_fn)(params, batch)
     nan = jnp.full((), jnp.nan, eigvec.dtype)
-    evals = jax.tree.map(lambda x: jnp.full(x.shape, jnp.nan, x.dtype),
-                         jax.eval_shape(lambda p: _evaluate(config, p, eval_data), params))
+    evals = jax.tree.map(
+        lambda x: jnp.full(x.shape, jnp.nan, x.dtype),
+        jax.eval_shape(lambda p: _evaluate(config, p, eval_data), params),
+    )
     return loss, grads, eigvec, nan, nan, evals
 
   loss, grads, eigvec, top_value, bottom_value, evals = jax.lax.cond(
-      tracked, with_tracking, without_tracking, state.params, state.eigvec)
+      tracked, with_tracking, without_tracking, state.params, state.eigvec
+  )
   grad_norm = global_norm(grads)
   if config.use_sam:
     sam_grads = perturbed_gradient(
-        config.loss_fn, state.params, batch, grads, rho=hparams.rho,
-        normalize=config.normalize, eps=config.eps,
-        m_sharpness=config.m_sharpness, group_sharding=config.group_sharding)
+        config.loss_fn,
+        state.params,
+        batch,
+        grads,
+        rho=hparams.rho,
+        normalize=config.normalize,
+        eps=config.eps,
+        m_sharpness=config.m_sharpness,
+        group_sharding=config.group_sharding,
+    )
   else:
     sam_grads = grads
   optimizer = make_optimizer(config, hparams)
-  updates, opt_state = optimizer.update(sam_grads, state.opt_state, state.params)
+  updates, opt_state = optimizer.update(
+      sam_grads, state.opt_state, state.params
+  )
   params = optax.apply_updates(state.params, updates)
 
-  finite = (jnp.isfinite(loss) & jnp.isfinite(grad_norm) & _all_finite(params)
-            & (~tracked | (jnp.isfinite(top_value)
-                           & jnp.isfinite(bottom_value))))
-  diverged_at = jnp.where((state.diverged_at < 0) & ~finite, step,
-                          state.diverged_at).astype(jnp.int32)
+  finite = (
+      jnp.isfinite(loss)
+      & jnp.isfinite(grad_norm)
+      & _all_finite(params)
+      & (~tracked | (jnp.isfinite(top_value) & jnp.isfinite(bottom_value)))
+  )
+  diverged_at = jnp.where(
+      (state.diverged_at < 0) & ~finite, step, state.diverged_at
+  ).astype(jnp.int32)
   stopped = diverged_at >= 0
   learning_rate, momentum = _step_hyperparams(config, hparams, opt_state)
-  gd_edge, sam_edge = _edges(config, learning_rate, momentum, hparams.rho,
-                             grad_norm)
+  gd_edge, sam_edge = _edges(
+      config, learning_rate, momentum, hparams.rho, grad_norm
+  )
   metrics = {
       "loss": loss,
       "grad_norm": grad_norm,
@@ -352,21 +420,35 @@ def _train_step(config: LoopConfig, hparams: Hyperparams, data: PyTree,
       **evals,
   }
   dtype = jnp.result_type(float)
-  metrics = {k: jnp.where(tracked & ~stopped, v, jnp.nan).astype(dtype)
-             for k, v in metrics.items()}
+  metrics = {
+      k: jnp.where(tracked & ~stopped, v, jnp.nan).astype(dtype)
+      for k, v in metrics.items()
+  }
   params, opt_state, eigvec = jax.tree.map(
       lambda old, new: jnp.where(stopped, old, new),
       (state.params, state.opt_state, state.eigvec),
-      (params, opt_state, eigvec))
-  new_state = TrainState(params=params, opt_state=opt_state, key=state.key,
-                         eigvec=eigvec, diverged_at=diverged_at)
+      (params, opt_state, eigvec),
+  )
+  new_state = TrainState(
+      params=params,
+      opt_state=opt_state,
+      key=state.key,
+      eigvec=eigvec,
+      diverged_at=diverged_at,
+  )
   return new_state, (tracked, metrics)
 
 
-def run_chunk(config: LoopConfig, state: TrainState, data: PyTree,
-              eval_data: Any, hparams: Hyperparams, start: jax.Array,
-              end: jax.Array, chunk_len: int
-              ) -> tuple[TrainState, ChunkOutput]:
+def run_chunk(
+    config: LoopConfig,
+    state: TrainState,
+    data: PyTree,
+    eval_data: Any,
+    hparams: Hyperparams,
+    start: jax.Array,
+    end: jax.Array,
+    chunk_len: int,
+) -> tuple[TrainState, ChunkOutput]:
   """Runs steps ``start, ..., start + chunk_len - 1`` (those below ``end``).
 
   Pure and jit-able with ``config`` and ``chunk_len`` static; vmap over
@@ -385,12 +467,14 @@ def run_chunk(config: LoopConfig, state: TrainState, data: PyTree,
   Returns:
     The carry after the chunk and its ``ChunkOutput``.
   """
+
   def step_fn(state, step):
     return _train_step(config, hparams, data, eval_data, state, step)
 
   _, (_, shapes) = jax.eval_shape(step_fn, state, start)
-  nan_metrics = jax.tree.map(lambda x: jnp.full(x.shape, jnp.nan, x.dtype),
-                             shapes)
+  nan_metrics = jax.tree.map(
+      lambda x: jnp.full(x.shape, jnp.nan, x.dtype), shapes
+  )
 
   def body(state, step):
     def skip(state):

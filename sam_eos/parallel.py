@@ -30,8 +30,12 @@ DATA_AXIS = "data"
 CONFIG_AXIS = "config"
 
 
-def data_mesh(num_devices: int | None = None, *, num_config_shards: int = 1,
-              devices: Sequence[jax.Device] | None = None) -> Mesh:
+def data_mesh(
+    num_devices: int | None = None,
+    *,
+    num_config_shards: int = 1,
+    devices: Sequence[jax.Device] | None = None,
+) -> Mesh:
   """A mesh ``("config", "data")`` over the first ``num_devices`` devices.
 
   Args:
@@ -55,13 +59,18 @@ def data_mesh(num_devices: int | None = None, *, num_config_shards: int = 1,
   available = list(devices) if devices is not None else jax.devices()
   num = len(available) if num_devices is None else int(num_devices)
   if not 1 <= num <= len(available):
-    raise ValueError(f"`num_devices` must be in [1, {len(available)}] (the "
-                     f"devices available), got {num_devices}.")
+    raise ValueError(
+        f"`num_devices` must be in [1, {len(available)}] (the "
+        f"devices available), got {num_devices}."
+    )
   if num_config_shards < 1 or num % num_config_shards:
-    raise ValueError(f"`num_config_shards` ({num_config_shards}) must divide "
-                     f"the number of devices ({num}).")
+    raise ValueError(
+        f"`num_config_shards` ({num_config_shards}) must divide "
+        f"the number of devices ({num})."
+    )
   grid = np.asarray(available[:num], dtype=object).reshape(
-      num_config_shards, num // num_config_shards)
+      num_config_shards, num // num_config_shards
+  )
   return Mesh(grid, (CONFIG_AXIS, DATA_AXIS))
 
 
@@ -91,8 +100,9 @@ def place(tree: PyTree, sharding: NamedSharding) -> PyTree:
       impl = jax.random.key_impl(x)
       return jax.random.wrap_key_data(put(jax.random.key_data(x)), impl=impl)
     host = np.asarray(x)
-    return jax.make_array_from_callback(host.shape, sharding,
-                                        lambda index: host[index])
+    return jax.make_array_from_callback(
+        host.shape, sharding, lambda index: host[index]
+    )
 
   return jax.tree.map(put, tree)
 
@@ -125,7 +135,8 @@ def shard_data(data: PyTree, mesh: Mesh) -> PyTree:
         f"devices of the mesh's '{DATA_AXIS}' axis. Pad it with "
         "se.pad_to_multiple(data, multiple) and make the loss ignore the "
         "padding with se.masked_mean, or pass a subset whose size divides "
-        "(se.train pads minibatch runs itself).")
+        "(se.train pads minibatch runs itself)."
+    )
   return place(data, NamedSharding(mesh, PartitionSpec(DATA_AXIS)))
 
 
@@ -162,8 +173,9 @@ def pad_to_multiple(data: PyTree, multiple: int) -> tuple[PyTree, jax.Array]:
   return jax.tree.map(pad, data), mask
 
 
-def masked_mean(per_example_loss: Callable[[PyTree, Any], jax.Array]
-                ) -> Callable[[PyTree, tuple[Any, jax.Array]], jax.Array]:
+def masked_mean(
+    per_example_loss: Callable[[PyTree, Any], jax.Array],
+) -> Callable[[PyTree, tuple[Any, jax.Array]], jax.Array]:
   """Turns a per-example loss into ``loss_fn(params, (batch, mask))``.
 
   The result is ``sum(mask * l(params, batch)) / sum(mask)``: the mean over
@@ -204,6 +216,7 @@ def to_host(tree: PyTree) -> PyTree:
   Returns:
     The same pytree of ``numpy.ndarray`` (keys: ``jax.Array`` of keys).
   """
+
   def get(x):
     if is_key(x):
       impl = jax.random.key_impl(x)
@@ -213,6 +226,7 @@ def to_host(tree: PyTree) -> PyTree:
     if x.sharding.is_fully_replicated:
       return np.asarray(x.addressable_data(0))
     from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+
     return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
   return jax.tree.map(get, tree)

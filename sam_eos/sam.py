@@ -35,6 +35,7 @@ class SAMGrad(NamedTuple):
       ``global_norm``), in float32 or wider.
     sam_grads: ``grad L(w + perturbation)``, a pytree like ``params``.
   """
+
   loss: jax.Array
   grads: PyTree
   grad_norm: jax.Array
@@ -52,8 +53,11 @@ def norm_dtype(tree: PyTree) -> jnp.dtype:
     for bfloat16, float16 or float32 leaves, float64 for float64 leaves (and
     float32 for a tree without floating leaves).
   """
-  leaves = [x for x in jax.tree.leaves(tree)
-            if jnp.issubdtype(jnp.result_type(x), jnp.floating)]
+  leaves = [
+      x
+      for x in jax.tree.leaves(tree)
+      if jnp.issubdtype(jnp.result_type(x), jnp.floating)
+  ]
   dtype = jnp.result_type(*leaves) if leaves else jnp.dtype(jnp.float32)
   return jnp.promote_types(dtype, jnp.float32)
 
@@ -94,14 +98,18 @@ def global_norm(tree: PyTree) -> jax.Array:
     return jnp.zeros([], dtype)
   largest = jnp.max(jnp.stack([jnp.max(jnp.abs(x), initial=0) for x in leaves]))
   _, exponent = jnp.frexp(largest)
-  scale = jnp.where(jnp.isfinite(largest) & (largest > 0),
-                    jnp.ldexp(jnp.ones([], dtype), exponent - 1), 1)
+  scale = jnp.where(
+      jnp.isfinite(largest) & (largest > 0),
+      jnp.ldexp(jnp.ones([], dtype), exponent - 1),
+      1,
+  )
   total = sum(jnp.sum(jnp.square(x / scale)) for x in leaves)
   return (scale * jnp.sqrt(total)).astype(dtype)
 
 
-def sam_perturbation(grads: PyTree, rho: ArrayLike, *,
-                     normalize: bool = True, eps: float = 1e-12) -> PyTree:
+def sam_perturbation(
+    grads: PyTree, rho: ArrayLike, *, normalize: bool = True, eps: float = 1e-12
+) -> PyTree:
   """The SAM ascent step ``rho * g / (||g|| + eps)`` (or ``rho * g``).
 
   A zero gradient gives a zero perturbation, never NaN, even with ``eps = 0``.
@@ -141,21 +149,31 @@ def sam_perturbation(grads: PyTree, rho: ArrayLike, *,
 
 def _split_groups(batch: Any, m_sharpness: int) -> Any:
   """``batch`` with each leaf's leading axis ``B`` reshaped to ``(m, B/m)``."""
+
   def split(x: jax.Array) -> jax.Array:
     if jnp.ndim(x) == 0 or jnp.shape(x)[0] % m_sharpness:
       raise ValueError(
           f"`m_sharpness` ({m_sharpness}) must divide the leading (example) "
-          f"axis of every leaf of `batch`; got a leaf of shape {jnp.shape(x)}.")
+          f"axis of every leaf of `batch`; got a leaf of shape {jnp.shape(x)}."
+      )
     return jnp.reshape(x, (m_sharpness, -1) + jnp.shape(x)[1:])
 
   return jax.tree.map(split, batch)
 
 
-def perturbed_gradient(loss_fn: LossFn, params: PyTree, batch: Any,
-                       grads: PyTree, *, rho: ArrayLike, normalize: bool = True,
-                       eps: float = 1e-12, m_sharpness: int | None = None,
-                       group_sharding: jax.sharding.Sharding | None = None,
-                       has_aux: bool = False) -> PyTree:
+def perturbed_gradient(
+    loss_fn: LossFn,
+    params: PyTree,
+    batch: Any,
+    grads: PyTree,
+    *,
+    rho: ArrayLike,
+    normalize: bool = True,
+    eps: float = 1e-12,
+    m_sharpness: int | None = None,
+    group_sharding: jax.sharding.Sharding | None = None,
+    has_aux: bool = False,
+) -> PyTree:
   """The SAM gradient ``grad L(w + e)``, given the gradient ``g`` at ``w``.
 
   Whole-batch SAM (``m_sharpness=None``, the algorithm Long & Bartlett
@@ -227,8 +245,10 @@ def perturbed_gradient(loss_fn: LossFn, params: PyTree, batch: Any,
     2023, Eq. (1).
   """
   if group_sharding is not None and m_sharpness is None:
-    raise ValueError("`group_sharding` constrains the m-sharpness groups; it "
-                     "needs `m_sharpness`.")
+    raise ValueError(
+        "`group_sharding` constrains the m-sharpness groups; it "
+        "needs `m_sharpness`."
+    )
 
   def grad(w: PyTree, b: Any) -> PyTree:
     return gradient_fn(loss_fn, b, has_aux=has_aux)(w)
@@ -246,14 +266,20 @@ def perturbed_gradient(loss_fn: LossFn, params: PyTree, batch: Any,
       groups = jax.lax.with_sharding_constraint(groups, group_sharding)
     per_group = jax.vmap(lambda b: ascend(grad(params, b), b))(groups)
     sam_grads = jax.tree.map(lambda x: jnp.mean(x, axis=0), per_group)
-  return jax.tree.map(lambda g, s: jnp.where(rho == 0, g, s),
-                      grads, sam_grads)
+  return jax.tree.map(lambda g, s: jnp.where(rho == 0, g, s), grads, sam_grads)
 
 
-def sam_gradient(loss_fn: LossFn, params: PyTree, batch: Any, *,
-                 rho: ArrayLike, normalize: bool = True, eps: float = 1e-12,
-                 m_sharpness: int | None = None, has_aux: bool = False
-                 ) -> SAMGrad | tuple[SAMGrad, Any]:
+def sam_gradient(
+    loss_fn: LossFn,
+    params: PyTree,
+    batch: Any,
+    *,
+    rho: ArrayLike,
+    normalize: bool = True,
+    eps: float = 1e-12,
+    m_sharpness: int | None = None,
+    has_aux: bool = False,
+) -> SAMGrad | tuple[SAMGrad, Any]:
   """Loss, gradient and SAM gradient of ``loss_fn`` at ``params``.
 
   Computes ``g = grad L(w)`` on ``batch`` and the SAM gradient from it with
@@ -304,8 +330,17 @@ def sam_gradient(loss_fn: LossFn, params: PyTree, batch: Any, *,
   value, grads = value_and_grad(params, batch)
   loss, aux = value if has_aux else (value, None)
   sam_grads = perturbed_gradient(
-      loss_fn, params, batch, grads, rho=rho, normalize=normalize, eps=eps,
-      m_sharpness=m_sharpness, has_aux=has_aux)
-  out = SAMGrad(loss=loss, grads=grads, grad_norm=global_norm(grads),
-                sam_grads=sam_grads)
+      loss_fn,
+      params,
+      batch,
+      grads,
+      rho=rho,
+      normalize=normalize,
+      eps=eps,
+      m_sharpness=m_sharpness,
+      has_aux=has_aux,
+  )
+  out = SAMGrad(
+      loss=loss, grads=grads, grad_norm=global_norm(grads), sam_grads=sam_grads
+  )
   return (out, aux) if has_aux else out

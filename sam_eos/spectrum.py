@@ -29,8 +29,11 @@ from jax.flatten_util import ravel_pytree
 
 from sam_eos import _checks
 from sam_eos._types import ArrayLike, LossFn, PyTree
-from sam_eos.hessian import (finite_difference_matvec, flat_matvec,
-                             hessian_matvec)
+from sam_eos.hessian import (
+    finite_difference_matvec,
+    flat_matvec,
+    hessian_matvec,
+)
 from sam_eos.lanczos import lanczos, working_dtype
 
 
@@ -52,6 +55,7 @@ class Eigenpairs(NamedTuple):
       ``eps * ||H||``, so read a residual below that as "converged to
       working precision", not as an error bound.
   """
+
   values: jax.Array
   vectors: PyTree
   residuals: jax.Array
@@ -67,13 +71,15 @@ class PowerIterationResult(NamedTuple):
       iterate ``v``.
     num_iters: int32 scalar, the number of iterations (each two gradients).
   """
+
   value: jax.Array
   vector: PyTree
   num_iters: jax.Array
 
 
-def _start_vector(flat: jax.Array, key: jax.Array | None,
-                  init: PyTree | None) -> jax.Array:
+def _start_vector(
+    flat: jax.Array, key: jax.Array | None, init: PyTree | None
+) -> jax.Array:
   """Flat ``init`` if given and non-zero, else a normal vector from ``key``.
 
   In the working dtype ``working_dtype(flat.dtype)`` (at least float32).
@@ -87,10 +93,17 @@ def _start_vector(flat: jax.Array, key: jax.Array | None,
   return jnp.where(jnp.any(warm != 0), warm, random)
 
 
-def hessian_eigenpairs(loss_fn: LossFn, params: PyTree, batch: Any, *,
-                       k: int = 1, num_iters: int = 20,
-                       key: jax.Array | None = None, init: PyTree | None = None,
-                       has_aux: bool = False) -> Eigenpairs:
+def hessian_eigenpairs(
+    loss_fn: LossFn,
+    params: PyTree,
+    batch: Any,
+    *,
+    k: int = 1,
+    num_iters: int = 20,
+    key: jax.Array | None = None,
+    init: PyTree | None = None,
+    has_aux: bool = False,
+) -> Eigenpairs:
   """The ``k`` largest (algebraic) eigenvalues of the Hessian and their vectors.
 
   Runs ``m = min(num_iters, n)`` Lanczos steps (full reorthogonalization) on
@@ -160,21 +173,33 @@ def hessian_eigenpairs(loss_fn: LossFn, params: PyTree, batch: Any, *,
     _checks.check_same_structure("params", params, "init", init)
   flat, unravel = ravel_pytree(params)
   if k > flat.size:
-    raise ValueError(f"`k` ({k}) must be <= the number of parameters "
-                     f"({flat.size}).")
-  matvec = flat_matvec(hessian_matvec(loss_fn, params, batch, has_aux=has_aux),
-                       params)
-  result = lanczos(matvec, _start_vector(flat, key, init),
-                   min(num_iters, flat.size))
+    raise ValueError(
+        f"`k` ({k}) must be <= the number of parameters " f"({flat.size})."
+    )
+  matvec = flat_matvec(
+      hessian_matvec(loss_fn, params, batch, has_aux=has_aux), params
+  )
+  result = lanczos(
+      matvec, _start_vector(flat, key, init), min(num_iters, flat.size)
+  )
   vectors = result.ritz_vectors[:k].astype(flat.dtype)
-  return Eigenpairs(values=result.ritz_values[:k],
-                    vectors=jax.vmap(unravel)(vectors),
-                    residuals=result.residuals[:k])
+  return Eigenpairs(
+      values=result.ritz_values[:k],
+      vectors=jax.vmap(unravel)(vectors),
+      residuals=result.residuals[:k],
+  )
 
 
-def sharpness(loss_fn: LossFn, params: PyTree, batch: Any, *,
-              num_iters: int = 20, key: jax.Array | None = None,
-              init: PyTree | None = None, has_aux: bool = False) -> jax.Array:
+def sharpness(
+    loss_fn: LossFn,
+    params: PyTree,
+    batch: Any,
+    *,
+    num_iters: int = 20,
+    key: jax.Array | None = None,
+    init: PyTree | None = None,
+    has_aux: bool = False,
+) -> jax.Array:
   """The sharpness ``S(w) = lambda_max(H(w))``, the top Hessian eigenvalue.
 
   ``hessian_eigenpairs(...).values[0]`` with ``k = 1``: the largest
@@ -211,15 +236,29 @@ def sharpness(loss_fn: LossFn, params: PyTree, batch: Any, *,
     Cohen et al., "Gradient Descent on Neural Networks Typically Occurs at
     the Edge of Stability", ICLR 2021; Long & Bartlett 2023.
   """
-  return hessian_eigenpairs(loss_fn, params, batch, k=1, num_iters=num_iters,
-                            key=key, init=init, has_aux=has_aux).values[0]
+  return hessian_eigenpairs(
+      loss_fn,
+      params,
+      batch,
+      k=1,
+      num_iters=num_iters,
+      key=key,
+      init=init,
+      has_aux=has_aux,
+  ).values[0]
 
 
-def power_iteration(loss_fn: LossFn, params: PyTree, batch: Any, *,
-                    num_iters: int = 100, tol: ArrayLike = 1e-3,
-                    fd_eps: ArrayLike = 1e-3,
-                    key: jax.Array | None = None,
-                    has_aux: bool = False) -> PowerIterationResult:
+def power_iteration(
+    loss_fn: LossFn,
+    params: PyTree,
+    batch: Any,
+    *,
+    num_iters: int = 100,
+    tol: ArrayLike = 1e-3,
+    fd_eps: ArrayLike = 1e-3,
+    key: jax.Array | None = None,
+    has_aux: bool = False,
+) -> PowerIterationResult:
   """``||H||_op`` by power iteration on finite-difference HVPs (paper protocol).
 
   The measurement of Long & Bartlett's code (``hessian_norm.py`` in
@@ -308,10 +347,14 @@ def power_iteration(loss_fn: LossFn, params: PyTree, batch: Any, *,
   flat, unravel = ravel_pytree(params)
   dtype = working_dtype(flat.dtype)
   # Unravels working-dtype vectors into a wide pytree like ``params``.
-  _, unravel_wide = ravel_pytree(jax.tree.map(
-      lambda p: jnp.asarray(p, working_dtype(jnp.result_type(p))), params))
-  fd_matvec = finite_difference_matvec(loss_fn, params, batch, fd_eps=fd_eps,
-                                       has_aux=has_aux)
+  _, unravel_wide = ravel_pytree(
+      jax.tree.map(
+          lambda p: jnp.asarray(p, working_dtype(jnp.result_type(p))), params
+      )
+  )
+  fd_matvec = finite_difference_matvec(
+      loss_fn, params, batch, fd_eps=fd_eps, has_aux=has_aux
+  )
 
   def matvec(v: jax.Array) -> jax.Array:
     return ravel_pytree(fd_matvec(unravel_wide(v)))[0].astype(dtype)
@@ -330,8 +373,13 @@ def power_iteration(loss_fn: LossFn, params: PyTree, batch: Any, *,
     done = (jnp.abs(new_mu - mu) <= tol * new_mu) | (new_mu <= tol)
     return step + 1, new_v, new_mu, done
 
-  state = (jnp.zeros((), jnp.int32), v0 / jnp.linalg.norm(v0),
-           jnp.full((), jnp.inf, dtype), jnp.zeros((), bool))
+  state = (
+      jnp.zeros((), jnp.int32),
+      v0 / jnp.linalg.norm(v0),
+      jnp.full((), jnp.inf, dtype),
+      jnp.zeros((), bool),
+  )
   step, v, mu, _ = jax.lax.while_loop(cond, body, state)
-  return PowerIterationResult(value=mu, vector=unravel(v.astype(flat.dtype)),
-                              num_iters=step)
+  return PowerIterationResult(
+      value=mu, vector=unravel(v.astype(flat.dtype)), num_iters=step
+  )

@@ -33,6 +33,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from sam_eos import _checks, checkpoint, history as hist, loop, parallel
 from sam_eos._types import PyTree
+
 CHECKPOINT_FILE = "checkpoint.npz"
 METRICS_FILE = "metrics.csv"
 CONFIG_FILE = "config.json"
@@ -53,6 +54,7 @@ class TrainResult(NamedTuple):
       finite one: an int array ``(configs,)`` for a sweep, an int (always
       -1, since a single diverged run raises) otherwise.
   """
+
   params: PyTree
   history: dict[str, np.ndarray]
   diverged_at: np.ndarray | int = -1
@@ -68,8 +70,9 @@ class TrainingDiverged(FloatingPointError):
       in ``TrainResult``; a single run's rows stop before ``step``).
   """
 
-  def __init__(self, message: str, step: int, config: int,
-               history: dict[str, np.ndarray]):
+  def __init__(
+      self, message: str, step: int, config: int, history: dict[str, np.ndarray]
+  ):
     super().__init__(message)
     self.step = step
     self.config = config
@@ -80,8 +83,10 @@ def _as_vector(name: str, value: Any) -> np.ndarray:
   """A scalar or 1-D sequence of finite reals as a 1-D float64 array."""
   arr = np.atleast_1d(np.asarray(value, np.float64))
   if arr.ndim != 1 or arr.size == 0:
-    raise ValueError(f"`{name}` must be a scalar or a non-empty 1-D sequence, "
-                     f"got shape {np.shape(value)}.")
+    raise ValueError(
+        f"`{name}` must be a scalar or a non-empty 1-D sequence, "
+        f"got shape {np.shape(value)}."
+    )
   if not np.all(np.isfinite(arr)):
     raise ValueError(f"`{name}` must be finite, got {value!r}.")
   return arr
@@ -90,11 +95,12 @@ def _as_vector(name: str, value: Any) -> np.ndarray:
 def _raw_keys(key: Any) -> jax.Array:
   """Typed keys from raw ``uint32`` key data (trailing axis: one key's data)."""
   shape = jax.random.key_data(jax.random.key(0)).shape
-  if np.shape(key)[-len(shape):] != shape:
+  if np.shape(key)[-len(shape) :] != shape:
     raise ValueError(
         f"`key` is a uint32 array of shape {np.shape(key)}, read as raw key "
         f"data, which needs a trailing shape {shape}. Pass int seeds (a list "
-        "or a signed integer array) or keys from jax.random.key.")
+        "or a signed integer array) or keys from jax.random.key."
+    )
   return jax.random.wrap_key_data(jnp.asarray(key, jnp.uint32))
 
 
@@ -109,8 +115,10 @@ def _keys(key: Any) -> tuple[jax.Array, list[Any]]:
   if getattr(key, "dtype", None) == np.uint32:
     key = _raw_keys(key)
   if isinstance(key, (int, np.integer)) or (
-      isinstance(key, (list, tuple, np.ndarray)) and np.ndim(key) == 1
-      and all(isinstance(k, (int, np.integer)) for k in key)):
+      isinstance(key, (list, tuple, np.ndarray))
+      and np.ndim(key) == 1
+      and all(isinstance(k, (int, np.integer)) for k in key)
+  ):
     seeds = [int(k) for k in np.atleast_1d(key)]
     return jnp.stack([jax.random.key(s) for s in seeds]), seeds
   key = jnp.asarray(key) if not isinstance(key, jax.Array) else key
@@ -120,8 +128,9 @@ def _keys(key: Any) -> tuple[jax.Array, list[Any]]:
   return key, [np.asarray(jax.random.key_data(k)).tolist() for k in key]
 
 
-def _broadcast_configs(learning_rate: Any, rho: Any, key: Any
-                       ) -> tuple[np.ndarray, np.ndarray, jax.Array, list[Any], bool]:
+def _broadcast_configs(
+    learning_rate: Any, rho: Any, key: Any
+) -> tuple[np.ndarray, np.ndarray, jax.Array, list[Any], bool]:
   """Broadcasts the swept hyperparameters to a common length ``C``."""
   lrs = _as_vector("learning_rate", learning_rate)
   rhos = _as_vector("rho", rho)
@@ -131,9 +140,13 @@ def _broadcast_configs(learning_rate: Any, rho: Any, key: Any
   if sizes - {1, num}:
     raise ValueError(
         "`learning_rate`, `rho` and `key` must be scalars or sequences of one "
-        f"common length; got lengths {len(lrs)}, {len(rhos)}, {len(seeds)}.")
-  sweep = num > 1 or any(np.ndim(v) > 0 for v in (learning_rate, rho)) or (
-      isinstance(key, (list, tuple)))
+        f"common length; got lengths {len(lrs)}, {len(rhos)}, {len(seeds)}."
+    )
+  sweep = (
+      num > 1
+      or any(np.ndim(v) > 0 for v in (learning_rate, rho))
+      or (isinstance(key, (list, tuple)))
+  )
   lrs = np.broadcast_to(lrs, (num,)).copy()
   rhos = np.broadcast_to(rhos, (num,)).copy()
   if len(seeds) == 1:
@@ -151,27 +164,35 @@ def _check_data(data: PyTree, batch_size: int | None) -> int:
   if None in sizes or len(sizes) != 1:
     raise ValueError(
         "`data` arrays must share their leading (example) axis; got leading "
-        f"sizes {[np.shape(x)[:1] for x in leaves]}.")
+        f"sizes {[np.shape(x)[:1] for x in leaves]}."
+    )
   num_examples = sizes.pop()
   if num_examples == 0:
     raise ValueError("`data` has no examples (its leading axis is empty).")
   if batch_size is not None:
     _checks.check_int("batch_size", batch_size, 1)
     if batch_size > num_examples:
-      raise ValueError(f"`batch_size` ({batch_size}) exceeds the number of "
-                       f"examples in `data` ({num_examples}); use "
-                       "batch_size=None for full batch.")
+      raise ValueError(
+          f"`batch_size` ({batch_size}) exceeds the number of "
+          f"examples in `data` ({num_examples}); use "
+          "batch_size=None for full batch."
+      )
   return num_examples
 
 
 def _check_params(params: PyTree) -> None:
   """Raises ValueError unless every leaf of ``params`` is floating-point."""
   leaves = jax.tree.leaves(params)
-  bad = [str(jnp.result_type(x)) for x in leaves
-         if not jnp.issubdtype(jnp.result_type(x), jnp.floating)]
+  bad = [
+      str(jnp.result_type(x))
+      for x in leaves
+      if not jnp.issubdtype(jnp.result_type(x), jnp.floating)
+  ]
   if not leaves or bad:
-    raise ValueError("`params` must be a non-empty pytree of floating-point "
-                     f"arrays; got leaves of dtype {sorted(set(bad))}.")
+    raise ValueError(
+        "`params` must be a non-empty pytree of floating-point "
+        f"arrays; got leaves of dtype {sorted(set(bad))}."
+    )
 
 
 def _check_metadata(metadata: dict[str, Any] | None) -> None:
@@ -182,9 +203,12 @@ def _check_metadata(metadata: dict[str, Any] | None) -> None:
     raise ValueError(f"`metadata` must be JSON-serializable: {e}") from e
 
 
-def _injected_learning_rate(optimizer: optax.GradientTransformation,
-                            params: PyTree, lrs: np.ndarray,
-                            momentum: float) -> bool:
+def _injected_learning_rate(
+    optimizer: optax.GradientTransformation,
+    params: PyTree,
+    lrs: np.ndarray,
+    momentum: float,
+) -> bool:
   """Validates a custom ``optimizer`` against ``learning_rate``/``momentum``.
 
   Returns:
@@ -200,7 +224,8 @@ def _injected_learning_rate(optimizer: optax.GradientTransformation,
         "`momentum` configures the default SGD optimizer and must be 0 with a "
         "custom `optimizer`; give the optimizer its own momentum (the edges "
         "use it when injected: optax.inject_hyperparams(optax.sgd)("
-        "learning_rate=..., momentum=...)).")
+        "learning_rate=..., momentum=...))."
+    )
   state = jax.eval_shape(optimizer.init, params)
   injected = "learning_rate" in getattr(state, "hyperparams", {})
   if not injected and np.unique(lrs).size > 1:
@@ -208,7 +233,8 @@ def _injected_learning_rate(optimizer: optax.GradientTransformation,
         "A `learning_rate` sweep cannot drive a custom `optimizer`, which "
         "holds its own learning rate; build it with optax.inject_hyperparams "
         "(e.g. optax.inject_hyperparams(optax.adam)(learning_rate=1e-3)) so "
-        "`learning_rate` sets it, or run one learning rate at a time.")
+        "`learning_rate` sets it, or run one learning rate at a time."
+    )
   return injected
 
 
@@ -221,71 +247,109 @@ def _config_params(params: PyTree, num_configs: int) -> PyTree:
         "With `per_config_params=True`, every leaf of `params` needs a leading "
         f"axis of the {num_configs} configurations; got leading sizes "
         f"{sorted(map(str, sizes))}. Stack one initialization per "
-        "configuration, e.g. jax.vmap(init)(keys).")
+        "configuration, e.g. jax.vmap(init)(keys)."
+    )
   return jax.tree.map(
       lambda x: jax.ShapeDtypeStruct(np.shape(x)[1:], jnp.result_type(x)),
-      params)
+      params,
+  )
 
 
-def _check_eval(eval_fn: Callable | None, params: PyTree,
-                eval_data: Any) -> tuple[str, ...]:
+def _check_eval(
+    eval_fn: Callable | None, params: PyTree, eval_data: Any
+) -> tuple[str, ...]:
   """Validates ``eval_fn(params, eval_data)``; returns its keys, in order."""
   if eval_fn is None:
     if eval_data is not None:
-      raise ValueError("`eval_data` was given without an `eval_fn`; pass "
-                       "eval_fn(params, eval_data) -> dict of scalars.")
+      raise ValueError(
+          "`eval_data` was given without an `eval_fn`; pass "
+          "eval_fn(params, eval_data) -> dict of scalars."
+      )
     return ()
   try:
     out = jax.eval_shape(eval_fn, params, eval_data)
   except Exception as e:  # noqa: BLE001 - re-raised with the argument named
-    raise ValueError(f"`eval_fn(params, eval_data)` failed on the given params "
-                     f"and `eval_data`: {e}") from e
-  if not isinstance(out, dict) or not out or not all(
-      isinstance(k, str) and isinstance(v, jax.ShapeDtypeStruct)
-      and v.shape == () and jnp.issubdtype(v.dtype, jnp.number)
-      for k, v in out.items()):
-    raise ValueError("`eval_fn(params, eval_data)` must return a non-empty "
-                     "dict of str -> real scalar, e.g. {'test_loss': ..., "
-                     f"'test_accuracy': ...}}; got {out}.")
-  return hist.columns(tuple(out))[len(hist.HISTORY_COLUMNS):]
+    raise ValueError(
+        f"`eval_fn(params, eval_data)` failed on the given params "
+        f"and `eval_data`: {e}"
+    ) from e
+  if (
+      not isinstance(out, dict)
+      or not out
+      or not all(
+          isinstance(k, str)
+          and isinstance(v, jax.ShapeDtypeStruct)
+          and v.shape == ()
+          and jnp.issubdtype(v.dtype, jnp.number)
+          for k, v in out.items()
+      )
+  ):
+    raise ValueError(
+        "`eval_fn(params, eval_data)` must return a non-empty "
+        "dict of str -> real scalar, e.g. {'test_loss': ..., "
+        f"'test_accuracy': ...}}; got {out}."
+    )
+  return hist.columns(tuple(out))[len(hist.HISTORY_COLUMNS) :]
 
 
-def _check_loss(loss_fn: Callable, params: PyTree, data: PyTree,
-                batch_size: int | None) -> None:
+def _check_loss(
+    loss_fn: Callable, params: PyTree, data: PyTree, batch_size: int | None
+) -> None:
   """Raises ValueError unless ``loss_fn(params, batch)`` is a real scalar."""
-  batch = data if batch_size is None else jax.tree.map(
-      lambda x: jax.ShapeDtypeStruct((batch_size,) + x.shape[1:], x.dtype), data)
+  batch = (
+      data
+      if batch_size is None
+      else jax.tree.map(
+          lambda x: jax.ShapeDtypeStruct((batch_size,) + x.shape[1:], x.dtype),
+          data,
+      )
+  )
   try:
     out = jax.eval_shape(loss_fn, params, batch)
   except Exception as e:  # noqa: BLE001 - re-raised with the argument named
-    raise ValueError(f"`loss_fn(params, batch)` failed on the given params and a "
-                     f"batch of `data`: {e}") from e
-  if not isinstance(out, jax.ShapeDtypeStruct) or out.shape != () or not \
-      jnp.issubdtype(out.dtype, jnp.floating):
+    raise ValueError(
+        f"`loss_fn(params, batch)` failed on the given params and a "
+        f"batch of `data`: {e}"
+    ) from e
+  if (
+      not isinstance(out, jax.ShapeDtypeStruct)
+      or out.shape != ()
+      or not jnp.issubdtype(out.dtype, jnp.floating)
+  ):
     raise ValueError(
         "`loss_fn(params, batch)` must return a real scalar loss; got "
-        f"{out}. Reduce it with a mean, and drop any aux output.")
+        f"{out}. Reduce it with a mean, and drop any aux output."
+    )
 
 
-def _check_mesh(mesh: Mesh, num_configs: int, batch_size: int | None,
-                m_sharpness: int | None
-                ) -> tuple[NamedSharding | None, NamedSharding | None]:
+def _check_mesh(
+    mesh: Mesh,
+    num_configs: int,
+    batch_size: int | None,
+    m_sharpness: int | None,
+) -> tuple[NamedSharding | None, NamedSharding | None]:
   """Validates ``mesh``; returns the minibatch and m-sharpness group shardings."""
   if parallel.DATA_AXIS not in mesh.axis_names:
-    raise ValueError(f"`mesh` must have a '{parallel.DATA_AXIS}' axis, got axes "
-                     f"{mesh.axis_names}; build one with se.data_mesh().")
+    raise ValueError(
+        f"`mesh` must have a '{parallel.DATA_AXIS}' axis, got axes "
+        f"{mesh.axis_names}; build one with se.data_mesh()."
+    )
   num_data = parallel.axis_size(mesh, parallel.DATA_AXIS)
   num_config_shards = parallel.axis_size(mesh, parallel.CONFIG_AXIS)
   if num_configs % num_config_shards:
-    raise ValueError(f"The {num_configs} configurations must divide evenly over "
-                     f"the mesh's '{parallel.CONFIG_AXIS}' axis of size "
-                     f"{num_config_shards}.")
+    raise ValueError(
+        f"The {num_configs} configurations must divide evenly over "
+        f"the mesh's '{parallel.CONFIG_AXIS}' axis of size "
+        f"{num_config_shards}."
+    )
   data_spec = NamedSharding(mesh, PartitionSpec(parallel.DATA_AXIS))
   batch_sharding = group_sharding = None
   if batch_size is not None:
     if batch_size % num_data:
-      raise ValueError(f"`batch_size` ({batch_size}) must be a multiple of the "
-                       f"{num_data} devices of the mesh's 'data' axis.")
+      raise ValueError(
+          f"`batch_size` ({batch_size}) must be a multiple of the "
+          f"{num_data} devices of the mesh's 'data' axis."
+      )
     batch_sharding = data_spec
   if m_sharpness is not None and m_sharpness % num_data == 0:
     group_sharding = data_spec
@@ -316,8 +380,14 @@ def _progress(total: int, initial: int, enabled: bool):
   if not enabled:
     return None
   from tqdm.auto import tqdm  # pylint: disable=g-import-not-at-top
-  return tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True,
-              desc="train")
+
+  return tqdm(
+      total=total,
+      initial=initial,
+      unit="step",
+      dynamic_ncols=True,
+      desc="train",
+  )
 
 
 def _postfix(history: dict[str, np.ndarray]) -> dict[str, str]:
@@ -325,11 +395,17 @@ def _postfix(history: dict[str, np.ndarray]) -> dict[str, str]:
   if history["step"].shape[1] == 0:
     return {}
   last = {k: v[0, -1] for k, v in history.items()}
-  return {"loss": f"{last['loss']:.4g}", "sharp": f"{last['sharpness']:.4g}",
-          "sam_edge": f"{last['sam_edge']:.4g}", "2/eta": f"{last['gd_edge']:.4g}"}
+  return {
+      "loss": f"{last['loss']:.4g}",
+      "sharp": f"{last['sharpness']:.4g}",
+      "sam_edge": f"{last['sam_edge']:.4g}",
+      "2/eta": f"{last['gd_edge']:.4g}",
+  }
 
 
-def _squeeze(history: dict[str, np.ndarray], sweep: bool) -> dict[str, np.ndarray]:
+def _squeeze(
+    history: dict[str, np.ndarray], sweep: bool
+) -> dict[str, np.ndarray]:
   return history if sweep else {k: v[0] for k, v in history.items()}
 
 
@@ -347,6 +423,7 @@ class _Settings(NamedTuple):
     eval_columns: the history columns ``eval_fn`` adds.
     chunk_size: steps per compiled chunk.
   """
+
   config: loop.LoopConfig
   hparams: loop.Hyperparams
   keys: jax.Array
@@ -366,6 +443,7 @@ class _Files(NamedTuple):
     gather: whether the run saves checkpoints, for which every process
       takes part in gathering the carry to the host.
   """
+
   checkpoint: str | None
   metrics: str | None
   gather: bool
@@ -373,32 +451,52 @@ class _Files(NamedTuple):
 
 class _Progress(NamedTuple):
   """Where a run stands: its carry, the rows so far, the next step, seconds."""
+
   state: loop.TrainState
   history: dict[str, np.ndarray]
   next_step: int
   wall_time: float
 
 
-def _check_m_sharpness(m_sharpness: int | None, batch_size: int | None,
-                       num_examples: int) -> int | None:
+def _check_m_sharpness(
+    m_sharpness: int | None, batch_size: int | None, num_examples: int
+) -> int | None:
   """Validates ``m_sharpness`` against the batch size."""
   if m_sharpness is None:
     return None
   m_sharpness = _checks.check_int("m_sharpness", m_sharpness, 1)
   if (batch_size or num_examples) % m_sharpness:
-    raise ValueError(f"`m_sharpness` ({m_sharpness}) must divide the batch "
-                     f"size ({batch_size or num_examples}).")
+    raise ValueError(
+        f"`m_sharpness` ({m_sharpness}) must divide the batch "
+        f"size ({batch_size or num_examples})."
+    )
   return m_sharpness
 
 
-def _validate(loss_fn: Callable, params: PyTree, data: PyTree, eval_data: Any,
-              *, learning_rate: Any, num_steps: int, rho: Any, momentum: float,
-              normalize: bool, optimizer: optax.GradientTransformation | None,
-              batch_size: int | None, track_every: int,
-              num_lanczos_iters: int, key: Any, mesh: Mesh | None,
-              chunk_size: int | None, eps: float, m_sharpness: int | None,
-              eval_fn: Callable | None, per_config_params: bool,
-              metadata: dict[str, Any] | None) -> _Settings:
+def _validate(
+    loss_fn: Callable,
+    params: PyTree,
+    data: PyTree,
+    eval_data: Any,
+    *,
+    learning_rate: Any,
+    num_steps: int,
+    rho: Any,
+    momentum: float,
+    normalize: bool,
+    optimizer: optax.GradientTransformation | None,
+    batch_size: int | None,
+    track_every: int,
+    num_lanczos_iters: int,
+    key: Any,
+    mesh: Mesh | None,
+    chunk_size: int | None,
+    eps: float,
+    m_sharpness: int | None,
+    eval_fn: Callable | None,
+    per_config_params: bool,
+    metadata: dict[str, Any] | None,
+) -> _Settings:
   """Checks every argument of ``train`` and builds its ``_Settings``.
 
   Args: those of ``train`` (see there), ``num_steps`` already checked.
@@ -414,7 +512,9 @@ def _validate(loss_fn: Callable, params: PyTree, data: PyTree, eval_data: Any,
   _check_metadata(metadata)
   _check_params(params)
   track_every = _checks.check_int("track_every", track_every, 1)
-  num_lanczos_iters = _checks.check_int("num_lanczos_iters", num_lanczos_iters, 1)
+  num_lanczos_iters = _checks.check_int(
+      "num_lanczos_iters", num_lanczos_iters, 1
+  )
   _checks.check_momentum(momentum)
   _checks.check_nonnegative("eps", eps)
   lrs, rhos, keys, seeds, sweep = _broadcast_configs(learning_rate, rho, key)
@@ -431,55 +531,90 @@ def _validate(loss_fn: Callable, params: PyTree, data: PyTree, eval_data: Any,
   eval_columns = _check_eval(eval_fn, params, eval_data)
   m_sharpness = _check_m_sharpness(m_sharpness, batch_size, num_examples)
   injected = optimizer is not None and _injected_learning_rate(
-      optimizer, params, lrs, momentum)
+      optimizer, params, lrs, momentum
+  )
   batch_sharding = group_sharding = None
   if mesh is not None:
     batch_sharding, group_sharding = _check_mesh(
-        mesh, len(lrs), batch_size, m_sharpness)
+        mesh, len(lrs), batch_size, m_sharpness
+    )
   config = loop.LoopConfig(
-      loss_fn=loss_fn, batch_size=batch_size, track_every=track_every,
+      loss_fn=loss_fn,
+      batch_size=batch_size,
+      track_every=track_every,
       # As in hessian_eigenpairs: n steps already give the exact spectrum.
       num_lanczos_iters=min(num_lanczos_iters, num_params),
-      momentum=float(momentum), normalize=normalize, eps=float(eps),
-      use_sam=bool(np.any(rhos > 0)), optimizer=optimizer,
-      m_sharpness=m_sharpness, batch_sharding=batch_sharding,
-      group_sharding=group_sharding, eval_fn=eval_fn,
+      momentum=float(momentum),
+      normalize=normalize,
+      eps=float(eps),
+      use_sam=bool(np.any(rhos > 0)),
+      optimizer=optimizer,
+      m_sharpness=m_sharpness,
+      batch_sharding=batch_sharding,
+      group_sharding=group_sharding,
+      eval_fn=eval_fn,
       num_examples=None if batch_size is None else num_examples,
-      injected_learning_rate=injected)
+      injected_learning_rate=injected,
+  )
   dtype = jnp.result_type(float)
-  hparams = loop.Hyperparams(learning_rate=jnp.asarray(lrs, dtype),
-                             rho=jnp.asarray(rhos, dtype))
-  configs = [{"learning_rate": float(l), "rho": float(r), "seed": s}
-             for l, r, s in zip(lrs, rhos, seeds)]
-  return _Settings(config=config, hparams=hparams, keys=keys, configs=configs,
-                   sweep=sweep, num_params=num_params,
-                   eval_columns=eval_columns, chunk_size=chunk_size)
+  hparams = loop.Hyperparams(
+      learning_rate=jnp.asarray(lrs, dtype), rho=jnp.asarray(rhos, dtype)
+  )
+  configs = [
+      {"learning_rate": float(l), "rho": float(r), "seed": s}
+      for l, r, s in zip(lrs, rhos, seeds)
+  ]
+  return _Settings(
+      config=config,
+      hparams=hparams,
+      keys=keys,
+      configs=configs,
+      sweep=sweep,
+      num_params=num_params,
+      eval_columns=eval_columns,
+      chunk_size=chunk_size,
+  )
 
 
 # LoopConfig fields that are functions or placements, not comparable settings.
-_UNSIGNED_FIELDS = ("loss_fn", "optimizer", "batch_sharding", "group_sharding",
-                    "eval_fn")
+_UNSIGNED_FIELDS = (
+    "loss_fn",
+    "optimizer",
+    "batch_sharding",
+    "group_sharding",
+    "eval_fn",
+)
 
 
 def _fingerprint(tree: PyTree) -> dict[str, Any] | None:
   """Tree structure, leaf shapes and dtypes, and a SHA-256 of the leaf bytes."""
   if tree is None:
     return None
-  host = parallel.to_host(jax.tree.map(
-      lambda x: jax.random.key_data(x) if parallel.is_key(x) else x, tree))
+  host = parallel.to_host(
+      jax.tree.map(
+          lambda x: jax.random.key_data(x) if parallel.is_key(x) else x, tree
+      )
+  )
   leaves, treedef = jax.tree.flatten(host)
   digest = hashlib.sha256()
   for leaf in leaves:
     digest.update(np.ascontiguousarray(leaf).tobytes())
-  return {"structure": str(treedef),
-          "shapes": [list(np.shape(x)) for x in leaves],
-          "dtypes": [str(np.asarray(x).dtype) for x in leaves],
-          "sha256": digest.hexdigest()}
+  return {
+      "structure": str(treedef),
+      "shapes": [list(np.shape(x)) for x in leaves],
+      "dtypes": [str(np.asarray(x).dtype) for x in leaves],
+      "sha256": digest.hexdigest(),
+  }
 
 
-def _signature(settings: _Settings, per_config_params: bool, params: PyTree,
-               data: PyTree, eval_data: Any, opt_state: optax.OptState
-               ) -> dict[str, Any]:
+def _signature(
+    settings: _Settings,
+    per_config_params: bool,
+    params: PyTree,
+    data: PyTree,
+    eval_data: Any,
+    opt_state: optax.OptState,
+) -> dict[str, Any]:
   """The settings a checkpoint must share with the run that resumes it.
 
   The comparable ``LoopConfig`` fields (all but functions and shardings),
@@ -491,40 +626,63 @@ def _signature(settings: _Settings, per_config_params: bool, params: PyTree,
   custom optimizer is known by its state only.
   """
   config = settings.config
-  signature = {f.name: getattr(config, f.name)
-               for f in dataclasses.fields(config)
-               if f.name not in _UNSIGNED_FIELDS}
+  signature = {
+      f.name: getattr(config, f.name)
+      for f in dataclasses.fields(config)
+      if f.name not in _UNSIGNED_FIELDS
+  }
   signature.update(
       configs=settings.configs,
       optimizer=None if config.optimizer is None else _fingerprint(opt_state),
-      num_params=settings.num_params, eval_columns=list(settings.eval_columns),
-      per_config_params=bool(per_config_params), params=_fingerprint(params),
-      data=_fingerprint(data), eval_data=_fingerprint(eval_data))
+      num_params=settings.num_params,
+      eval_columns=list(settings.eval_columns),
+      per_config_params=bool(per_config_params),
+      params=_fingerprint(params),
+      data=_fingerprint(data),
+      eval_data=_fingerprint(eval_data),
+  )
   return json.loads(json.dumps(signature))
 
 
-def _initial_state(settings: _Settings, params: PyTree,
-                   per_config_params: bool) -> loop.TrainState:
+def _initial_state(
+    settings: _Settings, params: PyTree, per_config_params: bool
+) -> loop.TrainState:
   """The vmapped carry at step 0 (a copy: the chunks donate it)."""
-  vinit = jax.vmap(lambda p, h, k: loop.init_state(settings.config, p, h, k),
-                   in_axes=(0 if per_config_params else None, 0, 0))
+  vinit = jax.vmap(
+      lambda p, h, k: loop.init_state(settings.config, p, h, k),
+      in_axes=(0 if per_config_params else None, 0, 0),
+  )
   state = vinit(params, settings.hparams, settings.keys)
   if per_config_params:  # the chunks donate the state: keep the caller's params
-    state = state._replace(params=jax.tree.map(
-        lambda x: jnp.array(x, copy=True), state.params))
+    state = state._replace(
+        params=jax.tree.map(lambda x: jnp.array(x, copy=True), state.params)
+    )
   return state
 
 
-def _write_config(out_dir: str, signature: dict[str, Any], num_steps: int,
-                  metadata: dict[str, Any] | None, mesh: Mesh | None) -> None:
+def _write_config(
+    out_dir: str,
+    signature: dict[str, Any],
+    num_steps: int,
+    metadata: dict[str, Any] | None,
+    mesh: Mesh | None,
+) -> None:
   """Writes ``config.json`` atomically: the signature, ``num_steps``, the machine."""
   path = os.path.join(out_dir, CONFIG_FILE)
   tmp = f"{path}.tmp"
   with open(tmp, "w") as f:
-    json.dump({**signature, "num_steps": num_steps, "metadata": metadata,
-               "jax_version": jax.__version__,
-               "num_devices": 1 if mesh is None else int(mesh.size),
-               "device": str(jax.devices()[0].device_kind)}, f, indent=2)
+    json.dump(
+        {
+            **signature,
+            "num_steps": num_steps,
+            "metadata": metadata,
+            "jax_version": jax.__version__,
+            "num_devices": 1 if mesh is None else int(mesh.size),
+            "device": str(jax.devices()[0].device_kind),
+        },
+        f,
+        indent=2,
+    )
     f.flush()
     os.fsync(f.fileno())
   checkpoint.replace(tmp, path)
@@ -538,7 +696,10 @@ def _is_our_run(out_dir: str) -> bool:
   except (OSError, ValueError):
     return False
   return isinstance(config, dict) and {
-      "configs", "num_steps", "jax_version"} <= set(config)
+      "configs",
+      "num_steps",
+      "jax_version",
+  } <= set(config)
 
 
 def _remove_stale_metrics(out_dir: str, metrics_path: str) -> None:
@@ -552,15 +713,21 @@ def _remove_stale_metrics(out_dir: str, metrics_path: str) -> None:
   if not _is_our_run(out_dir):
     raise ValueError(
         f"`out_dir` {out_dir!r} holds a {METRICS_FILE} that no {CONFIG_FILE} "
-        "of se.train claims; move it away or use a new out_dir.")
+        "of se.train claims; move it away or use a new out_dir."
+    )
   os.remove(metrics_path)
 
 
-def _open_run(out_dir: str | os.PathLike | None, settings: _Settings,
-              signature: dict[str, Any], state: loop.TrainState,
-              num_steps: int, metadata: dict[str, Any] | None,
-              mesh: Mesh | None, place: Callable[[Any], Any]
-              ) -> tuple[_Progress, _Files]:
+def _open_run(
+    out_dir: str | os.PathLike | None,
+    settings: _Settings,
+    signature: dict[str, Any],
+    state: loop.TrainState,
+    num_steps: int,
+    metadata: dict[str, Any] | None,
+    mesh: Mesh | None,
+    place: Callable[[Any], Any],
+) -> tuple[_Progress, _Files]:
   """Starts a run, or resumes the checkpoint in ``out_dir``.
 
   Args:
@@ -581,8 +748,12 @@ def _open_run(out_dir: str | os.PathLike | None, settings: _Settings,
       other settings or more than ``num_steps`` steps, or a ``metrics.csv``
       in ``out_dir`` that is not ``train``'s.
   """
-  start = _Progress(state, hist.empty_history(len(settings.configs),
-                                              settings.eval_columns), 0, 0.0)
+  start = _Progress(
+      state,
+      hist.empty_history(len(settings.configs), settings.eval_columns),
+      0,
+      0.0,
+  )
   if out_dir is None:
     return start, _Files(None, None, False)
   out_dir = os.fspath(out_dir)
@@ -595,18 +766,26 @@ def _open_run(out_dir: str | os.PathLike | None, settings: _Settings,
     try:
       saved = checkpoint.load(ckpt_path, state, signature)
     except ValueError as e:
-      raise ValueError(f"`out_dir` {out_dir!r} holds a checkpoint that this "
-                       f"run cannot resume: {e}") from e
+      raise ValueError(
+          f"`out_dir` {out_dir!r} holds a checkpoint that this "
+          f"run cannot resume: {e}"
+      ) from e
     if saved.next_step > num_steps:
       raise ValueError(
           f"`num_steps` ({num_steps}) is below the step the checkpoint in "
           f"`out_dir` {out_dir!r} has reached ({saved.next_step}); ask for "
-          f"num_steps >= {saved.next_step}, or use a new out_dir.")
-    start = _Progress(place(saved.state), saved.history, saved.next_step,
-                      saved.wall_time)
+          f"num_steps >= {saved.next_step}, or use a new out_dir."
+      )
+    start = _Progress(
+        place(saved.state), saved.history, saved.next_step, saved.wall_time
+    )
     if writer:
-      hist.write_csv(metrics_path, start.history, settings.configs,
-                     parallel.to_host(saved.state.diverged_at))
+      hist.write_csv(
+          metrics_path,
+          start.history,
+          settings.configs,
+          parallel.to_host(saved.state.diverged_at),
+      )
   elif writer:
     _remove_stale_metrics(out_dir, metrics_path)
   if not writer:
@@ -615,22 +794,29 @@ def _open_run(out_dir: str | os.PathLike | None, settings: _Settings,
   return start, _Files(ckpt_path, metrics_path, True)
 
 
-def _all_diverged(settings: _Settings, history: dict[str, np.ndarray],
-                  diverged_at: np.ndarray, files: _Files) -> TrainingDiverged:
+def _all_diverged(
+    settings: _Settings,
+    history: dict[str, np.ndarray],
+    diverged_at: np.ndarray,
+    files: _Files,
+) -> TrainingDiverged:
   """Keeps the rows before the last divergence; returns the error to raise."""
   bad = int(np.argmin(diverged_at))
   step = int(diverged_at[bad])
   history = hist.truncate(history, int(np.max(diverged_at)))
   if files.metrics is not None:
     hist.write_csv(files.metrics, history, settings.configs, diverged_at)
-  which = ("every configuration" if settings.sweep else "the run")
+  which = "every configuration" if settings.sweep else "the run"
   return TrainingDiverged(
       f"Training diverged at step {step}: {which} diverged (configuration "
       f"{bad}, {settings.configs[bad]}, first): a loss, gradient, sharpness "
       "or the parameters became non-finite. Lower the learning rate or rho. "
-      f"{history['step'].shape[1]} tracked rows before it were kept" +
-      (f" in {files.metrics}." if files.metrics else "."),
-      step=step, config=bad, history=_squeeze(history, settings.sweep))
+      f"{history['step'].shape[1]} tracked rows before it were kept"
+      + (f" in {files.metrics}." if files.metrics else "."),
+      step=step,
+      config=bad,
+      history=_squeeze(history, settings.sweep),
+  )
 
 
 def _warn_diverged(settings: _Settings, diverged_at: np.ndarray) -> None:
@@ -638,16 +824,29 @@ def _warn_diverged(settings: _Settings, diverged_at: np.ndarray) -> None:
   bad = np.flatnonzero(diverged_at >= 0)
   if bad.size:
     warnings.warn(
-        "Diverged and stopped: " + "; ".join(
+        "Diverged and stopped: "
+        + "; ".join(
             f"configuration {c} ({settings.configs[c]}) at step "
-            f"{diverged_at[c]}" for c in bad) +
-        ". Their history is NaN from that step on (no metrics.csv lines); "
-        "the other configurations ran to the end.", stacklevel=3)
+            f"{diverged_at[c]}"
+            for c in bad
+        )
+        + ". Their history is NaN from that step on (no metrics.csv lines); "
+        "the other configurations ran to the end.",
+        stacklevel=3,
+    )
 
 
-def _run_chunks(compiled: Callable, run: _Progress, settings: _Settings,
-                data: PyTree, eval_data: Any, num_steps: int, files: _Files,
-                bar: Any, signature: dict[str, Any]) -> _Progress:
+def _run_chunks(
+    compiled: Callable,
+    run: _Progress,
+    settings: _Settings,
+    data: PyTree,
+    eval_data: Any,
+    num_steps: int,
+    files: _Files,
+    bar: Any,
+    signature: dict[str, Any],
+) -> _Progress:
   """Runs chunks up to ``num_steps``, saving rows and checkpoint after each.
 
   Raises:
@@ -656,13 +855,26 @@ def _run_chunks(compiled: Callable, run: _Progress, settings: _Settings,
   state, history, next_step, wall = run
   while next_step < num_steps:
     start_time = time.perf_counter()
-    state, out = compiled(state, data, eval_data, settings.hparams,
-                          jnp.int32(next_step), jnp.int32(num_steps))
+    state, out = compiled(
+        state,
+        data,
+        eval_data,
+        settings.hparams,
+        jnp.int32(next_step),
+        jnp.int32(num_steps),
+    )
     out, diverged_at = parallel.to_host((out, state.diverged_at))
     elapsed = time.perf_counter() - start_time
     num_active = min(settings.chunk_size, num_steps - next_step)
-    rows = hist.chunk_rows(out.step[0], out.tracked[0], out.metrics, wall,
-                           wall + elapsed, next_step, num_active)
+    rows = hist.chunk_rows(
+        out.step[0],
+        out.tracked[0],
+        out.metrics,
+        wall,
+        wall + elapsed,
+        next_step,
+        num_active,
+    )
     wall += elapsed
     history = hist.concat(history, rows)
     if np.all(diverged_at >= 0):
@@ -672,28 +884,41 @@ def _run_chunks(compiled: Callable, run: _Progress, settings: _Settings,
       host_state = parallel.to_host(state)
     if files.checkpoint is not None:
       hist.append_csv(files.metrics, rows, settings.configs, diverged_at)
-      checkpoint.save(files.checkpoint, host_state, history, next_step, wall,
-                      signature)
+      checkpoint.save(
+          files.checkpoint, host_state, history, next_step, wall, signature
+      )
     if bar is not None:
       bar.set_postfix(_postfix(history), refresh=False)
       bar.update(num_active)
   return _Progress(state, history, next_step, wall)
 
 
-def train(loss_fn: Callable[[PyTree, Any], jax.Array], params: PyTree,
-          data: PyTree, *, learning_rate: float | Sequence[float],
-          num_steps: int, rho: float | Sequence[float] = 0.0,
-          momentum: float = 0.0, normalize: bool = True,
-          optimizer: optax.GradientTransformation | None = None,
-          batch_size: int | None = None, track_every: int = 10,
-          num_lanczos_iters: int = 20, key: Any = None,
-          out_dir: str | os.PathLike | None = None, progress: bool = True,
-          mesh: Mesh | None = None, chunk_size: int | None = None,
-          eps: float = 1e-12, m_sharpness: int | None = None,
-          metadata: dict[str, Any] | None = None,
-          eval_fn: Callable[[PyTree, Any], dict[str, jax.Array]] | None = None,
-          eval_data: Any = None, per_config_params: bool = False
-          ) -> TrainResult:
+def train(
+    loss_fn: Callable[[PyTree, Any], jax.Array],
+    params: PyTree,
+    data: PyTree,
+    *,
+    learning_rate: float | Sequence[float],
+    num_steps: int,
+    rho: float | Sequence[float] = 0.0,
+    momentum: float = 0.0,
+    normalize: bool = True,
+    optimizer: optax.GradientTransformation | None = None,
+    batch_size: int | None = None,
+    track_every: int = 10,
+    num_lanczos_iters: int = 20,
+    key: Any = None,
+    out_dir: str | os.PathLike | None = None,
+    progress: bool = True,
+    mesh: Mesh | None = None,
+    chunk_size: int | None = None,
+    eps: float = 1e-12,
+    m_sharpness: int | None = None,
+    metadata: dict[str, Any] | None = None,
+    eval_fn: Callable[[PyTree, Any], dict[str, jax.Array]] | None = None,
+    eval_data: Any = None,
+    per_config_params: bool = False,
+) -> TrainResult:
   """Trains with GD/SGD or SAM, recording sharpness and the edges.
 
   Runs ``num_steps`` steps of ``w <- w - eta * grad L(w + e)`` with
@@ -828,20 +1053,42 @@ def train(loss_fn: Callable[[PyTree, Any], jax.Array], params: PyTree,
   """
   num_steps = _checks.check_int("num_steps", num_steps, 1)
   settings = _validate(
-      loss_fn, params, data, eval_data, learning_rate=learning_rate,
-      num_steps=num_steps, rho=rho, momentum=momentum, normalize=normalize,
-      optimizer=optimizer, batch_size=batch_size, track_every=track_every,
-      num_lanczos_iters=num_lanczos_iters, key=key, mesh=mesh,
-      chunk_size=chunk_size, eps=eps, m_sharpness=m_sharpness,
-      eval_fn=eval_fn, per_config_params=per_config_params, metadata=metadata)
+      loss_fn,
+      params,
+      data,
+      eval_data,
+      learning_rate=learning_rate,
+      num_steps=num_steps,
+      rho=rho,
+      momentum=momentum,
+      normalize=normalize,
+      optimizer=optimizer,
+      batch_size=batch_size,
+      track_every=track_every,
+      num_lanczos_iters=num_lanczos_iters,
+      key=key,
+      mesh=mesh,
+      chunk_size=chunk_size,
+      eps=eps,
+      m_sharpness=m_sharpness,
+      eval_fn=eval_fn,
+      per_config_params=per_config_params,
+      metadata=metadata,
+  )
   state = _initial_state(settings, params, per_config_params)
-  signature = None if out_dir is None else _signature(
-      settings, per_config_params, params, data, eval_data, state.opt_state)
+  signature = (
+      None
+      if out_dir is None
+      else _signature(
+          settings, per_config_params, params, data, eval_data, state.opt_state
+      )
+  )
   hparams, place, spmd_axis = settings.hparams, lambda s: s, None
   if mesh is not None:
     if batch_size is not None:  # draws skip the padding (config.num_examples)
       data, _ = parallel.pad_to_multiple(
-          data, parallel.axis_size(mesh, parallel.DATA_AXIS))
+          data, parallel.axis_size(mesh, parallel.DATA_AXIS)
+      )
     data = parallel.shard_data(data, mesh)
     if parallel.CONFIG_AXIS in mesh.axis_names:
       spmd_axis = parallel.CONFIG_AXIS
@@ -849,29 +1096,48 @@ def train(loss_fn: Callable[[PyTree, Any], jax.Array], params: PyTree,
     place = lambda tree: parallel.place(tree, per_config)
     state, hparams = place(parallel.to_host((state, hparams)))
     settings = settings._replace(hparams=hparams)
-  run, files = _open_run(out_dir, settings, signature, state, num_steps,
-                         metadata, mesh, place)
+  run, files = _open_run(
+      out_dir, settings, signature, state, num_steps, metadata, mesh, place
+  )
   if run.next_step < num_steps:
-    chunk = jax.vmap(lambda s, d, e, h, a, b: loop.run_chunk(
-        settings.config, s, d, e, h, a, b, settings.chunk_size),
-                     in_axes=(0, None, None, 0, None, None),
-                     spmd_axis_name=spmd_axis)
-    compiled = jax.jit(chunk, donate_argnums=(0,)).lower(
-        run.state, data, eval_data, hparams, jnp.int32(0),
-        jnp.int32(0)).compile()
-    bar = _progress(num_steps, run.next_step,
-                    progress and jax.process_index() == 0)
+    chunk = jax.vmap(
+        lambda s, d, e, h, a, b: loop.run_chunk(
+            settings.config, s, d, e, h, a, b, settings.chunk_size
+        ),
+        in_axes=(0, None, None, 0, None, None),
+        spmd_axis_name=spmd_axis,
+    )
+    compiled = (
+        jax.jit(chunk, donate_argnums=(0,))
+        .lower(run.state, data, eval_data, hparams, jnp.int32(0), jnp.int32(0))
+        .compile()
+    )
+    bar = _progress(
+        num_steps, run.next_step, progress and jax.process_index() == 0
+    )
     try:
-      run = _run_chunks(compiled, run, settings, data, eval_data, num_steps,
-                        files, bar, signature)
+      run = _run_chunks(
+          compiled,
+          run,
+          settings,
+          data,
+          eval_data,
+          num_steps,
+          files,
+          bar,
+          signature,
+      )
     finally:
       if bar is not None:
         bar.close()
   diverged_at = parallel.to_host(run.state.diverged_at).astype(np.int64)
   _warn_diverged(settings, diverged_at)
   if settings.sweep:
-    return TrainResult(params=run.state.params, history=run.history,
-                       diverged_at=diverged_at)
-  return TrainResult(params=jax.tree.map(lambda x: x[0], run.state.params),
-                     history=_squeeze(run.history, False),
-                     diverged_at=int(diverged_at[0]))
+    return TrainResult(
+        params=run.state.params, history=run.history, diverged_at=diverged_at
+    )
+  return TrainResult(
+      params=jax.tree.map(lambda x: x[0], run.state.params),
+      history=_squeeze(run.history, False),
+      diverged_at=int(diverged_at[0]),
+  )

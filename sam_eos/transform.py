@@ -41,14 +41,19 @@ class SAMState(NamedTuple):
     count: int32 number of updates so far (the step fed to a ``rho``
       schedule).
   """
+
   base_state: optax.OptState
   grad_norm: jax.Array
   count: jax.Array
 
 
-def sam(base_optimizer: optax.GradientTransformation, rho: Rho, *,
-        normalize: bool = True, eps: float = 1e-12
-        ) -> optax.GradientTransformationExtraArgs:
+def sam(
+    base_optimizer: optax.GradientTransformation,
+    rho: Rho,
+    *,
+    normalize: bool = True,
+    eps: float = 1e-12,
+) -> optax.GradientTransformationExtraArgs:
   """Wraps ``base_optimizer`` so each update is one full SAM step.
 
   ``update(u, state, params, *, grad_fn, **extra)`` receives the incoming
@@ -149,37 +154,49 @@ def sam(base_optimizer: optax.GradientTransformation, rho: Rho, *,
   schedule = rho if callable(rho) else None
   if schedule is None:
     _checks.check_nonnegative_scalar(
-        "rho", rho, what=" (float or 0-d array) or an optax schedule")
+        "rho", rho, what=" (float or 0-d array) or an optax schedule"
+    )
   _checks.check_nonnegative("eps", eps)
   base = optax.with_extra_args_support(base_optimizer)
 
   def init_fn(params: PyTree) -> SAMState:
-    return SAMState(base_state=base.init(params),
-                    grad_norm=jnp.zeros([], norm_dtype(params)),
-                    count=jnp.zeros([], jnp.int32))
+    return SAMState(
+        base_state=base.init(params),
+        grad_norm=jnp.zeros([], norm_dtype(params)),
+        count=jnp.zeros([], jnp.int32),
+    )
 
-  def update_fn(updates: PyTree, state: SAMState, params: PyTree | None = None,
-                *, grad_fn: Callable[[PyTree], PyTree] | None = None,
-                **extra_args: Any) -> tuple[PyTree, SAMState]:
+  def update_fn(
+      updates: PyTree,
+      state: SAMState,
+      params: PyTree | None = None,
+      *,
+      grad_fn: Callable[[PyTree], PyTree] | None = None,
+      **extra_args: Any,
+  ) -> tuple[PyTree, SAMState]:
     if grad_fn is None:
       raise ValueError(
           "sam(...).update needs `grad_fn`, a function params -> gradient on "
-          "the same batch, e.g. grad_fn=lambda p: jax.grad(loss_fn)(p, batch).")
+          "the same batch, e.g. grad_fn=lambda p: jax.grad(loss_fn)(p, batch)."
+      )
     if params is None:
       raise ValueError("sam(...).update needs `params` (the current iterate).")
     if schedule is None:
       rho_t = rho
     else:
       rho_t = schedule(state.count)
-      _checks.check_nonnegative_scalar("rho", rho_t,
-                                       what=" (returned by the rho schedule)")
+      _checks.check_nonnegative_scalar(
+          "rho", rho_t, what=" (returned by the rho schedule)"
+      )
     grads = grad_fn(params)
     _checks.check_same_structure("updates", updates, "grad_fn(params)", grads)
-    perturbation = sam_perturbation(updates, rho_t, normalize=normalize,
-                                    eps=eps)
+    perturbation = sam_perturbation(
+        updates, rho_t, normalize=normalize, eps=eps
+    )
     sam_grads = grad_fn(optax.apply_updates(params, perturbation))
-    _checks.check_same_structure("updates", updates, "grad_fn(params + e)",
-                                 sam_grads)
+    _checks.check_same_structure(
+        "updates", updates, "grad_fn(params + e)", sam_grads
+    )
 
     def correct(u: jax.Array, g: jax.Array, s: jax.Array) -> jax.Array:
       corrected = jnp.where(u == g, s, u + (s - g)).astype(u.dtype)
@@ -187,10 +204,13 @@ def sam(base_optimizer: optax.GradientTransformation, rho: Rho, *,
 
     sam_updates = jax.tree.map(correct, updates, grads, sam_grads)
     new_updates, base_state = base.update(
-        sam_updates, state.base_state, params, **extra_args)
+        sam_updates, state.base_state, params, **extra_args
+    )
     grad_norm = global_norm(grads).astype(state.grad_norm.dtype)
     return new_updates, SAMState(
-        base_state=base_state, grad_norm=grad_norm,
-        count=optax.safe_int32_increment(state.count))
+        base_state=base_state,
+        grad_norm=grad_norm,
+        count=optax.safe_int32_increment(state.count),
+    )
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

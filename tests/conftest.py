@@ -19,9 +19,13 @@ from __future__ import annotations
 import os
 
 # Eight fake CPU devices for the data-parallel tests; set before JAX starts.
-if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
-  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                             " --xla_force_host_platform_device_count=8").strip()
+if "xla_force_host_platform_device_count" not in os.environ.get(
+    "XLA_FLAGS", ""
+):
+  os.environ["XLA_FLAGS"] = (
+      os.environ.get("XLA_FLAGS", "")
+      + " --xla_force_host_platform_device_count=8"
+  ).strip()
 
 import functools  # pylint: disable=g-import-not-at-top,wrong-import-position
 import pathlib  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -58,10 +62,12 @@ def _offline(monkeypatch: pytest.MonkeyPatch) -> None:
 @functools.lru_cache(maxsize=None)
 def _available(dataset: str) -> bool:
   """Whether the loaders find ``dataset`` locally (no download)."""
-  load = {"mnist": lambda: data.load_mnist("train", num_examples=2_001),
-          "cifar10": lambda: data.load_cifar10("train", num_examples=1),
-          "shakespeare": lambda: data.load_shakespeare("train"),
-          "quadratic": lambda: None}[dataset]
+  load = {
+      "mnist": lambda: data.load_mnist("train", num_examples=2_001),
+      "cifar10": lambda: data.load_cifar10("train", num_examples=1),
+      "shakespeare": lambda: data.load_shakespeare("train"),
+      "quadratic": lambda: None,
+  }[dataset]
   return _loads(load)
 
 
@@ -69,8 +75,9 @@ def _available(dataset: str) -> bool:
 def _preset_available(name: str) -> bool:
   """Whether the cpu preset of ``name`` finds its data locally."""
   config = presets.get_experiment(name, "cpu")
-  return _loads(lambda: (runner.load_data(config),
-                         runner.load_test_data(config)))
+  return _loads(
+      lambda: (runner.load_data(config), runner.load_test_data(config))
+  )
 
 
 def _loads(load) -> bool:
@@ -91,11 +98,18 @@ def _needs_data(request: pytest.FixtureRequest) -> None:
   needed = [m.args[0] for m in request.node.iter_markers("dataset")]
   callspec = getattr(request.node, "callspec", None)
   name = callspec.params.get("name") if callspec else None
-  if (isinstance(name, str) and name in presets.EXPERIMENTS
-      and not _preset_available(name)):
-    pytest.skip(f"the data of the {name} cpu preset are not available: point "
-                f"${data.ENV_VAR} at a copy (see shared/data/README.md)")
+  if (
+      isinstance(name, str)
+      and name in presets.EXPERIMENTS
+      and not _preset_available(name)
+  ):
+    pytest.skip(
+        f"the data of the {name} cpu preset are not available: point "
+        f"${data.ENV_VAR} at a copy (see shared/data/README.md)"
+    )
   for dataset in needed:
     if not _available(dataset):
-      pytest.skip(f"the {dataset} data set is not available: point "
-                  f"${data.ENV_VAR} at a copy (see shared/data/README.md)")
+      pytest.skip(
+          f"the {dataset} data set is not available: point "
+          f"${data.ENV_VAR} at a copy (see shared/data/README.md)"
+      )

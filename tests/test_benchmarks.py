@@ -27,9 +27,21 @@ pytestmark = pytest.mark.slow
 
 def _run_quick(name: str, tmp_path: pathlib.Path, *extra: str) -> str:
   out = tmp_path / f"{name}.md"
-  subprocess.run([sys.executable, "-m", f"benchmarks.{name}", "--quick",
-                  "--out", str(out), *extra], cwd=REPO, check=True,
-                 timeout=600, stdout=subprocess.DEVNULL)
+  subprocess.run(
+      [
+          sys.executable,
+          "-m",
+          f"benchmarks.{name}",
+          "--quick",
+          "--out",
+          str(out),
+          *extra,
+      ],
+      cwd=REPO,
+      check=True,
+      timeout=600,
+      stdout=subprocess.DEVNULL,
+  )
   return out.read_text(encoding="utf-8")
 
 
@@ -37,8 +49,12 @@ def test_sharpness_quick(tmp_path):
   text = _run_quick("bench_sharpness", tmp_path)
   assert "## Sharpness estimation" in text
   assert "(a) Default settings" in text and "(b) Equal accuracy" in text
-  for method in ("sam_eos hessian_eigenpairs", "authors' protocol",
-                 "SciPy eigsh", "lobpcg_standard"):
+  for method in (
+      "sam_eos hessian_eigenpairs",
+      "authors' protocol",
+      "SciPy eigsh",
+      "lobpcg_standard",
+  ):
     assert method in text
 
 
@@ -53,8 +69,12 @@ def test_sam_step_quick(tmp_path):
 def test_training_quick(tmp_path):
   text = _run_quick("bench_training", tmp_path)
   assert "## Training loop" in text
-  for row in ("se.train, tracking every", "tracking off", "Python loop",
-              "authors' loop style"):
+  for row in (
+      "se.train, tracking every",
+      "tracking off",
+      "Python loop",
+      "authors' loop style",
+  ):
     assert row in text
 
 
@@ -72,8 +92,12 @@ def test_run_all_writes_every_section(tmp_path, monkeypatch):
 
   monkeypatch.setattr(run_all, "_run_one", fake)
   out = tmp_path / "RESULTS.md"
-  assert run_all.main(["--quick", "--repeats", "2", "--out", str(out),
-                       "--note", "test"]) == 0
+  assert (
+      run_all.main(
+          ["--quick", "--repeats", "2", "--out", str(out), "--note", "test"]
+      )
+      == 0
+  )
   text = out.read_text(encoding="utf-8")
   assert "benchmarks.run_all --quick --repeats 2" in text
   assert "**Conditions:** test" in text

@@ -61,8 +61,12 @@ def test_lanczos_in_low_precision_matches_float64_eigh(dtype):
   for name in ("ritz_values", "ritz_vectors", "residuals", "basis"):
     assert getattr(out, name).dtype == dtype, name
   # Computed in >= float32, rounded once to ``dtype`` on return.
-  chex.assert_trees_all_close(np.asarray(out.ritz_values, np.float64), dense,
-                              atol=2 * eps(dtype) * 10.0, rtol=0)
+  chex.assert_trees_all_close(
+      np.asarray(out.ritz_values, np.float64),
+      dense,
+      atol=2 * eps(dtype) * 10.0,
+      rtol=0,
+  )
 
 
 def test_lanczos_float32_start_vector_gives_float32_results_for_bf16_operator():
@@ -72,8 +76,12 @@ def test_lanczos_float32_start_vector_gives_float32_results_for_bf16_operator():
   out = run_lanczos(a, v0, 12)
   assert out.ritz_values.dtype == jnp.float32
   # bf16 @ f32 is computed in float32: float32 accuracy for the bf16 matrix.
-  chex.assert_trees_all_close(np.asarray(out.ritz_values, np.float64), dense,
-                              atol=100 * eps(jnp.float32) * 10.0, rtol=0)
+  chex.assert_trees_all_close(
+      np.asarray(out.ritz_values, np.float64),
+      dense,
+      atol=100 * eps(jnp.float32) * 10.0,
+      rtol=0,
+  )
 
 
 def mlp_loss(params, batch):
@@ -84,23 +92,28 @@ def mlp_loss(params, batch):
 
 def mlp_problem(dtype, seed=0):
   rng = np.random.default_rng(seed)
-  params = {"w1": rng.normal(size=(3, 4)), "b1": 0.1 * rng.normal(size=4),
-            "w2": rng.normal(size=(4, 2))}
+  params = {
+      "w1": rng.normal(size=(3, 4)),
+      "b1": 0.1 * rng.normal(size=4),
+      "w2": rng.normal(size=(4, 2)),
+  }
   batch = (rng.normal(size=(8, 3)), rng.normal(size=(8, 2)))
   return jax.tree.map(lambda x: jnp.asarray(x, dtype), (params, batch))
 
 
 def dense_spectrum(params, batch):
   """Descending float64 Hessian eigenvalues of ``mlp_loss`` at the (rounded) point."""
-  params, batch = jax.tree.map(lambda x: jnp.asarray(x, jnp.float64),
-                               (params, batch))
+  params, batch = jax.tree.map(
+      lambda x: jnp.asarray(x, jnp.float64), (params, batch)
+  )
   flat, unravel = ravel_pytree(params)
   hess = jax.hessian(lambda f: mlp_loss(unravel(f), batch))(flat)
   return np.linalg.eigvalsh(np.asarray(hess))[::-1]
 
 
-eigenpairs = jax.jit(se.hessian_eigenpairs, static_argnums=0,
-                     static_argnames=("k", "num_iters"))
+eigenpairs = jax.jit(
+    se.hessian_eigenpairs, static_argnums=0, static_argnames=("k", "num_iters")
+)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -112,11 +125,16 @@ def test_hessian_eigenpairs_in_low_precision_match_float64(dtype):
   assert out.values.dtype == working(dtype)
   assert out.residuals.dtype == working(dtype)
   chex.assert_trees_all_equal_dtypes(
-      jax.tree.map(lambda x: x[0], out.vectors), params)
+      jax.tree.map(lambda x: x[0], out.vectors), params
+  )
   scale = np.abs(dense).max()
   # The HVP runs in ``dtype`` through a two-layer network: a few eps.
-  chex.assert_trees_all_close(np.asarray(out.values, np.float64), dense[:2],
-                              atol=20 * eps(dtype) * scale, rtol=0)
+  chex.assert_trees_all_close(
+      np.asarray(out.values, np.float64),
+      dense[:2],
+      atol=20 * eps(dtype) * scale,
+      rtol=0,
+  )
   top = se.sharpness(mlp_loss, params, batch, num_iters=22)
   assert top.dtype == working(dtype)
 
@@ -125,8 +143,14 @@ def test_hessian_eigenpairs_in_low_precision_match_float64(dtype):
 def test_power_iteration_in_low_precision(dtype):
   params, batch = mlp_problem(dtype, seed=1)
   dense = dense_spectrum(params, batch)
-  out = se.power_iteration(mlp_loss, params, batch, num_iters=300, tol=1e-6,
-                           fd_eps=0.05 if dtype == jnp.bfloat16 else 1e-3)
+  out = se.power_iteration(
+      mlp_loss,
+      params,
+      batch,
+      num_iters=300,
+      tol=1e-6,
+      fd_eps=0.05 if dtype == jnp.bfloat16 else 1e-3,
+  )
   assert out.value.dtype == working(dtype)
   chex.assert_trees_all_equal_dtypes(out.vector, params)
   # The finite-difference product in bf16 is accurate to ~eps / fd_eps.
@@ -140,15 +164,17 @@ def test_global_norm_is_overflow_safe_and_wide(dtype):
   big = float(jnp.finfo(dtype).max) / 4
   tree = {"a": rng.normal(size=(7,)) * big / 8, "b": np.array([big, -big / 2])}
   tree = jax.tree.map(lambda x: jnp.asarray(x, dtype), tree)
-  flat = np.concatenate([np.asarray(x, np.float64).ravel()
-                         for x in jax.tree.leaves(tree)])
+  flat = np.concatenate(
+      [np.asarray(x, np.float64).ravel() for x in jax.tree.leaves(tree)]
+  )
   largest = np.abs(flat).max()
   reference = largest * np.linalg.norm(flat / largest)  # no overflow
   out = global_norm(tree)
   assert out.dtype == working(dtype)
   assert np.isfinite(float(out))
-  np.testing.assert_allclose(float(out), reference,
-                             rtol=10 * eps(working(dtype)))
+  np.testing.assert_allclose(
+      float(out), reference, rtol=10 * eps(working(dtype))
+  )
   assert float(global_norm(jax.tree.map(jnp.zeros_like, tree))) == 0.0
 
 
@@ -158,8 +184,9 @@ def test_sam_perturbation_large_low_precision_gradient(dtype):
   grads = {"w": jnp.array([3000.0, 4000.0], dtype)}
   out = se.sam_perturbation(grads, 0.5, eps=0.0)
   assert out["w"].dtype == dtype
-  np.testing.assert_allclose(np.asarray(out["w"], np.float64), [0.3, 0.4],
-                             rtol=2 * eps(dtype))
+  np.testing.assert_allclose(
+      np.asarray(out["w"], np.float64), [0.3, 0.4], rtol=2 * eps(dtype)
+  )
 
 
 quad_hess = np.array([4.0, 1.0])
@@ -174,8 +201,9 @@ def quad_loss(params, batch):
 @pytest.mark.parametrize("dtype", LOW + [jnp.float32, jnp.float64])
 def test_sam_transform_with_large_low_precision_gradients(dtype):
   w = {"w": jnp.array([300.0, 100.0], dtype)}  # g = (1200, 100), ||g|| > 256
-  grad_fn = lambda p: jax.tree.map(lambda g: g.astype(dtype),
-                                   jax.grad(quad_loss)(p, None))
+  grad_fn = lambda p: jax.tree.map(
+      lambda g: g.astype(dtype), jax.grad(quad_loss)(p, None)
+  )
   rho, eta = 10.0, 1e-3
   opt = se.sam(optax.sgd(eta), rho, eps=0.0)
   state = opt.init(w)
@@ -188,13 +216,16 @@ def test_sam_transform_with_large_low_precision_gradients(dtype):
   g = quad_hess * w64
   e = rho * g / np.linalg.norm(g)
   expected = -eta * quad_hess * (w64 + e)
-  np.testing.assert_allclose(float(state.grad_norm), np.linalg.norm(g),
-                             rtol=4 * eps(dtype))
-  np.testing.assert_allclose(np.asarray(updates["w"], np.float64), expected,
-                             rtol=8 * eps(dtype))
+  np.testing.assert_allclose(
+      float(state.grad_norm), np.linalg.norm(g), rtol=4 * eps(dtype)
+  )
+  np.testing.assert_allclose(
+      np.asarray(updates["w"], np.float64), expected, rtol=8 * eps(dtype)
+  )
   # Not silently GD: the SAM term changed the update.
-  assert not np.allclose(np.asarray(updates["w"], np.float64), -eta * g,
-                         rtol=eps(dtype))
+  assert not np.allclose(
+      np.asarray(updates["w"], np.float64), -eta * g, rtol=eps(dtype)
+  )
 
 
 @pytest.mark.parametrize("dtype", LOW)
@@ -202,9 +233,11 @@ def test_sam_gradient_norm_is_wide(dtype):
   params = {"w": jnp.array([300.0, 100.0], dtype)}
   out = se.sam_gradient(quad_loss, params, None, rho=1.0)
   assert out.grad_norm.dtype == jnp.float32
-  np.testing.assert_allclose(float(out.grad_norm),
-                             np.linalg.norm(quad_hess * np.array([300, 100])),
-                             rtol=4 * eps(dtype))
+  np.testing.assert_allclose(
+      float(out.grad_norm),
+      np.linalg.norm(quad_hess * np.array([300, 100])),
+      rtol=4 * eps(dtype),
+  )
   chex.assert_tree_all_finite(out)
 
 
@@ -215,23 +248,35 @@ def test_train_with_large_low_precision_gradients(dtype):
   w0 = np.array([300.0, 100.0])
   params = {"w": jnp.asarray(w0, dtype)}
   eta, rho, num_steps = 1e-3, 0.1, 4
-  result = se.train(quad_loss, params, (jnp.zeros((1, 1)),),
-                    learning_rate=eta, rho=rho, num_steps=num_steps,
-                    track_every=1, progress=False)
+  result = se.train(
+      quad_loss,
+      params,
+      (jnp.zeros((1, 1)),),
+      learning_rate=eta,
+      rho=rho,
+      num_steps=num_steps,
+      track_every=1,
+      progress=False,
+  )
   assert result.params["w"].dtype == dtype
   history = result.history
   for name in ("loss", "grad_norm", "sharpness", "sam_edge"):
     assert np.all(np.isfinite(history[name])), name
-  np.testing.assert_allclose(history["grad_norm"][0],
-                             np.linalg.norm(quad_hess * w0), rtol=eps(dtype))
+  np.testing.assert_allclose(
+      history["grad_norm"][0], np.linalg.norm(quad_hess * w0), rtol=eps(dtype)
+  )
   np.testing.assert_allclose(history["sharpness"], 4.0, rtol=2 * eps(dtype))
   # |cos(g, v1)| with g = (1200, 100) (exact in both dtypes), v1 = e1.
-  np.testing.assert_allclose(history["grad_alignment"][0],
-                             1200 / np.linalg.norm([1200, 100]), rtol=1e-5)
+  np.testing.assert_allclose(
+      history["grad_alignment"][0],
+      1200 / np.linalg.norm([1200, 100]),
+      rtol=1e-5,
+  )
   # float64 SAM from the same start; the iterates round once per step.
   w = w0
   for _ in range(num_steps):
     g = quad_hess * w
     w = w - eta * quad_hess * (w + rho * g / np.linalg.norm(g))
-  np.testing.assert_allclose(np.asarray(result.params["w"], np.float64), w,
-                             rtol=num_steps * eps(dtype))
+  np.testing.assert_allclose(
+      np.asarray(result.params["w"], np.float64), w, rtol=num_steps * eps(dtype)
+  )

@@ -27,8 +27,12 @@ def mlp_loss(params, batch):
 
 def mlp_problem(seed=0):
   rng = np.random.default_rng(seed)
-  params = {"w1": rng.normal(size=(3, 4)), "b1": 0.1 * rng.normal(size=4),
-            "w2": rng.normal(size=(4, 2)), "b2": np.zeros(2)}
+  params = {
+      "w1": rng.normal(size=(3, 4)),
+      "b1": 0.1 * rng.normal(size=4),
+      "w2": rng.normal(size=(4, 2)),
+      "b2": np.zeros(2),
+  }
   batch = (rng.normal(size=(6, 3)), rng.normal(size=(6, 2)))
   return jax.tree.map(jnp.asarray, (params, batch))
 
@@ -60,8 +64,9 @@ def test_hvp_matches_dense_hessian_on_mlp():
     v = random_like(params, seed)
     out = se.hvp(mlp_loss, params, batch, v)
     chex.assert_trees_all_equal_shapes_and_dtypes(out, params)
-    np.testing.assert_allclose(flat(out), hess @ flat(v), rtol=1e-10,
-                               atol=1e-12)
+    np.testing.assert_allclose(
+        flat(out), hess @ flat(v), rtol=1e-10, atol=1e-12
+    )
 
 
 def test_hvp_on_quadratic_is_matrix_product():
@@ -74,8 +79,9 @@ def test_hvp_on_quadratic_is_matrix_product():
   for seed in range(2):
     w = {"x": jnp.asarray(rng.normal(size=5))}
     v = {"x": jnp.asarray(rng.normal(size=5))}
-    chex.assert_trees_all_close(se.hvp(loss, w, batch, v), {"x": a @ v["x"]},
-                                rtol=1e-12)
+    chex.assert_trees_all_close(
+        se.hvp(loss, w, batch, v), {"x": a @ v["x"]}, rtol=1e-12
+    )
 
 
 def test_hessian_matvec_equals_hvp_and_linearizes_once():
@@ -91,10 +97,12 @@ def test_hessian_matvec_equals_hvp_and_linearizes_once():
   hess = dense_hessian(mlp_loss, params, batch)
   for seed in range(3):
     v = random_like(params, seed)
-    chex.assert_trees_all_close(matvec(v), se.hvp(mlp_loss, params, batch, v),
-                                rtol=1e-12, atol=1e-14)
-    np.testing.assert_allclose(flat(matvec(v)), hess @ flat(v), rtol=1e-10,
-                               atol=1e-12)
+    chex.assert_trees_all_close(
+        matvec(v), se.hvp(mlp_loss, params, batch, v), rtol=1e-12, atol=1e-14
+    )
+    np.testing.assert_allclose(
+        flat(matvec(v)), hess @ flat(v), rtol=1e-10, atol=1e-12
+    )
   assert len(traces) == traced  # products reuse the linearization
 
 
@@ -103,8 +111,9 @@ def test_has_aux_is_ignored():
   with_aux = lambda p, b: (mlp_loss(p, b), {"h": p["w1"].sum()})
   v = random_like(params, 4)
   expected = se.hvp(mlp_loss, params, batch, v)
-  chex.assert_trees_all_close(se.hvp(with_aux, params, batch, v, has_aux=True),
-                              expected, rtol=1e-12)
+  chex.assert_trees_all_close(
+      se.hvp(with_aux, params, batch, v, has_aux=True), expected, rtol=1e-12
+  )
   matvec = se.hessian_matvec(with_aux, params, batch, has_aux=True)
   chex.assert_trees_all_close(matvec(v), expected, rtol=1e-12)
 
@@ -116,8 +125,9 @@ def test_vector_is_cast_to_param_dtype():
   out = se.hvp(mlp_loss, params, batch, v32)
   chex.assert_trees_all_equal_dtypes(out, params)
   hess = dense_hessian(mlp_loss, params, batch)
-  np.testing.assert_allclose(flat(out), hess @ flat(v32).astype(np.float64),
-                             rtol=1e-10, atol=1e-12)
+  np.testing.assert_allclose(
+      flat(out), hess @ flat(v32).astype(np.float64), rtol=1e-10, atol=1e-12
+  )
 
 
 def test_jit_without_recompilation():
@@ -132,8 +142,9 @@ def test_jit_without_recompilation():
     params, batch = mlp_problem(seed=seed)
     v = random_like(params, seed)
     hess = dense_hessian(mlp_loss, params, batch)
-    np.testing.assert_allclose(flat(product(params, batch, v)), hess @ flat(v),
-                               rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(
+        flat(product(params, batch, v)), hess @ flat(v), rtol=1e-10, atol=1e-12
+    )
   assert len(traces) == 1
 
 
@@ -149,15 +160,20 @@ def test_mismatched_vector_raises():
 
 def test_finite_difference_hvp_beside_exact_hvp():
   from sam_eos import hessian  # pylint: disable=import-outside-toplevel
+
   params, batch = mlp_problem(3)
   vector = random_like(params, 4)
   exact = flat(se.hvp(mlp_loss, params, batch, vector))
-  approx = flat(hessian.finite_difference_hvp(mlp_loss, params, batch, vector,
-                                              fd_eps=1e-4))
+  approx = flat(
+      hessian.finite_difference_hvp(
+          mlp_loss, params, batch, vector, fd_eps=1e-4
+      )
+  )
   # Central difference: O(fd_eps^2) error.
   np.testing.assert_allclose(approx, exact, atol=1e-6 * np.abs(exact).max())
-  matvec = hessian.finite_difference_matvec(mlp_loss, params, batch,
-                                            fd_eps=1e-4)
+  matvec = hessian.finite_difference_matvec(
+      mlp_loss, params, batch, fd_eps=1e-4
+  )
   np.testing.assert_allclose(flat(matvec(vector)), approx, rtol=1e-14)
   grad = hessian.gradient_fn(mlp_loss, batch)
   chex.assert_trees_all_close(grad(params), jax.grad(mlp_loss)(params, batch))
@@ -171,16 +187,19 @@ def test_linearize_gradient_gives_loss_gradient_and_hvp_from_one_trace():
     traces.append(1)
     return mlp_loss(p, b), {"step": jnp.array(3)}  # an integer aux is dropped
 
-  loss, grads, matvec = linearize_gradient(counted_aux, params, batch,
-                                           has_aux=True)
+  loss, grads, matvec = linearize_gradient(
+      counted_aux, params, batch, has_aux=True
+  )
   assert len(traces) == 1
   chex.assert_trees_all_close(loss, mlp_loss(params, batch), rtol=1e-14)
-  chex.assert_trees_all_close(grads, jax.grad(mlp_loss)(params, batch),
-                              rtol=1e-14)
+  chex.assert_trees_all_close(
+      grads, jax.grad(mlp_loss)(params, batch), rtol=1e-14
+  )
   hess = dense_hessian(mlp_loss, params, batch)
   v = random_like(params, 7)
-  np.testing.assert_allclose(flat(matvec(v)), hess @ flat(v), rtol=1e-10,
-                             atol=1e-12)
+  np.testing.assert_allclose(
+      flat(matvec(v)), hess @ flat(v), rtol=1e-10, atol=1e-12
+  )
   assert len(traces) == 1  # products reuse the linearization
   with pytest.raises(ValueError, match="vector"):
     matvec({"w1": v["w1"]})

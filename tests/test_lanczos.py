@@ -39,11 +39,13 @@ run = jax.jit(lanczos_dense, static_argnums=2)
 
 SPECTRA = {
     "separated": np.array([50.0, 20.0, 8.0, 3.0] + list(np.linspace(0, 1, 16))),
-    "clustered": np.concatenate([1.0 + 1e-3 * np.arange(10),
-                                 np.linspace(-1, 0, 10)]),
+    "clustered": np.concatenate(
+        [1.0 + 1e-3 * np.arange(10), np.linspace(-1, 0, 10)]
+    ),
     "negative": -np.geomspace(0.1, 100.0, 20),
-    "repeated": np.array([5.0] * 4 + [2.0] * 3 + [-1.0] * 5
-                         + list(np.linspace(0, 1, 8))),
+    "repeated": np.array(
+        [5.0] * 4 + [2.0] * 3 + [-1.0] * 5 + list(np.linspace(0, 1, 8))
+    ),
 }
 
 
@@ -55,8 +57,9 @@ def test_full_lanczos_recovers_whole_spectrum(name):
   out = run(a, start_vector(n), n)
   dense = np.linalg.eigvalsh(a)[::-1]
   scale = np.abs(eigenvalues).max()
-  chex.assert_trees_all_close(out.ritz_values, dense, atol=1e-12 * scale,
-                              rtol=0)
+  chex.assert_trees_all_close(
+      out.ritz_values, dense, atol=1e-12 * scale, rtol=0
+  )
   chex.assert_tree_all_finite(out)
 
 
@@ -69,17 +72,22 @@ def test_lanczos_relation_and_orthonormal_basis(name):
   chex.assert_shape(out.basis, (m, eigenvalues.size))
   q = np.asarray(out.basis)
   np.testing.assert_allclose(q @ q.T, np.eye(m), atol=1e-13)
-  t = (np.diag(out.alphas) + np.diag(out.betas[:-1], 1)
-       + np.diag(out.betas[:-1], -1))
+  t = (
+      np.diag(out.alphas)
+      + np.diag(out.betas[:-1], 1)
+      + np.diag(out.betas[:-1], -1)
+  )
   remainder = a @ q.T - q.T @ t
   scale = np.abs(eigenvalues).max()
   # Only the last column survives: betas[-1] * q_m with q_m orthogonal to Q.
   np.testing.assert_allclose(remainder[:, :-1], 0.0, atol=1e-12 * scale)
-  np.testing.assert_allclose(np.linalg.norm(remainder[:, -1]), out.betas[-1],
-                             rtol=1e-10)
+  np.testing.assert_allclose(
+      np.linalg.norm(remainder[:, -1]), out.betas[-1], rtol=1e-10
+  )
   np.testing.assert_allclose(q @ remainder[:, -1], 0.0, atol=1e-12 * scale)
-  np.testing.assert_allclose(out.alphas, np.einsum("in,nm,im->i", q, a, q),
-                             atol=1e-12 * scale)
+  np.testing.assert_allclose(
+      out.alphas, np.einsum("in,nm,im->i", q, a, q), atol=1e-12 * scale
+  )
 
 
 def test_partial_lanczos_converges_to_top_eigenvalues():
@@ -104,8 +112,9 @@ def test_reported_residuals_match_ritz_vectors(name):
   scale = np.abs(eigenvalues).max()
   np.testing.assert_allclose(out.residuals, true, atol=1e-11 * scale)
   assert np.asarray(out.residuals).max() > 1e-6 * scale  # not all converged
-  np.testing.assert_allclose(theta, np.einsum("in,nm,im->i", y, a, y),
-                             atol=1e-12 * scale)
+  np.testing.assert_allclose(
+      theta, np.einsum("in,nm,im->i", y, a, y), atol=1e-12 * scale
+  )
 
 
 @pytest.mark.parametrize("rotated", [False, True])
@@ -124,14 +133,16 @@ def test_breakdown_on_exact_eigenvector(rotated):
   np.testing.assert_allclose(q @ q.T, np.eye(4), atol=1e-13)
   # Every Ritz value is a Rayleigh quotient of A (no spurious values).
   y = np.asarray(out.ritz_vectors)
-  np.testing.assert_allclose(out.ritz_values, np.einsum("in,nm,im->i", y, a, y),
-                             atol=1e-12)
+  np.testing.assert_allclose(
+      out.ritz_values, np.einsum("in,nm,im->i", y, a, y), atol=1e-12
+  )
   assert np.all(np.asarray(out.ritz_values) <= 9.0 + 1e-12)
   assert np.all(np.asarray(out.ritz_values) >= -2.0 - 1e-12)
   full = run(a, jnp.asarray(u[:, 3]), eigenvalues.size)
   chex.assert_tree_all_finite(full)
-  chex.assert_trees_all_close(full.ritz_values, np.sort(eigenvalues)[::-1],
-                              atol=1e-12)
+  chex.assert_trees_all_close(
+      full.ritz_values, np.sort(eigenvalues)[::-1], atol=1e-12
+  )
 
 
 def test_breakdown_in_two_dimensional_invariant_subspace():
@@ -166,23 +177,30 @@ def test_jit_vmap_and_no_recompilation():
     return se.lanczos(lambda x: a @ x, v0, 8)
 
   v0 = start_vector(n)
-  np.testing.assert_allclose(solve(jnp.asarray(a), v0).ritz_values[:2],
-                             eigenvalues[:2], rtol=1e-9)
-  np.testing.assert_allclose(solve(jnp.asarray(b), v0 + 1.0).ritz_values[:2],
-                             2 * eigenvalues[:2], rtol=1e-9)
+  np.testing.assert_allclose(
+      solve(jnp.asarray(a), v0).ritz_values[:2], eigenvalues[:2], rtol=1e-9
+  )
+  np.testing.assert_allclose(
+      solve(jnp.asarray(b), v0 + 1.0).ritz_values[:2],
+      2 * eigenvalues[:2],
+      rtol=1e-9,
+  )
   assert len(traces) == 1
 
   v0s = jnp.stack([start_vector(n, seed=s) for s in range(3)])
   batched = jax.vmap(lambda v: run(a, v, 8))(v0s)
   chex.assert_shape(batched.ritz_vectors, (3, 8, n))
-  np.testing.assert_allclose(batched.ritz_values[:, :2],
-                             np.tile(eigenvalues[:2], (3, 1)), rtol=1e-9)
+  np.testing.assert_allclose(
+      batched.ritz_values[:, :2], np.tile(eigenvalues[:2], (3, 1)), rtol=1e-9
+  )
   for i in range(3):
     single = run(a, v0s[i], 8)
-    chex.assert_trees_all_close(batched.ritz_values[i], single.ritz_values,
-                                atol=1e-12)
-    chex.assert_trees_all_close(batched.residuals[i], single.residuals,
-                                atol=1e-12)
+    chex.assert_trees_all_close(
+        batched.ritz_values[i], single.ritz_values, atol=1e-12
+    )
+    chex.assert_trees_all_close(
+        batched.residuals[i], single.residuals, atol=1e-12
+    )
 
 
 def test_traced_zero_start_vector_gives_valid_result():
@@ -191,8 +209,9 @@ def test_traced_zero_start_vector_gives_valid_result():
   n = eigenvalues.size
   out = run(a, jnp.zeros(n), n)
   chex.assert_tree_all_finite(out)
-  chex.assert_trees_all_close(out.ritz_values, np.sort(eigenvalues)[::-1],
-                              atol=1e-12)
+  chex.assert_trees_all_close(
+      out.ritz_values, np.sort(eigenvalues)[::-1], atol=1e-12
+  )
 
 
 def test_float32_keeps_dtype_and_is_accurate():
@@ -215,13 +234,16 @@ def test_bad_start_vector(v0):
     lanczos_dense(np.eye(5), v0, 2)
 
 
-@pytest.mark.parametrize("matvec, what", [
-    (lambda x: jnp.concatenate([x, x]), "shape"),
-    (lambda x: x[:, None], "shape"),
-    (lambda x: jnp.sum(x), "shape"),
-    (lambda x: x * 1j, "dtype"),
-    (lambda x: (x > 0).astype(jnp.int32), "dtype"),
-])
+@pytest.mark.parametrize(
+    "matvec, what",
+    [
+        (lambda x: jnp.concatenate([x, x]), "shape"),
+        (lambda x: x[:, None], "shape"),
+        (lambda x: jnp.sum(x), "shape"),
+        (lambda x: x * 1j, "dtype"),
+        (lambda x: (x > 0).astype(jnp.int32), "dtype"),
+    ],
+)
 def test_matvec_with_wrong_output_raises_naming_matvec(matvec, what):
   with pytest.raises(ValueError, match=f"`matvec`.*{what}"):
     se.lanczos(matvec, jnp.ones(5), 2)

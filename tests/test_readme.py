@@ -26,7 +26,8 @@ README = (ROOT / "README.md").read_text()
 
 def _make_figures():
   spec = importlib.util.spec_from_file_location(
-      "make_figures", ROOT / "docs" / "make_figures.py")
+      "make_figures", ROOT / "docs" / "make_figures.py"
+  )
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module
@@ -53,14 +54,20 @@ def test_figures_come_from_the_current_cpu_preset(name):
     assert (run / figure).exists(), f"{run / figure}: run `make figures`"
   with open(run / "config.json") as f:
     saved = json.load(f)["metadata"]
-  current = json.loads(json.dumps(presets.get_experiment(name, "cpu")
-                                  .to_dict()))
-  assert saved == current, (f"docs/figures/{name} was made with other "
-                            "settings than the cpu preset; run `make figures`")
+  current = json.loads(
+      json.dumps(presets.get_experiment(name, "cpu").to_dict())
+  )
+  assert saved == current, (
+      f"docs/figures/{name} was made with other "
+      "settings than the cpu preset; run `make figures`"
+  )
   found = claims.check_claims(history.read_csv(run / "metrics.csv"))
   known = presets.KNOWN_FAILURES.get(name, {})
-  unexpected = [str(c) for c in found if not c.passed
-                and (c.name, c.learning_rate, c.rho) not in known]
+  unexpected = [
+      str(c)
+      for c in found
+      if not c.passed and (c.name, c.learning_rate, c.rho) not in known
+  ]
   assert not unexpected, "\n".join(unexpected)
 
 
@@ -68,11 +75,14 @@ def test_readme_table_is_the_generated_one():
   table = README.split(MAKE_FIGURES.START)[1].split(MAKE_FIGURES.END)[0]
   assert table.strip().splitlines() == MAKE_FIGURES.table_rows(), (
       "README's figure table is stale; run `python docs/make_figures.py "
-      "--table` (or `make figures` to rerun the experiments)")
+      "--table` (or `make figures` to rerun the experiments)"
+  )
   for name in MAKE_FIGURES.EXPERIMENTS:
     assert f"docs/figures/{name}/sharpness.png" in README
   failures = README.split(MAKE_FIGURES.FAILURES_START)[1].split(
-      MAKE_FIGURES.FAILURES_END)[0]
+      MAKE_FIGURES.FAILURES_END
+  )[0]
   assert failures.strip().splitlines() == MAKE_FIGURES.failure_lines(), (
       "README's list of failing claims is stale; run `python "
-      "docs/make_figures.py --table`")
+      "docs/make_figures.py --table`"
+  )

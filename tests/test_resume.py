@@ -22,47 +22,98 @@ def mlp_loss(params, batch):
 
 def mlp_problem(num_examples=12, key=0):
   k = jax.random.split(jax.random.key(key), 4)
-  params = {"w1": jax.random.normal(k[0], (3, 6)) * 0.8, "b1": jnp.zeros(6),
-            "w2": jax.random.normal(k[1], (6, 2)) * 0.5}
-  data = (jax.random.normal(k[2], (num_examples, 3)),
-          jax.random.normal(k[3], (num_examples, 2)))
+  params = {
+      "w1": jax.random.normal(k[0], (3, 6)) * 0.8,
+      "b1": jnp.zeros(6),
+      "w2": jax.random.normal(k[1], (6, 2)) * 0.5,
+  }
+  data = (
+      jax.random.normal(k[2], (num_examples, 3)),
+      jax.random.normal(k[3], (num_examples, 2)),
+  )
   return params, data
 
 
-KWARGS = dict(learning_rate=0.1, rho=0.05, track_every=2, num_lanczos_iters=3,
-              progress=False, chunk_size=2)
+KWARGS = dict(
+    learning_rate=0.1,
+    rho=0.05,
+    track_every=2,
+    num_lanczos_iters=3,
+    progress=False,
+    chunk_size=2,
+)
 
 
 def test_custom_optimizer_run_resumes(tmp_path):
   params, data = mlp_problem()
   kwargs = dict(KWARGS, learning_rate=0.01)
-  full = se.train(mlp_loss, params, data, num_steps=6,
-                  optimizer=optax.adam(1e-2), **kwargs)
-  se.train(mlp_loss, params, data, num_steps=4, optimizer=optax.adam(1e-2),
-           out_dir=tmp_path, **kwargs)
+  full = se.train(
+      mlp_loss, params, data, num_steps=6, optimizer=optax.adam(1e-2), **kwargs
+  )
+  se.train(
+      mlp_loss,
+      params,
+      data,
+      num_steps=4,
+      optimizer=optax.adam(1e-2),
+      out_dir=tmp_path,
+      **kwargs,
+  )
   # A new (equal) optimizer object, as a new process would build.
-  resumed = se.train(mlp_loss, params, data, num_steps=6,
-                     optimizer=optax.adam(1e-2), out_dir=tmp_path, **kwargs)
+  resumed = se.train(
+      mlp_loss,
+      params,
+      data,
+      num_steps=6,
+      optimizer=optax.adam(1e-2),
+      out_dir=tmp_path,
+      **kwargs,
+  )
   chex.assert_trees_all_equal(resumed.params, full.params)
   with pytest.raises(ValueError, match="optimizer"):
-    se.train(mlp_loss, params, data, num_steps=8,
-             optimizer=optax.sgd(1e-2, momentum=0.9), out_dir=tmp_path,
-             **kwargs)
+    se.train(
+        mlp_loss,
+        params,
+        data,
+        num_steps=8,
+        optimizer=optax.sgd(1e-2, momentum=0.9),
+        out_dir=tmp_path,
+        **kwargs,
+    )
 
 
-@pytest.mark.parametrize("change, match", [
-    (lambda p, d: (p, (2 * d[0], d[1])), "data"),
-    (lambda p, d: (jax.tree.map(lambda x: x + 0.1, p), d), "params"),
-    (lambda p, d: ({**p, "w1": p["w1"][:, :3], "b1": p["b1"][:3],
-                    "w2": p["w2"][:3]}, d), "params"),
-])
+@pytest.mark.parametrize(
+    "change, match",
+    [
+        (lambda p, d: (p, (2 * d[0], d[1])), "data"),
+        (lambda p, d: (jax.tree.map(lambda x: x + 0.1, p), d), "params"),
+        (
+            lambda p, d: (
+                {
+                    **p,
+                    "w1": p["w1"][:, :3],
+                    "b1": p["b1"][:3],
+                    "w2": p["w2"][:3],
+                },
+                d,
+            ),
+            "params",
+        ),
+    ],
+)
 def test_resume_refuses_other_data_params_or_model(tmp_path, change, match):
   params, data = mlp_problem()
   se.train(mlp_loss, params, data, num_steps=2, out_dir=tmp_path, **KWARGS)
   other_params, other_data = change(params, data)
   with pytest.raises(ValueError, match=f"other settings.*{match}"):
-    se.train(mlp_loss, other_params, other_data, num_steps=4,
-             out_dir=tmp_path, **KWARGS)
+    se.train(
+        mlp_loss,
+        other_params,
+        other_data,
+        num_steps=4,
+        out_dir=tmp_path,
+        **KWARGS,
+    )
   assert se.read_csv(tmp_path / "metrics.csv")["step"].tolist() == [0]
 
 
@@ -86,17 +137,34 @@ def test_unrelated_metrics_file_is_not_deleted(tmp_path):
 def test_metadata_is_validated_before_any_file_is_written(tmp_path):
   params, data = mlp_problem()
   with pytest.raises(ValueError, match="metadata"):
-    se.train(mlp_loss, params, data, num_steps=2, out_dir=tmp_path,
-             metadata={"when": object()}, **KWARGS)
+    se.train(
+        mlp_loss,
+        params,
+        data,
+        num_steps=2,
+        out_dir=tmp_path,
+        metadata={"when": object()},
+        **KWARGS,
+    )
   assert not os.listdir(tmp_path)
 
 
 def test_config_json_is_replaced_atomically(tmp_path):
   params, data = mlp_problem()
-  se.train(mlp_loss, params, data, num_steps=2, out_dir=tmp_path,
-           metadata={"run": 1}, **KWARGS)
-  assert sorted(os.listdir(tmp_path)) == ["checkpoint.npz", "config.json",
-                                          "metrics.csv"]
+  se.train(
+      mlp_loss,
+      params,
+      data,
+      num_steps=2,
+      out_dir=tmp_path,
+      metadata={"run": 1},
+      **KWARGS,
+  )
+  assert sorted(os.listdir(tmp_path)) == [
+      "checkpoint.npz",
+      "config.json",
+      "metrics.csv",
+  ]
   assert json.loads((tmp_path / "config.json").read_text())["num_steps"] == 2
 
 

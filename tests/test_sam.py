@@ -17,7 +17,9 @@ def _x64():
 
 
 def quadratic_loss(params, hess):
-  return 0.5 * jnp.sum(hess * params["w"] ** 2) + 0.5 * jnp.sum(params["b"] ** 2)
+  return 0.5 * jnp.sum(hess * params["w"] ** 2) + 0.5 * jnp.sum(
+      params["b"] ** 2
+  )
 
 
 def mlp_loss(params, batch):
@@ -28,8 +30,11 @@ def mlp_loss(params, batch):
 
 def mlp_problem(key=0):
   k = jax.random.split(jax.random.key(key), 4)
-  params = {"w1": jax.random.normal(k[0], (3, 5)), "b1": jnp.zeros(5),
-            "w2": jax.random.normal(k[1], (5, 2))}
+  params = {
+      "w1": jax.random.normal(k[0], (3, 5)),
+      "b1": jnp.zeros(5),
+      "w2": jax.random.normal(k[1], (5, 2)),
+  }
   batch = (jax.random.normal(k[2], (7, 3)), jax.random.normal(k[3], (7, 2)))
   return params, batch
 
@@ -37,14 +42,18 @@ def mlp_problem(key=0):
 def test_perturbation_normalized_and_unnormalized():
   grads = {"a": jnp.array([3.0, 0.0]), "b": jnp.array([[4.0]])}
   out = se.sam_perturbation(grads, 2.0, eps=0.0)
-  chex.assert_trees_all_close(out, {"a": jnp.array([1.2, 0.0]), "b": jnp.array([[1.6]])})
+  chex.assert_trees_all_close(
+      out, {"a": jnp.array([1.2, 0.0]), "b": jnp.array([[1.6]])}
+  )
   chex.assert_trees_all_close(optax_norm(out), 2.0)
   raw = se.sam_perturbation(grads, 2.0, normalize=False)
-  chex.assert_trees_all_close(raw, {"a": jnp.array([6.0, 0.0]), "b": jnp.array([[8.0]])})
+  chex.assert_trees_all_close(
+      raw, {"a": jnp.array([6.0, 0.0]), "b": jnp.array([[8.0]])}
+  )
 
 
 def optax_norm(tree):
-  return jnp.sqrt(sum(jnp.sum(x ** 2) for x in jax.tree.leaves(tree)))
+  return jnp.sqrt(sum(jnp.sum(x**2) for x in jax.tree.leaves(tree)))
 
 
 @pytest.mark.parametrize("eps", [0.0, 1e-12])
@@ -55,7 +64,8 @@ def test_zero_gradient_gives_zero_perturbation(eps):
   chex.assert_trees_all_equal(out, grads)
   with jax.enable_x64(False):
     g32 = jax.jit(lambda g: se.sam_perturbation(g, 0.1, eps=0.0))(
-        {"a": jnp.zeros(3, jnp.float32)})
+        {"a": jnp.zeros(3, jnp.float32)}
+    )
     chex.assert_tree_all_finite(g32)
 
 
@@ -66,26 +76,36 @@ def test_sam_gradient_closed_form_on_quadratic():
   out = se.sam_gradient(quadratic_loss, params, hess, rho=rho, eps=0.0)
   g = {"w": hess * params["w"], "b": params["b"]}
   norm = optax_norm(g)
-  expected = {"w": hess * (params["w"] + rho * g["w"] / norm),
-              "b": params["b"] + rho * g["b"] / norm}
+  expected = {
+      "w": hess * (params["w"] + rho * g["w"] / norm),
+      "b": params["b"] + rho * g["b"] / norm,
+  }
   chex.assert_trees_all_close(out.grads, g)
   chex.assert_trees_all_close(out.grad_norm, norm)
   chex.assert_trees_all_close(out.sam_grads, expected)
   chex.assert_trees_all_close(out.loss, quadratic_loss(params, hess))
   usam = se.sam_gradient(quadratic_loss, params, hess, rho=rho, normalize=False)
   chex.assert_trees_all_close(
-      usam.sam_grads, {"w": hess * (params["w"] + rho * g["w"]),
-                       "b": params["b"] + rho * g["b"]})
+      usam.sam_grads,
+      {
+          "w": hess * (params["w"] + rho * g["w"]),
+          "b": params["b"] + rho * g["b"],
+      },
+  )
 
 
 def test_sam_gradient_matches_manual_on_mlp_and_aux():
   params, batch = mlp_problem()
   rho, eps = 0.05, 1e-12
-  out = jax.jit(lambda p, b: se.sam_gradient(mlp_loss, p, b, rho=rho))(params, batch)
+  out = jax.jit(lambda p, b: se.sam_gradient(mlp_loss, p, b, rho=rho))(
+      params, batch
+  )
   g = jax.grad(mlp_loss)(params, batch)
   n = np.sqrt(sum(np.sum(np.asarray(x) ** 2) for x in jax.tree.leaves(g)))
   moved = jax.tree.map(lambda p, gi: p + rho * gi / (n + eps), params, g)
-  chex.assert_trees_all_close(out.sam_grads, jax.grad(mlp_loss)(moved, batch), rtol=1e-12)
+  chex.assert_trees_all_close(
+      out.sam_grads, jax.grad(mlp_loss)(moved, batch), rtol=1e-12
+  )
   chex.assert_trees_all_close(out.grad_norm, n, rtol=1e-12)
 
   def loss_aux(p, b):
@@ -101,11 +121,16 @@ def test_rho_zero_equals_plain_gradient_and_vmap_over_rho():
   out = se.sam_gradient(mlp_loss, params, batch, rho=0.0)
   chex.assert_trees_all_equal(out.sam_grads, out.grads)
   rhos = jnp.array([0.0, 0.01, 0.1])
-  many = jax.vmap(lambda r: se.sam_gradient(mlp_loss, params, batch, rho=r))(rhos)
+  many = jax.vmap(lambda r: se.sam_gradient(mlp_loss, params, batch, rho=r))(
+      rhos
+  )
   for i, r in enumerate(rhos):
     single = se.sam_gradient(mlp_loss, params, batch, rho=float(r))
-    chex.assert_trees_all_close(jax.tree.map(lambda x: x[i], many.sam_grads),
-                                single.sam_grads, rtol=1e-12)
+    chex.assert_trees_all_close(
+        jax.tree.map(lambda x: x[i], many.sam_grads),
+        single.sam_grads,
+        rtol=1e-12,
+    )
 
 
 def test_bad_rho():
@@ -120,7 +145,7 @@ def test_two_cycle_test_vector():
   """DESIGN.md: SAM on diag(50, 20, 5, 1), eta=0.01, rho=0.1 settles at the edge."""
   hess = jnp.array([50.0, 20.0, 5.0, 1.0])
   eta, rho = 0.01, 0.1
-  loss = lambda w, h: 0.5 * jnp.sum(h * w ** 2)
+  loss = lambda w, h: 0.5 * jnp.sum(h * w**2)
 
   def step(w, _):
     out = se.sam_gradient(loss, w, hess, rho=rho, eps=0.0)
@@ -128,8 +153,10 @@ def test_two_cycle_test_vector():
 
   w0 = jnp.array([1.0, 1.0, 1.0, 1.0])
   _, norms = jax.lax.scan(step, w0, None, length=3000)
-  expected_norm = eta * rho * 50.0 ** 2 / (2 - eta * 50.0)
-  chex.assert_trees_all_close(norms[-10:], jnp.full(10, expected_norm), rtol=1e-8)
+  expected_norm = eta * rho * 50.0**2 / (2 - eta * 50.0)
+  chex.assert_trees_all_close(
+      norms[-10:], jnp.full(10, expected_norm), rtol=1e-8
+  )
   chex.assert_trees_all_close(se.sam_edge(eta, rho, norms[-1]), 50.0, rtol=1e-8)
 
 
@@ -138,7 +165,7 @@ def m_sharpness_reference(loss_fn, params, batch, m, rho, normalize, eps):
   size = len(batch[0]) // m
   total = None
   for j in range(m):
-    group = tuple(x[j * size:(j + 1) * size] for x in batch)
+    group = tuple(x[j * size : (j + 1) * size] for x in batch)
     g = jax.grad(loss_fn)(params, group)
     n = np.sqrt(sum(np.sum(np.asarray(x) ** 2) for x in jax.tree.leaves(g)))
     scale = rho / (n + eps) if normalize else rho
@@ -155,10 +182,15 @@ def test_m_sharpness_matches_explicit_group_loop(m, normalize):
   k = jax.random.split(jax.random.key(5), 2)
   batch = (jax.random.normal(k[0], (8, 3)), jax.random.normal(k[1], (8, 2)))
   rho, eps = 0.1, 1e-12
-  fn = jax.jit(lambda p, b: se.sam_gradient(mlp_loss, p, b, rho=rho,
-                                            normalize=normalize, m_sharpness=m))
+  fn = jax.jit(
+      lambda p, b: se.sam_gradient(
+          mlp_loss, p, b, rho=rho, normalize=normalize, m_sharpness=m
+      )
+  )
   out = fn(params, batch)
-  expected = m_sharpness_reference(mlp_loss, params, batch, m, rho, normalize, eps)
+  expected = m_sharpness_reference(
+      mlp_loss, params, batch, m, rho, normalize, eps
+  )
   chex.assert_trees_all_close(out.sam_grads, expected, rtol=1e-12, atol=1e-14)
   # Loss, gradient and its norm stay the whole batch's.
   whole = se.sam_gradient(mlp_loss, params, batch, rho=rho, normalize=normalize)
@@ -168,23 +200,36 @@ def test_m_sharpness_matches_explicit_group_loop(m, normalize):
   if m == 1:
     chex.assert_trees_all_close(out.sam_grads, whole.sam_grads, rtol=1e-12)
   else:  # a different algorithm: the groups' ascents differ from the batch's
-    diff = max(float(jnp.max(jnp.abs(a - b))) for a, b in zip(
-        jax.tree.leaves(out.sam_grads), jax.tree.leaves(whole.sam_grads)))
+    diff = max(
+        float(jnp.max(jnp.abs(a - b)))
+        for a, b in zip(
+            jax.tree.leaves(out.sam_grads), jax.tree.leaves(whole.sam_grads)
+        )
+    )
     assert diff > 1e-6
 
 
 def test_m_sharpness_rho_zero_is_the_whole_batch_gradient_under_vmap():
   params, _ = mlp_problem()
-  batch = (jax.random.normal(jax.random.key(1), (6, 3)),
-           jax.random.normal(jax.random.key(2), (6, 2)))
+  batch = (
+      jax.random.normal(jax.random.key(1), (6, 3)),
+      jax.random.normal(jax.random.key(2), (6, 2)),
+  )
   rhos = jnp.array([0.0, 0.05])
-  many = jax.vmap(lambda r: se.sam_gradient(mlp_loss, params, batch, rho=r,
-                                            m_sharpness=3))(rhos)
+  many = jax.vmap(
+      lambda r: se.sam_gradient(mlp_loss, params, batch, rho=r, m_sharpness=3)
+  )(rhos)
   zero = jax.tree.map(lambda x: x[0], many)
   chex.assert_trees_all_equal(zero.sam_grads, zero.grads)
-  expected = m_sharpness_reference(mlp_loss, params, batch, 3, 0.05, True, 1e-12)
-  chex.assert_trees_all_close(jax.tree.map(lambda x: x[1], many.sam_grads),
-                              expected, rtol=1e-12, atol=1e-14)
+  expected = m_sharpness_reference(
+      mlp_loss, params, batch, 3, 0.05, True, 1e-12
+  )
+  chex.assert_trees_all_close(
+      jax.tree.map(lambda x: x[1], many.sam_grads),
+      expected,
+      rtol=1e-12,
+      atol=1e-14,
+  )
 
 
 def test_m_sharpness_with_aux_and_bad_values():
@@ -194,18 +239,25 @@ def test_m_sharpness_with_aux_and_bad_values():
     return mlp_loss(p, b), {"n": b[0].shape[0]}
 
   even = jax.tree.map(lambda x: x[:6], batch)
-  out, aux = se.sam_gradient(loss_aux, params, even, rho=0.1, m_sharpness=2,
-                             has_aux=True)
+  out, aux = se.sam_gradient(
+      loss_aux, params, even, rho=0.1, m_sharpness=2, has_aux=True
+  )
   assert aux["n"] == 6  # aux of the whole batch at w
   chex.assert_trees_all_close(
-      out, se.sam_gradient(mlp_loss, params, even, rho=0.1, m_sharpness=2))
+      out, se.sam_gradient(mlp_loss, params, even, rho=0.1, m_sharpness=2)
+  )
   for m in (0, 2, 1.5):
     with pytest.raises(ValueError, match="m_sharpness"):
       se.sam_gradient(mlp_loss, params, batch, rho=0.1, m_sharpness=m)
   with pytest.raises(ValueError, match="group_sharding"):
-    perturbed_gradient(mlp_loss, params, batch, params, rho=0.1,
-                       group_sharding=jax.sharding.SingleDeviceSharding(
-                           jax.devices()[0]))
+    perturbed_gradient(
+        mlp_loss,
+        params,
+        batch,
+        params,
+        rho=0.1,
+        group_sharding=jax.sharding.SingleDeviceSharding(jax.devices()[0]),
+    )
 
 
 def test_perturbed_gradient_reuses_the_given_gradient():
@@ -220,12 +272,16 @@ def test_perturbed_gradient_reuses_the_given_gradient():
   out = perturbed_gradient(counted, params, batch, grads, rho=0.05)
   assert len(traces) == 1  # only the ascent's gradient: g is not recomputed
   chex.assert_trees_all_close(
-      out, se.sam_gradient(mlp_loss, params, batch, rho=0.05).sam_grads,
-      rtol=1e-12)
+      out,
+      se.sam_gradient(mlp_loss, params, batch, rho=0.05).sam_grads,
+      rtol=1e-12,
+  )
   # The ascent follows the given gradient, whatever it is.
   fake = jax.tree.map(jnp.ones_like, params)
   num = sum(x.size for x in jax.tree.leaves(params))
   moved = jax.tree.map(lambda p: p + 0.05 / np.sqrt(num), params)
   chex.assert_trees_all_close(
       perturbed_gradient(mlp_loss, params, batch, fake, rho=0.05, eps=0.0),
-      jax.grad(mlp_loss)(moved, batch), rtol=1e-12)
+      jax.grad(mlp_loss)(moved, batch),
+      rtol=1e-12,
+  )

@@ -20,12 +20,19 @@ def _x64():
 
 # Compiled once per loss, shapes and static options, reused across tests (eager
 # calls retrace the Lanczos and power-iteration loops).
-eigenpairs = jax.jit(se.hessian_eigenpairs, static_argnums=0,
-                     static_argnames=("k", "num_iters", "has_aux"))
-sharpness = jax.jit(se.sharpness, static_argnums=0,
-                    static_argnames=("num_iters", "has_aux"))
-power_iteration = jax.jit(se.power_iteration, static_argnums=0,
-                          static_argnames=("num_iters", "has_aux"))
+eigenpairs = jax.jit(
+    se.hessian_eigenpairs,
+    static_argnums=0,
+    static_argnames=("k", "num_iters", "has_aux"),
+)
+sharpness = jax.jit(
+    se.sharpness, static_argnums=0, static_argnames=("num_iters", "has_aux")
+)
+power_iteration = jax.jit(
+    se.power_iteration,
+    static_argnums=0,
+    static_argnames=("num_iters", "has_aux"),
+)
 
 
 def mlp_loss(params, batch):
@@ -36,8 +43,11 @@ def mlp_loss(params, batch):
 
 def mlp_problem(seed=0):
   rng = np.random.default_rng(seed)
-  params = {"w1": rng.normal(size=(3, 4)), "b1": 0.1 * rng.normal(size=4),
-            "w2": rng.normal(size=(4, 2))}
+  params = {
+      "w1": rng.normal(size=(3, 4)),
+      "b1": 0.1 * rng.normal(size=4),
+      "w2": rng.normal(size=(4, 2)),
+  }
   batch = (rng.normal(size=(6, 3)), rng.normal(size=(6, 2)))
   return jax.tree.map(jnp.asarray, (params, batch))
 
@@ -66,8 +76,10 @@ def quadratic_problem(eigenvalues, seed=0):
   n = len(eigenvalues)
   u, _ = np.linalg.qr(rng.normal(size=(n, n)))
   a = u @ np.diag(eigenvalues) @ u.T
-  params = {"a": jnp.asarray(rng.normal(size=2)),
-            "b": jnp.asarray(rng.normal(size=(n - 2) // 2 * 2).reshape(-1, 2))}
+  params = {
+      "a": jnp.asarray(rng.normal(size=2)),
+      "b": jnp.asarray(rng.normal(size=(n - 2) // 2 * 2).reshape(-1, 2)),
+  }
   return params, jnp.asarray((a + a.T) / 2), u
 
 
@@ -83,21 +95,24 @@ def test_top_k_eigenpairs_of_mlp_hessian():
   out = eigenpairs(mlp_loss, params, batch, k=3, num_iters=n)
   chex.assert_shape(out.values, (3,))
   chex.assert_trees_all_equal_structs(
-      out.vectors, jax.tree.map(lambda x: x[None], params))
+      out.vectors, jax.tree.map(lambda x: x[None], params)
+  )
   chex.assert_shape(out.vectors["w1"], (3, 3, 4))
   np.testing.assert_allclose(out.values, values[:3], rtol=1e-10)
   rows = flat_rows(out.vectors)
   np.testing.assert_allclose(np.linalg.norm(rows, axis=1), 1.0, rtol=1e-12)
-  np.testing.assert_allclose(np.abs(np.sum(rows * vectors[:, :3].T, axis=1)),
-                             1.0, atol=1e-8)
+  np.testing.assert_allclose(
+      np.abs(np.sum(rows * vectors[:, :3].T, axis=1)), 1.0, atol=1e-8
+  )
   np.testing.assert_allclose(out.residuals, 0.0, atol=1e-10)
 
 
 def test_sharpness_with_default_iterations_matches_dense():
   params, batch = mlp_problem(seed=1)
   values, _ = dense_eigh(mlp_loss, params, batch)
-  np.testing.assert_allclose(sharpness(mlp_loss, params, batch), values[0],
-                             rtol=1e-8)
+  np.testing.assert_allclose(
+      sharpness(mlp_loss, params, batch), values[0], rtol=1e-8
+  )
 
 
 def test_warm_start_with_exact_eigenvector_takes_one_iteration():
@@ -116,8 +131,9 @@ def test_largest_algebraic_not_largest_magnitude():
   params, a, _ = quadratic_problem(eigenvalues)
   out = eigenpairs(quadratic_loss, params, a, k=2, num_iters=6)
   np.testing.assert_allclose(out.values, [-0.5, -1.0], rtol=1e-10)
-  np.testing.assert_allclose(sharpness(quadratic_loss, params, a,
-                                          num_iters=6), -0.5, rtol=1e-10)
+  np.testing.assert_allclose(
+      sharpness(quadratic_loss, params, a, num_iters=6), -0.5, rtol=1e-10
+  )
   power = power_iteration(quadratic_loss, params, a, tol=1e-6)
   np.testing.assert_allclose(power.value, 20.0, rtol=1e-4)
 
@@ -155,12 +171,18 @@ def test_power_iteration_on_mlp_matches_dense_operator_norm():
 def test_random_start_depends_on_key_and_zero_init_falls_back():
   params, batch = mlp_problem(seed=6)
   keys = jax.random.split(jax.random.key(7), 3)
-  starts = jax.vmap(lambda key: eigenpairs(
-      mlp_loss, params, batch, num_iters=2, key=key).values[0])(keys)
+  starts = jax.vmap(
+      lambda key: eigenpairs(
+          mlp_loss, params, batch, num_iters=2, key=key
+      ).values[0]
+  )(keys)
   assert len(np.unique(np.asarray(starts))) == 3
   zeros = jax.tree.map(jnp.zeros_like, params)
-  fallback = jax.jit(lambda init: eigenpairs(
-      mlp_loss, params, batch, num_iters=2, key=keys[1], init=init).values)
+  fallback = jax.jit(
+      lambda init: eigenpairs(
+          mlp_loss, params, batch, num_iters=2, key=keys[1], init=init
+      ).values
+  )
   fallback = fallback(zeros)
   np.testing.assert_allclose(fallback[0], starts[1], rtol=1e-12)
   chex.assert_tree_all_finite(fallback)
@@ -171,10 +193,13 @@ def test_has_aux():
   values, _ = dense_eigh(mlp_loss, params, batch)
   with_aux = lambda p, b: (mlp_loss(p, b), p["b1"])
   np.testing.assert_allclose(
-      sharpness(with_aux, params, batch, has_aux=True), values[0], rtol=1e-8)
+      sharpness(with_aux, params, batch, has_aux=True), values[0], rtol=1e-8
+  )
   np.testing.assert_allclose(
       power_iteration(with_aux, params, batch, has_aux=True).value,
-      np.abs(values).max(), rtol=5e-2)
+      np.abs(values).max(),
+      rtol=5e-2,
+  )
 
 
 def test_no_recompilation_under_jit():
@@ -203,27 +228,41 @@ def test_no_recompilation_under_jit():
   assert len(traces) == traced
 
 
-@pytest.mark.parametrize("kwargs, name", [
-    (dict(num_iters=0), "num_iters"),
-    (dict(k=0), "k"),
-    (dict(k=3, num_iters=2), "k"),
-    (dict(k=1.5), "k"),
-    (dict(k=40, num_iters=40), "k"),
-    (dict(init={"w1": jnp.ones((3, 4))}), "init"),
-    (dict(init={"w1": jnp.ones((3, 4)), "b1": jnp.ones(5),
-                "w2": jnp.ones((4, 2))}), "init"),
-])
+@pytest.mark.parametrize(
+    "kwargs, name",
+    [
+        (dict(num_iters=0), "num_iters"),
+        (dict(k=0), "k"),
+        (dict(k=3, num_iters=2), "k"),
+        (dict(k=1.5), "k"),
+        (dict(k=40, num_iters=40), "k"),
+        (dict(init={"w1": jnp.ones((3, 4))}), "init"),
+        (
+            dict(
+                init={
+                    "w1": jnp.ones((3, 4)),
+                    "b1": jnp.ones(5),
+                    "w2": jnp.ones((4, 2)),
+                }
+            ),
+            "init",
+        ),
+    ],
+)
 def test_eigenpairs_bad_arguments(kwargs, name):
   params, batch = mlp_problem()
   with pytest.raises(ValueError, match=f"`{name}`"):
     se.hessian_eigenpairs(mlp_loss, params, batch, **kwargs)
 
 
-@pytest.mark.parametrize("kwargs, name", [
-    (dict(num_iters=0), "num_iters"),
-    (dict(tol=0.0), "tol"),
-    (dict(fd_eps=-1e-3), "fd_eps"),
-])
+@pytest.mark.parametrize(
+    "kwargs, name",
+    [
+        (dict(num_iters=0), "num_iters"),
+        (dict(tol=0.0), "tol"),
+        (dict(fd_eps=-1e-3), "fd_eps"),
+    ],
+)
 def test_power_iteration_bad_arguments(kwargs, name):
   params, batch = mlp_problem()
   with pytest.raises(ValueError, match=f"`{name}`"):
@@ -234,14 +273,18 @@ def test_power_iteration_default_key_is_a_fixed_start():
   params, batch = mlp_problem(4)
   default = power_iteration(mlp_loss, params, batch, num_iters=1)
   again = power_iteration(mlp_loss, params, batch, num_iters=1)
-  key0 = power_iteration(mlp_loss, params, batch, num_iters=1,
-                         key=jax.random.key(0))
-  key1 = power_iteration(mlp_loss, params, batch, num_iters=1,
-                         key=jax.random.key(1))
+  key0 = power_iteration(
+      mlp_loss, params, batch, num_iters=1, key=jax.random.key(0)
+  )
+  key1 = power_iteration(
+      mlp_loss, params, batch, num_iters=1, key=jax.random.key(1)
+  )
   chex.assert_trees_all_equal(default, again)
   chex.assert_trees_all_equal(default, key0)
-  assert not np.allclose(flat_rows(jax.tree.map(lambda x: x[None], key1.vector)),
-                         flat_rows(jax.tree.map(lambda x: x[None], key0.vector)))
+  assert not np.allclose(
+      flat_rows(jax.tree.map(lambda x: x[None], key1.vector)),
+      flat_rows(jax.tree.map(lambda x: x[None], key0.vector)),
+  )
   doc = se.power_iteration.__doc__
   assert "fresh" not in doc.split("Args:")[0] or "key" in doc.split("Args:")[0]
   assert "same start" in doc

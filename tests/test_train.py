@@ -24,7 +24,7 @@ def x64():
 
 def quad_loss(w, data):
   """0.5 * w^T diag(h) w, the Hessian row `h` passed as the (single) example."""
-  return 0.5 * jnp.sum(data[0] * w ** 2)
+  return 0.5 * jnp.sum(data[0] * w**2)
 
 
 def mlp_loss(params, batch):
@@ -35,11 +35,15 @@ def mlp_loss(params, batch):
 
 def mlp_problem(num_examples=12, dtype=jnp.float32, key=0):
   k = jax.random.split(jax.random.key(key), 4)
-  params = {"w1": jax.random.normal(k[0], (3, 6), dtype) * 0.8,
-            "b1": jnp.zeros(6, dtype),
-            "w2": jax.random.normal(k[1], (6, 2), dtype) * 0.5}
-  data = (jax.random.normal(k[2], (num_examples, 3), dtype),
-          jax.random.normal(k[3], (num_examples, 2), dtype))
+  params = {
+      "w1": jax.random.normal(k[0], (3, 6), dtype) * 0.8,
+      "b1": jnp.zeros(6, dtype),
+      "w2": jax.random.normal(k[1], (6, 2), dtype) * 0.5,
+  }
+  data = (
+      jax.random.normal(k[2], (num_examples, 3), dtype),
+      jax.random.normal(k[3], (num_examples, 2), dtype),
+  )
   return params, data
 
 
@@ -53,9 +57,16 @@ def dense_top(loss_fn, params, batch):
 
 def test_quadratic_sharpness_is_exact(x64):
   hess = jnp.array([[7.0, 3.0, 1.0, 0.5]])
-  result = se.train(quad_loss, jnp.ones(4), hess, learning_rate=0.05,
-                    num_steps=40, track_every=5, num_lanczos_iters=4,
-                    progress=False)
+  result = se.train(
+      quad_loss,
+      jnp.ones(4),
+      hess,
+      learning_rate=0.05,
+      num_steps=40,
+      track_every=5,
+      num_lanczos_iters=4,
+      progress=False,
+  )
   hist = result.history
   np.testing.assert_array_equal(hist["step"], np.arange(0, 40, 5))
   chex.assert_trees_all_close(hist["sharpness"], np.full(8, 7.0), rtol=1e-12)
@@ -65,10 +76,16 @@ def test_quadratic_sharpness_is_exact(x64):
   w_t = (1 - 0.05 * np.array([7.0, 3.0, 1.0, 0.5])) ** 40
   chex.assert_trees_all_close(result.params, w_t, rtol=1e-10)
   for i, t in enumerate(hist["step"]):
-    g = np.array([7.0, 3.0, 1.0, 0.5]) * (1 - 0.05 * np.array([7.0, 3.0, 1.0, 0.5])) ** t
-    chex.assert_trees_all_close(hist["grad_norm"][i], np.linalg.norm(g), rtol=1e-10)
-    chex.assert_trees_all_close(hist["grad_alignment"][i], abs(g[0]) / np.linalg.norm(g),
-                                rtol=1e-8)
+    g = (
+        np.array([7.0, 3.0, 1.0, 0.5])
+        * (1 - 0.05 * np.array([7.0, 3.0, 1.0, 0.5])) ** t
+    )
+    chex.assert_trees_all_close(
+        hist["grad_norm"][i], np.linalg.norm(g), rtol=1e-10
+    )
+    chex.assert_trees_all_close(
+        hist["grad_alignment"][i], abs(g[0]) / np.linalg.norm(g), rtol=1e-8
+    )
 
 
 def test_gd_above_edge_diverges_at_the_right_step(tmp_path):
@@ -83,19 +100,31 @@ def test_gd_above_edge_diverges_at_the_right_step(tmp_path):
   expected = None
   with np.errstate(over="ignore", invalid="ignore"):
     for t in range(1000):
-      loss = np.float32(0.5) * np.sum(h * w ** 2)
+      loss = np.float32(0.5) * np.sum(h * w**2)
       grad = h * w
       w_next = w - eta * grad
-      if not (np.isfinite(loss) and np.all(np.isfinite(grad))
-              and np.all(np.isfinite(w_next))):
+      if not (
+          np.isfinite(loss)
+          and np.all(np.isfinite(grad))
+          and np.all(np.isfinite(w_next))
+      ):
         expected = t
         break
       w = w_next
   assert expected is not None
   with pytest.raises(se.TrainingDiverged, match=f"step {expected}") as info:
-    se.train(quad_loss, jnp.ones(2), hess, learning_rate=float(eta),
-             num_steps=1000, track_every=1, num_lanczos_iters=2,
-             progress=False, out_dir=tmp_path, chunk_size=64)
+    se.train(
+        quad_loss,
+        jnp.ones(2),
+        hess,
+        learning_rate=float(eta),
+        num_steps=1000,
+        track_every=1,
+        num_lanczos_iters=2,
+        progress=False,
+        out_dir=tmp_path,
+        chunk_size=64,
+    )
   assert isinstance(info.value, FloatingPointError)
   assert info.value.step == expected
   hist = info.value.history
@@ -110,12 +139,23 @@ def test_gd_above_edge_diverges_at_the_right_step(tmp_path):
 def test_sam_settles_at_the_two_cycle(x64):
   """DESIGN.md test vector: diag(50, 20, 5, 1), eta=0.01, rho=0.1."""
   hess = jnp.array([[50.0, 20.0, 5.0, 1.0]])
-  result = se.train(quad_loss, jnp.ones(4), hess, learning_rate=0.01, rho=0.1,
-                    num_steps=3000, track_every=100, num_lanczos_iters=4,
-                    progress=False, eps=0.0)
+  result = se.train(
+      quad_loss,
+      jnp.ones(4),
+      hess,
+      learning_rate=0.01,
+      rho=0.1,
+      num_steps=3000,
+      track_every=100,
+      num_lanczos_iters=4,
+      progress=False,
+      eps=0.0,
+  )
   last = {k: v[-5:] for k, v in result.history.items()}
-  expected_norm = 0.01 * 0.1 * 50.0 ** 2 / (2 - 0.01 * 50.0)
-  chex.assert_trees_all_close(last["grad_norm"], np.full(5, expected_norm), rtol=1e-8)
+  expected_norm = 0.01 * 0.1 * 50.0**2 / (2 - 0.01 * 50.0)
+  chex.assert_trees_all_close(
+      last["grad_norm"], np.full(5, expected_norm), rtol=1e-8
+  )
   chex.assert_trees_all_close(last["sam_edge"], np.full(5, 50.0), rtol=1e-8)
   chex.assert_trees_all_close(last["sharpness"], np.full(5, 50.0), rtol=1e-10)
   # The iterate has collapsed onto the top eigenvector.
@@ -125,9 +165,17 @@ def test_sam_settles_at_the_two_cycle(x64):
 def test_tracking_matches_dense_reference_on_mlp(x64):
   params, data = mlp_problem(dtype=jnp.float64)
   eta, rho = 0.1, 0.05
-  result = se.train(mlp_loss, params, data, learning_rate=eta, rho=rho,
-                    num_steps=30, track_every=3, num_lanczos_iters=12,
-                    progress=False)
+  result = se.train(
+      mlp_loss,
+      params,
+      data,
+      learning_rate=eta,
+      rho=rho,
+      num_steps=30,
+      track_every=3,
+      num_lanczos_iters=12,
+      progress=False,
+  )
   hist = result.history
   sam_gradient = jax.jit(lambda w: se.sam_gradient(mlp_loss, w, data, rho=rho))
   _, unravel = jax.flatten_util.ravel_pytree(params)
@@ -137,55 +185,97 @@ def test_tracking_matches_dense_reference_on_mlp(x64):
     out = sam_gradient(w)
     if t % 3 == 0:
       i = t // 3
-      vals, vecs = np.linalg.eigh(np.asarray(
-          hessian(jax.flatten_util.ravel_pytree(w)[0])))
+      vals, vecs = np.linalg.eigh(
+          np.asarray(hessian(jax.flatten_util.ravel_pytree(w)[0]))
+      )
       top, vec = vals[-1], vecs[:, -1]
       g = np.asarray(jax.flatten_util.ravel_pytree(out.grads)[0])
       gs = np.asarray(jax.flatten_util.ravel_pytree(out.sam_grads)[0])
       chex.assert_trees_all_close(hist["sharpness"][i], top, rtol=1e-8)
       chex.assert_trees_all_close(hist["loss"][i], out.loss, rtol=1e-10)
-      chex.assert_trees_all_close(hist["grad_norm"][i], np.linalg.norm(g), rtol=1e-10)
-      chex.assert_trees_all_close(hist["sam_edge"][i],
-                                  se.sam_edge(eta, rho, np.linalg.norm(g)), rtol=1e-10)
-      chex.assert_trees_all_close(hist["grad_alignment"][i],
-                                  abs(g @ vec) / np.linalg.norm(g), rtol=1e-6, atol=1e-9)
-      chex.assert_trees_all_close(hist["sam_grad_alignment"][i],
-                                  abs(gs @ vec) / np.linalg.norm(gs), rtol=1e-6, atol=1e-9)
+      chex.assert_trees_all_close(
+          hist["grad_norm"][i], np.linalg.norm(g), rtol=1e-10
+      )
+      chex.assert_trees_all_close(
+          hist["sam_edge"][i],
+          se.sam_edge(eta, rho, np.linalg.norm(g)),
+          rtol=1e-10,
+      )
+      chex.assert_trees_all_close(
+          hist["grad_alignment"][i],
+          abs(g @ vec) / np.linalg.norm(g),
+          rtol=1e-6,
+          atol=1e-9,
+      )
+      chex.assert_trees_all_close(
+          hist["sam_grad_alignment"][i],
+          abs(gs @ vec) / np.linalg.norm(gs),
+          rtol=1e-6,
+          atol=1e-9,
+      )
     w = jax.tree.map(lambda p, s: p - eta * s, w, out.sam_grads)
   chex.assert_trees_all_close(result.params, w, rtol=1e-10)
 
 
-@pytest.mark.parametrize("kwargs, base", [
-    ({"momentum": 0.9}, lambda: optax.sgd(0.05, momentum=0.9)),
-    ({"optimizer": optax.adam(1e-2)}, lambda: optax.adam(1e-2)),
-])
+@pytest.mark.parametrize(
+    "kwargs, base",
+    [
+        ({"momentum": 0.9}, lambda: optax.sgd(0.05, momentum=0.9)),
+        ({"optimizer": optax.adam(1e-2)}, lambda: optax.adam(1e-2)),
+    ],
+)
 def test_loop_equals_optax_transform(x64, kwargs, base):
   params, data = mlp_problem(dtype=jnp.float64, key=1)
   rho = 0.05
-  result = se.train(mlp_loss, params, data, learning_rate=0.05, rho=rho,
-                    num_steps=8, track_every=4, num_lanczos_iters=3,
-                    progress=False, **kwargs)
+  result = se.train(
+      mlp_loss,
+      params,
+      data,
+      learning_rate=0.05,
+      rho=rho,
+      num_steps=8,
+      track_every=4,
+      num_lanczos_iters=3,
+      progress=False,
+      **kwargs,
+  )
   opt = se.sam(base(), rho)
   state = opt.init(params)
   grad = jax.grad(mlp_loss)
   w = params
   for _ in range(8):
-    updates, state = opt.update(grad(w, data), state, w, grad_fn=lambda p: grad(p, data))
+    updates, state = opt.update(
+        grad(w, data), state, w, grad_fn=lambda p: grad(p, data)
+    )
     w = optax.apply_updates(w, updates)
   chex.assert_trees_all_close(result.params, w, rtol=1e-10)
   if "momentum" in kwargs:
-    chex.assert_trees_all_close(result.history["gd_edge"], np.full(2, 2 * 1.9 / 0.05))
+    chex.assert_trees_all_close(
+        result.history["gd_edge"], np.full(2, 2 * 1.9 / 0.05)
+    )
 
 
 def test_resume_is_bit_identical(tmp_path):
   params, data = mlp_problem(num_examples=16)
-  kwargs = dict(learning_rate=0.1, rho=0.05, batch_size=8, track_every=5,
-                num_lanczos_iters=5, progress=False, chunk_size=10, key=3)
-  full = se.train(mlp_loss, params, data, num_steps=40, out_dir=tmp_path / "a",
-                  **kwargs)
-  se.train(mlp_loss, params, data, num_steps=25, out_dir=tmp_path / "b", **kwargs)
-  resumed = se.train(mlp_loss, params, data, num_steps=40, out_dir=tmp_path / "b",
-                     **kwargs)
+  kwargs = dict(
+      learning_rate=0.1,
+      rho=0.05,
+      batch_size=8,
+      track_every=5,
+      num_lanczos_iters=5,
+      progress=False,
+      chunk_size=10,
+      key=3,
+  )
+  full = se.train(
+      mlp_loss, params, data, num_steps=40, out_dir=tmp_path / "a", **kwargs
+  )
+  se.train(
+      mlp_loss, params, data, num_steps=25, out_dir=tmp_path / "b", **kwargs
+  )
+  resumed = se.train(
+      mlp_loss, params, data, num_steps=40, out_dir=tmp_path / "b", **kwargs
+  )
   chex.assert_trees_all_equal(full.params, resumed.params)
   for name in se.HISTORY_COLUMNS:
     if name != "wall_time":
@@ -197,61 +287,126 @@ def test_resume_is_bit_identical(tmp_path):
     if name != "wall_time":
       np.testing.assert_array_equal(a[name], b[name])
   # Asking for no more steps than done just returns the stored result.
-  again = se.train(mlp_loss, params, data, num_steps=40, out_dir=tmp_path / "b",
-                   **kwargs)
+  again = se.train(
+      mlp_loss, params, data, num_steps=40, out_dir=tmp_path / "b", **kwargs
+  )
   chex.assert_trees_all_equal(again.params, full.params)
   with pytest.raises(ValueError, match="other settings"):
-    se.train(mlp_loss, params, data, num_steps=50, out_dir=tmp_path / "b",
-             **{**kwargs, "rho": 0.1})
+    se.train(
+        mlp_loss,
+        params,
+        data,
+        num_steps=50,
+        out_dir=tmp_path / "b",
+        **{**kwargs, "rho": 0.1},
+    )
 
 
 def test_vmapped_sweep_equals_separate_runs(x64):
   params, data = mlp_problem(dtype=jnp.float64, key=2)
   rhos = [0.0, 0.02, 0.1]
-  kwargs = dict(learning_rate=0.1, num_steps=12, track_every=4,
-                num_lanczos_iters=8, progress=False, key=[0, 1, 2], batch_size=6)
+  kwargs = dict(
+      learning_rate=0.1,
+      num_steps=12,
+      track_every=4,
+      num_lanczos_iters=8,
+      progress=False,
+      key=[0, 1, 2],
+      batch_size=6,
+  )
   sweep = se.train(mlp_loss, params, data, rho=rhos, **kwargs)
   assert sweep.history["sharpness"].shape == (3, 3)
   for i, rho in enumerate(rhos):
-    single = se.train(mlp_loss, params, data, rho=rho,
-                      **{**kwargs, "key": i})
-    chex.assert_trees_all_close(jax.tree.map(lambda x: x[i], sweep.params),
-                                single.params, rtol=1e-10)
-    for name in ("loss", "grad_norm", "sharpness", "sam_edge", "grad_alignment"):
-      chex.assert_trees_all_close(sweep.history[name][i], single.history[name],
-                                  rtol=1e-8, atol=1e-12)
+    single = se.train(mlp_loss, params, data, rho=rho, **{**kwargs, "key": i})
+    chex.assert_trees_all_close(
+        jax.tree.map(lambda x: x[i], sweep.params), single.params, rtol=1e-10
+    )
+    for name in (
+        "loss",
+        "grad_norm",
+        "sharpness",
+        "sam_edge",
+        "grad_alignment",
+    ):
+      chex.assert_trees_all_close(
+          sweep.history[name][i], single.history[name], rtol=1e-8, atol=1e-12
+      )
 
 
 def test_minibatch_is_drawn_by_key(x64):
   params, data = mlp_problem(num_examples=20, dtype=jnp.float64)
-  result = se.train(mlp_loss, params, data, learning_rate=0.1, num_steps=1,
-                    batch_size=5, key=7, track_every=1, num_lanczos_iters=30,
-                    progress=False)
+  result = se.train(
+      mlp_loss,
+      params,
+      data,
+      learning_rate=0.1,
+      num_steps=1,
+      batch_size=5,
+      key=7,
+      track_every=1,
+      num_lanczos_iters=30,
+      progress=False,
+  )
   batch = loop.sample_batch(data, jax.random.fold_in(jax.random.key(7), 0), 5)
-  chex.assert_trees_all_close(result.history["loss"][0], mlp_loss(params, batch),
-                              rtol=1e-12)
+  chex.assert_trees_all_close(
+      result.history["loss"][0], mlp_loss(params, batch), rtol=1e-12
+  )
   top, _ = dense_top(mlp_loss, params, batch)
   assert result.history["sharpness"][0] == pytest.approx(top, rel=1e-8)
-  other = se.train(mlp_loss, params, data, learning_rate=0.1, num_steps=1,
-                   batch_size=5, key=8, track_every=1, num_lanczos_iters=4,
-                   progress=False)
+  other = se.train(
+      mlp_loss,
+      params,
+      data,
+      learning_rate=0.1,
+      num_steps=1,
+      batch_size=5,
+      key=8,
+      track_every=1,
+      num_lanczos_iters=4,
+      progress=False,
+  )
   assert other.history["loss"][0] != result.history["loss"][0]
 
 
 def test_progress_bar_and_files(tmp_path, capfd):
   params, data = mlp_problem()
-  se.train(mlp_loss, params, data, learning_rate=0.1, rho=0.05, num_steps=20,
-           track_every=5, num_lanczos_iters=4, out_dir=tmp_path, chunk_size=10,
-           metadata={"experiment": "unit"})
+  se.train(
+      mlp_loss,
+      params,
+      data,
+      learning_rate=0.1,
+      rho=0.05,
+      num_steps=20,
+      track_every=5,
+      num_lanczos_iters=4,
+      out_dir=tmp_path,
+      chunk_size=10,
+      metadata={"experiment": "unit"},
+  )
   err = capfd.readouterr().err
   assert "20/20" in err and "sharp" in err and "sam_edge" in err
-  assert sorted(os.listdir(tmp_path)) == ["checkpoint.npz", "config.json", "metrics.csv"]
+  assert sorted(os.listdir(tmp_path)) == [
+      "checkpoint.npz",
+      "config.json",
+      "metrics.csv",
+  ]
   config = json.load(open(tmp_path / "config.json"))
   assert config["configs"] == [{"learning_rate": 0.1, "rho": 0.05, "seed": 0}]
   assert config["metadata"] == {"experiment": "unit"}
   header = next(csv.reader(open(tmp_path / "metrics.csv")))
-  assert header == ["config", "learning_rate", "rho", "seed", *se.HISTORY_COLUMNS]
-  assert se.read_csv(tmp_path / "metrics.csv")["step"].tolist() == [0, 5, 10, 15]
+  assert header == [
+      "config",
+      "learning_rate",
+      "rho",
+      "seed",
+      *se.HISTORY_COLUMNS,
+  ]
+  assert se.read_csv(tmp_path / "metrics.csv")["step"].tolist() == [
+      0,
+      5,
+      10,
+      15,
+  ]
 
 
 def test_compiled_once_across_chunks():
@@ -262,8 +417,14 @@ def test_compiled_once_across_chunks():
     calls.append(1)
     return mlp_loss(p, b)
 
-  kwargs = dict(learning_rate=0.1, rho=0.05, track_every=2, num_lanczos_iters=3,
-                progress=False, chunk_size=4)
+  kwargs = dict(
+      learning_rate=0.1,
+      rho=0.05,
+      track_every=2,
+      num_lanczos_iters=3,
+      progress=False,
+      chunk_size=4,
+  )
   jax.clear_caches()
   se.train(counting_loss, params, data, num_steps=4, **kwargs)
   one_chunk = len(calls)
@@ -283,7 +444,10 @@ def test_bad_input(tmp_path):
       (dict(ok, learning_rate=-0.1), "learning_rate"),
       (dict(ok, rho=-0.1), "rho"),
       (dict(ok, num_lanczos_iters=0), "num_lanczos_iters"),
-      (dict(ok, rho=[0.1, 0.2], learning_rate=[0.1, 0.2, 0.3]), "common length"),
+      (
+          dict(ok, rho=[0.1, 0.2], learning_rate=[0.1, 0.2, 0.3]),
+          "common length",
+      ),
   ]
   for kwargs, match in cases:
     with pytest.raises(ValueError, match=match):
@@ -291,17 +455,28 @@ def test_bad_input(tmp_path):
   with pytest.raises(ValueError, match="data"):
     se.train(mlp_loss, params, (data[0], data[1][:5]), **ok)
   with pytest.raises(ValueError, match="loss_fn"):
-    se.train(lambda p, b: jnp.mean((b[0] @ p["w1"]), axis=0), params, data, **ok)
+    se.train(
+        lambda p, b: jnp.mean((b[0] @ p["w1"]), axis=0), params, data, **ok
+    )
   blocker = tmp_path / "file"
   blocker.write_text("x")
   with pytest.raises(ValueError, match="out_dir"):
     se.train(mlp_loss, params, data, out_dir=blocker / "sub", **ok)
 
 
-def test_interrupted_run_keeps_finished_chunks_and_resumes(tmp_path, monkeypatch):
+def test_interrupted_run_keeps_finished_chunks_and_resumes(
+    tmp_path, monkeypatch
+):
   params, data = mlp_problem()
-  kwargs = dict(learning_rate=0.1, rho=0.05, track_every=5, num_lanczos_iters=4,
-                progress=False, chunk_size=10, num_steps=40)
+  kwargs = dict(
+      learning_rate=0.1,
+      rho=0.05,
+      track_every=5,
+      num_lanczos_iters=4,
+      progress=False,
+      chunk_size=10,
+      num_steps=40,
+  )
   full = se.train(mlp_loss, params, data, out_dir=tmp_path / "full", **kwargs)
   real_save = checkpoint.save
   calls = []
@@ -320,22 +495,34 @@ def test_interrupted_run_keeps_finished_chunks_and_resumes(tmp_path, monkeypatch
   assert kept["step"].tolist() == [0, 5, 10, 15]
   resumed = se.train(mlp_loss, params, data, out_dir=tmp_path / "cut", **kwargs)
   chex.assert_trees_all_equal(resumed.params, full.params)
-  np.testing.assert_array_equal(resumed.history["sharpness"], full.history["sharpness"])
+  np.testing.assert_array_equal(
+      resumed.history["sharpness"], full.history["sharpness"]
+  )
 
 
 def test_lambda_min_is_the_bottom_eigenvalue(x64):
   # Full Lanczos (iterations = parameters) gives the exact spectrum.
   params, data = mlp_problem(dtype=jnp.float64)
   n = jax.flatten_util.ravel_pytree(params)[0].size
-  result = se.train(mlp_loss, params, data, learning_rate=0.1, num_steps=3,
-                    track_every=1, num_lanczos_iters=n, progress=False)
+  result = se.train(
+      mlp_loss,
+      params,
+      data,
+      learning_rate=0.1,
+      num_steps=3,
+      track_every=1,
+      num_lanczos_iters=n,
+      progress=False,
+  )
   flat, unravel = jax.flatten_util.ravel_pytree(params)
   hess = jax.hessian(lambda v: mlp_loss(unravel(v), data))(flat)
   vals = np.linalg.eigvalsh(np.asarray(hess))
-  chex.assert_trees_all_close(result.history["lambda_min"][0], vals[0],
-                              rtol=1e-8, atol=1e-10)
-  chex.assert_trees_all_close(result.history["sharpness"][0], vals[-1],
-                              rtol=1e-8)
+  chex.assert_trees_all_close(
+      result.history["lambda_min"][0], vals[0], rtol=1e-8, atol=1e-10
+  )
+  chex.assert_trees_all_close(
+      result.history["sharpness"][0], vals[-1], rtol=1e-8
+  )
   assert np.all(result.history["lambda_min"] <= result.history["sharpness"])
 
 
@@ -344,99 +531,191 @@ def test_eval_fn_columns_equal_eval_at_the_tracked_iterates(x64):
   held_out = mlp_problem(num_examples=5, dtype=jnp.float64, key=1)[1]
 
   def eval_fn(p, batch):
-    return {"test_loss": mlp_loss(p, batch),
-            "test_max": jnp.max(jnp.abs(p["w2"]))}
+    return {
+        "test_loss": mlp_loss(p, batch),
+        "test_max": jnp.max(jnp.abs(p["w2"])),
+    }
 
-  kwargs = dict(learning_rate=0.2, rho=0.05, num_steps=6, track_every=3,
-                num_lanczos_iters=4, progress=False)
-  result = se.train(mlp_loss, params, data, eval_fn=eval_fn,
-                    eval_data=held_out, **kwargs)
+  kwargs = dict(
+      learning_rate=0.2,
+      rho=0.05,
+      num_steps=6,
+      track_every=3,
+      num_lanczos_iters=4,
+      progress=False,
+  )
+  result = se.train(
+      mlp_loss, params, data, eval_fn=eval_fn, eval_data=held_out, **kwargs
+  )
   assert list(result.history)[-2:] == ["test_loss", "test_max"]
   # The iterate at step 3 is the final params of a 3-step run.
   for t, row in ((0, 0), (3, 1)):
-    w_t = (params if t == 0 else
-           se.train(mlp_loss, params, data, **{**kwargs, "num_steps": t}).params)
+    w_t = (
+        params
+        if t == 0
+        else se.train(
+            mlp_loss, params, data, **{**kwargs, "num_steps": t}
+        ).params
+    )
     want = eval_fn(w_t, held_out)
     for name in ("test_loss", "test_max"):
-      chex.assert_trees_all_close(result.history[name][row], want[name],
-                                  rtol=1e-10)
+      chex.assert_trees_all_close(
+          result.history[name][row], want[name], rtol=1e-10
+      )
 
 
 def test_eval_fn_errors_name_the_argument():
   params, data = mlp_problem()
   with pytest.raises(ValueError, match="eval_fn"):
-    se.train(mlp_loss, params, data, learning_rate=0.1, num_steps=2,
-             eval_fn=lambda p, d: mlp_loss(p, d), eval_data=data,
-             progress=False)
+    se.train(
+        mlp_loss,
+        params,
+        data,
+        learning_rate=0.1,
+        num_steps=2,
+        eval_fn=lambda p, d: mlp_loss(p, d),
+        eval_data=data,
+        progress=False,
+    )
   with pytest.raises(ValueError, match="clash"):
-    se.train(mlp_loss, params, data, learning_rate=0.1, num_steps=2,
-             eval_fn=lambda p, d: {"loss": mlp_loss(p, d)}, eval_data=data,
-             progress=False)
+    se.train(
+        mlp_loss,
+        params,
+        data,
+        learning_rate=0.1,
+        num_steps=2,
+        eval_fn=lambda p, d: {"loss": mlp_loss(p, d)},
+        eval_data=data,
+        progress=False,
+    )
   with pytest.raises(ValueError, match="eval_data"):
-    se.train(mlp_loss, params, data, learning_rate=0.1, num_steps=2,
-             eval_data=data, progress=False)
+    se.train(
+        mlp_loss,
+        params,
+        data,
+        learning_rate=0.1,
+        num_steps=2,
+        eval_data=data,
+        progress=False,
+    )
 
 
 def test_per_config_params_equal_separate_runs(x64, tmp_path):
   inits = [mlp_problem(dtype=jnp.float64, key=k)[0] for k in (0, 1)]
   data = mlp_problem(dtype=jnp.float64)[1]
   stacked = jax.tree.map(lambda *x: jnp.stack(x), *inits)
-  kwargs = dict(learning_rate=0.2, rho=0.05, num_steps=6, track_every=2,
-                num_lanczos_iters=4, progress=False)
-  sweep = se.train(mlp_loss, stacked, data, key=[0, 1], per_config_params=True,
-                   out_dir=tmp_path / "run", **kwargs)
+  kwargs = dict(
+      learning_rate=0.2,
+      rho=0.05,
+      num_steps=6,
+      track_every=2,
+      num_lanczos_iters=4,
+      progress=False,
+  )
+  sweep = se.train(
+      mlp_loss,
+      stacked,
+      data,
+      key=[0, 1],
+      per_config_params=True,
+      out_dir=tmp_path / "run",
+      **kwargs,
+  )
   for c, init in enumerate(inits):
     single = se.train(mlp_loss, init, data, key=c, **kwargs)
-    chex.assert_trees_all_close(jax.tree.map(lambda x: x[c], sweep.params),
-                                single.params, rtol=1e-10)
-    chex.assert_trees_all_close(sweep.history["sharpness"][c],
-                                single.history["sharpness"], rtol=1e-8)
+    chex.assert_trees_all_close(
+        jax.tree.map(lambda x: x[c], sweep.params), single.params, rtol=1e-10
+    )
+    chex.assert_trees_all_close(
+        sweep.history["sharpness"][c], single.history["sharpness"], rtol=1e-8
+    )
   # Resumable like any run, and the stacking is checked.
-  again = se.train(mlp_loss, stacked, data, key=[0, 1], per_config_params=True,
-                   out_dir=tmp_path / "run", **kwargs)
+  again = se.train(
+      mlp_loss,
+      stacked,
+      data,
+      key=[0, 1],
+      per_config_params=True,
+      out_dir=tmp_path / "run",
+      **kwargs,
+  )
   chex.assert_trees_all_close(again.params, sweep.params)
   with pytest.raises(ValueError, match="per_config_params"):
-    se.train(mlp_loss, inits[0], data, key=[0, 1, 2], per_config_params=True,
-             **kwargs)
+    se.train(
+        mlp_loss,
+        inits[0],
+        data,
+        key=[0, 1, 2],
+        per_config_params=True,
+        **kwargs,
+    )
 
 
 def test_learning_rate_and_momentum_need_the_default_optimizer():
   params, data = mlp_problem()
   ok = dict(num_steps=2, track_every=1, num_lanczos_iters=2, progress=False)
   with pytest.raises(ValueError, match="learning_rate"):
-    se.train(mlp_loss, params, data, learning_rate=[0.01, 0.5],
-             optimizer=optax.sgd(0.1), **ok)
+    se.train(
+        mlp_loss,
+        params,
+        data,
+        learning_rate=[0.01, 0.5],
+        optimizer=optax.sgd(0.1),
+        **ok,
+    )
   with pytest.raises(ValueError, match="momentum"):
-    se.train(mlp_loss, params, data, learning_rate=0.1, momentum=0.9,
-             optimizer=optax.sgd(0.1), **ok)
+    se.train(
+        mlp_loss,
+        params,
+        data,
+        learning_rate=0.1,
+        momentum=0.9,
+        optimizer=optax.sgd(0.1),
+        **ok,
+    )
 
 
 def test_injected_learning_rate_is_swept_and_drives_the_edges(x64):
   params, data = mlp_problem(dtype=jnp.float64)
   ok = dict(num_steps=4, track_every=2, num_lanczos_iters=2, progress=False)
   inject = optax.inject_hyperparams(optax.sgd)(learning_rate=0.1, momentum=0.5)
-  sweep = se.train(mlp_loss, params, data, learning_rate=[0.01, 0.2],
-                   optimizer=inject, **ok)
-  chex.assert_trees_all_close(sweep.history["gd_edge"][:, 0],
-                              np.array([2 * 1.5 / 0.01, 2 * 1.5 / 0.2]))
+  sweep = se.train(
+      mlp_loss, params, data, learning_rate=[0.01, 0.2], optimizer=inject, **ok
+  )
+  chex.assert_trees_all_close(
+      sweep.history["gd_edge"][:, 0], np.array([2 * 1.5 / 0.01, 2 * 1.5 / 0.2])
+  )
   for c, lr in enumerate((0.01, 0.2)):
-    single = se.train(mlp_loss, params, data, learning_rate=lr, momentum=0.5,
-                      **ok)
-    chex.assert_trees_all_close(jax.tree.map(lambda x: x[c], sweep.params),
-                                single.params, rtol=1e-12)
+    single = se.train(
+        mlp_loss, params, data, learning_rate=lr, momentum=0.5, **ok
+    )
+    chex.assert_trees_all_close(
+        jax.tree.map(lambda x: x[c], sweep.params), single.params, rtol=1e-12
+    )
 
 
 def test_sweep_keeps_its_finite_configurations(tmp_path):
   hess = jnp.array([[10.0, 1.0]], jnp.float32)
-  kwargs = dict(num_steps=150, track_every=1, num_lanczos_iters=2,
-                progress=False, chunk_size=32)
+  kwargs = dict(
+      num_steps=150,
+      track_every=1,
+      num_lanczos_iters=2,
+      progress=False,
+      chunk_size=32,
+  )
   with pytest.raises(se.TrainingDiverged) as info:
     se.train(quad_loss, jnp.ones(2), hess, learning_rate=0.25, **kwargs)
   step = info.value.step
   assert 0 < step < 150
   with pytest.warns(UserWarning, match=r"configuration 1 .*step " + str(step)):
-    result = se.train(quad_loss, jnp.ones(2), hess, learning_rate=[0.1, 0.25],
-                      out_dir=tmp_path, **kwargs)
+    result = se.train(
+        quad_loss,
+        jnp.ones(2),
+        hess,
+        learning_rate=[0.1, 0.25],
+        out_dir=tmp_path,
+        **kwargs,
+    )
   np.testing.assert_array_equal(result.diverged_at, [-1, step])
   single = se.train(quad_loss, jnp.ones(2), hess, learning_rate=0.1, **kwargs)
   assert single.diverged_at == -1
@@ -444,7 +723,9 @@ def test_sweep_keeps_its_finite_configurations(tmp_path):
   assert np.all(np.isfinite(result.params[1]))
   loss = result.history["loss"]
   assert loss.shape == (2, 150) and np.all(np.isfinite(loss[0]))
-  assert np.all(np.isfinite(loss[1, :step])) and np.all(np.isnan(loss[1, step:]))
+  assert np.all(np.isfinite(loss[1, :step])) and np.all(
+      np.isnan(loss[1, step:])
+  )
   rows = se.read_csv(tmp_path / "metrics.csv")
   assert rows["step"][rows["config"] == 0].tolist() == list(range(150))
   assert rows["step"][rows["config"] == 1].tolist() == list(range(step))
@@ -455,8 +736,14 @@ def test_sweep_keeps_its_finite_configurations(tmp_path):
         assert np.all(np.isfinite(saved[name])), name
   # Resumed further, the diverged configuration stays stopped.
   with pytest.warns(UserWarning, match="configuration 1"):
-    more = se.train(quad_loss, jnp.ones(2), hess, learning_rate=[0.1, 0.25],
-                    out_dir=tmp_path, **{**kwargs, "num_steps": 160})
+    more = se.train(
+        quad_loss,
+        jnp.ones(2),
+        hess,
+        learning_rate=[0.1, 0.25],
+        out_dir=tmp_path,
+        **{**kwargs, "num_steps": 160},
+    )
   np.testing.assert_array_equal(more.diverged_at, [-1, step])
   chex.assert_trees_all_equal(more.params[1], result.params[1])
 
@@ -464,20 +751,38 @@ def test_sweep_keeps_its_finite_configurations(tmp_path):
 def test_non_finite_sharpness_is_divergence(tmp_path):
   loss = lambda w, d: jnp.sum(jnp.abs(w) ** 1.5)  # infinite curvature at 0
   with pytest.raises(se.TrainingDiverged, match="step 0"):
-    se.train(loss, jnp.array([0.0, 1.0]), jnp.zeros((1, 1)), learning_rate=0.1,
-             num_steps=4, track_every=1, num_lanczos_iters=2, progress=False,
-             out_dir=tmp_path)
-  assert not (tmp_path / "metrics.csv").exists() or not se.read_csv(
-      tmp_path / "metrics.csv")["step"].size
+    se.train(
+        loss,
+        jnp.array([0.0, 1.0]),
+        jnp.zeros((1, 1)),
+        learning_rate=0.1,
+        num_steps=4,
+        track_every=1,
+        num_lanczos_iters=2,
+        progress=False,
+        out_dir=tmp_path,
+    )
+  assert (
+      not (tmp_path / "metrics.csv").exists()
+      or not se.read_csv(tmp_path / "metrics.csv")["step"].size
+  )
 
 
 def test_non_finite_params_are_never_checkpointed(tmp_path):
   loss = lambda w, d: 1e3 * jnp.sum(jnp.tanh(w))  # finite at w = inf
   with pytest.raises(se.TrainingDiverged, match="step 0"):
-    se.train(loss, jnp.ones(2, jnp.float32), jnp.zeros((1, 1)),
-             learning_rate=1e37, num_steps=2, track_every=1,
-             num_lanczos_iters=2, progress=False, out_dir=tmp_path,
-             chunk_size=1)
+    se.train(
+        loss,
+        jnp.ones(2, jnp.float32),
+        jnp.zeros((1, 1)),
+        learning_rate=1e37,
+        num_steps=2,
+        track_every=1,
+        num_lanczos_iters=2,
+        progress=False,
+        out_dir=tmp_path,
+        chunk_size=1,
+    )
   assert not (tmp_path / "checkpoint.npz").exists()
 
 
@@ -508,8 +813,14 @@ def test_more_bad_input_names_the_argument():
 
 def test_raw_uint32_key_data_is_one_key():
   params, data = mlp_problem()
-  ok = dict(learning_rate=0.1, num_steps=2, batch_size=4, track_every=1,
-            num_lanczos_iters=2, progress=False)
+  ok = dict(
+      learning_rate=0.1,
+      num_steps=2,
+      batch_size=4,
+      track_every=1,
+      num_lanczos_iters=2,
+      progress=False,
+  )
   raw = np.asarray(jax.random.key_data(jax.random.key(5)))
   assert raw.dtype == np.uint32
   result = se.train(mlp_loss, params, data, key=raw, **ok)

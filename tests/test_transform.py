@@ -19,10 +19,15 @@ def mlp_loss(params, batch):
 
 def problem(key=0, dtype=jnp.float32):
   k = jax.random.split(jax.random.key(key), 4)
-  params = {"w1": jax.random.normal(k[0], (4, 8), dtype),
-            "b1": jnp.full(8, 0.1, dtype),
-            "w2": jax.random.normal(k[1], (8, 3), dtype) / 3}
-  batch = (jax.random.normal(k[2], (16, 4), dtype), jax.random.normal(k[3], (16, 3), dtype))
+  params = {
+      "w1": jax.random.normal(k[0], (4, 8), dtype),
+      "b1": jnp.full(8, 0.1, dtype),
+      "w2": jax.random.normal(k[1], (8, 3), dtype) / 3,
+  }
+  batch = (
+      jax.random.normal(k[2], (16, 4), dtype),
+      jax.random.normal(k[3], (16, 3), dtype),
+  )
   return params, batch
 
 
@@ -32,8 +37,9 @@ def run(opt, params, batch, num_steps):
 
   @jax.jit
   def step(params, state, batch):
-    updates, state = opt.update(grad(params, batch), state, params,
-                                grad_fn=lambda p: grad(p, batch))
+    updates, state = opt.update(
+        grad(params, batch), state, params, grad_fn=lambda p: grad(p, batch)
+    )
     return optax.apply_updates(params, updates), state
 
   state = opt.init(params)
@@ -55,15 +61,19 @@ def test_transform_equals_pure_definition():
       w = jax.tree.map(lambda p, g: p - eta * g, w, out.sam_grads)
       chex.assert_trees_all_close(expected, w, rtol=1e-12)
     prev = traj[-2]
-    chex.assert_trees_all_close(state.grad_norm,
-                                optax.tree.norm(jax.grad(mlp_loss)(prev, batch)))
+    chex.assert_trees_all_close(
+        state.grad_norm, optax.tree.norm(jax.grad(mlp_loss)(prev, batch))
+    )
 
 
-@pytest.mark.parametrize("base", [
-    lambda: optax.sgd(0.05),
-    lambda: optax.sgd(0.05, momentum=0.9),
-    lambda: optax.adam(1e-2),
-])
+@pytest.mark.parametrize(
+    "base",
+    [
+        lambda: optax.sgd(0.05),
+        lambda: optax.sgd(0.05, momentum=0.9),
+        lambda: optax.adam(1e-2),
+    ],
+)
 def test_rho_zero_reproduces_base_bit_for_bit(base):
   params, batch = problem(1)
   sam_traj, _ = run(se.sam(base(), 0.0), params, batch, 6)
@@ -72,15 +82,18 @@ def test_rho_zero_reproduces_base_bit_for_bit(base):
     chex.assert_trees_all_equal(a, b)
 
 
-@pytest.mark.parametrize("base", [lambda: optax.sgd(0.05),
-                                  lambda: optax.sgd(0.05, momentum=0.5)])
+@pytest.mark.parametrize(
+    "base", [lambda: optax.sgd(0.05), lambda: optax.sgd(0.05, momentum=0.5)]
+)
 def test_equals_optax_contrib_sam_every_second_step(base):
   with jax.enable_x64(True):
     params, batch = problem(2, dtype=jnp.float64)
     rho = 0.1
     ours, _ = run(se.sam(base(), rho, eps=0.0), params, batch, 4)
     adv = optax.chain(optax.contrib.normalize(), optax.sgd(rho))
-    theirs, _ = run(optax.contrib.sam(base(), adv, sync_period=2), params, batch, 8)
+    theirs, _ = run(
+        optax.contrib.sam(base(), adv, sync_period=2), params, batch, 8
+    )
     for k in range(4):
       chex.assert_trees_all_close(ours[k], theirs[2 * k + 1], rtol=1e-10)
 
@@ -89,10 +102,15 @@ def test_usam_transform():
   with jax.enable_x64(True):
     params, batch = problem(3, dtype=jnp.float64)
     eta, rho = 0.05, 0.02
-    traj, _ = run(se.sam(optax.sgd(eta), rho, normalize=False), params, batch, 1)
+    traj, _ = run(
+        se.sam(optax.sgd(eta), rho, normalize=False), params, batch, 1
+    )
     out = se.sam_gradient(mlp_loss, params, batch, rho=rho, normalize=False)
     chex.assert_trees_all_close(
-        traj[0], jax.tree.map(lambda p, g: p - eta * g, params, out.sam_grads), rtol=1e-12)
+        traj[0],
+        jax.tree.map(lambda p, g: p - eta * g, params, out.sam_grads),
+        rtol=1e-12,
+    )
 
 
 def test_state_shapes_stable_under_cond_and_scan():
@@ -105,15 +123,17 @@ def test_state_shapes_stable_under_cond_and_scan():
 
     def do_step(operand):
       params, state = operand
-      updates, state = opt.update(grad(params, batch), state, params,
-                                  grad_fn=lambda p: grad(p, batch))
+      updates, state = opt.update(
+          grad(params, batch), state, params, grad_fn=lambda p: grad(p, batch)
+      )
       return optax.apply_updates(params, updates), state
 
     return jax.lax.cond(i % 2 == 0, do_step, lambda o: o, (params, state)), None
 
   state0 = opt.init(params)
   (params_out, state), _ = jax.jit(
-      lambda c: jax.lax.scan(body, c, jnp.arange(4)))((params, state0))
+      lambda c: jax.lax.scan(body, c, jnp.arange(4))
+  )((params, state0))
   chex.assert_trees_all_equal_shapes_and_dtypes(state, state0)
   chex.assert_tree_all_finite(params_out)
 
@@ -124,16 +144,24 @@ def test_traced_rho_vmap():
 
   def one_step(rho):
     opt = se.sam(optax.sgd(0.05), rho)
-    updates, _ = opt.update(grad(params, batch), opt.init(params), params,
-                            grad_fn=lambda p: grad(p, batch))
+    updates, _ = opt.update(
+        grad(params, batch),
+        opt.init(params),
+        params,
+        grad_fn=lambda p: grad(p, batch),
+    )
     return updates
 
   many = jax.jit(jax.vmap(one_step))(jnp.array([0.0, 0.1]))
-  chex.assert_trees_all_close(jax.tree.map(lambda x: x[1], many), one_step(0.1),
-                              rtol=1e-5, atol=1e-7)
-  chex.assert_trees_all_close(jax.tree.map(lambda x: x[0], many),
-                              jax.tree.map(lambda g: -0.05 * g, grad(params, batch)),
-                              rtol=1e-5, atol=1e-7)
+  chex.assert_trees_all_close(
+      jax.tree.map(lambda x: x[1], many), one_step(0.1), rtol=1e-5, atol=1e-7
+  )
+  chex.assert_trees_all_close(
+      jax.tree.map(lambda x: x[0], many),
+      jax.tree.map(lambda g: -0.05 * g, grad(params, batch)),
+      rtol=1e-5,
+      atol=1e-7,
+  )
 
 
 def test_no_recompilation_across_steps():
@@ -145,8 +173,9 @@ def test_no_recompilation_across_steps():
   @jax.jit
   def step(params, state, batch):
     traces.append(1)
-    updates, state = opt.update(grad(params, batch), state, params,
-                                grad_fn=lambda p: grad(p, batch))
+    updates, state = opt.update(
+        grad(params, batch), state, params, grad_fn=lambda p: grad(p, batch)
+    )
     return optax.apply_updates(params, updates), state
 
   state = opt.init(params)
@@ -159,7 +188,9 @@ def test_zero_gradient_no_nan():
   params = {"w": jnp.zeros(3)}
   opt = se.sam(optax.sgd(0.1), 0.1, eps=0.0)
   grad_fn = lambda p: jax.tree.map(jnp.zeros_like, p)
-  updates, state = opt.update(grad_fn(params), opt.init(params), params, grad_fn=grad_fn)
+  updates, state = opt.update(
+      grad_fn(params), opt.init(params), params, grad_fn=grad_fn
+  )
   chex.assert_tree_all_finite((updates, state))
 
 
@@ -173,7 +204,9 @@ def test_errors():
   with pytest.raises(ValueError, match="params"):
     opt.update(params, opt.init(params), grad_fn=lambda p: p)
   with pytest.raises(ValueError, match="structure"):
-    opt.update(params, opt.init(params), params, grad_fn=lambda p: {"v": p["w"]})
+    opt.update(
+        params, opt.init(params), params, grad_fn=lambda p: {"v": p["w"]}
+    )
 
 
 # Issue 14: composition, plain bases, rho schedules, validation.
@@ -194,8 +227,9 @@ def one_update(opt, w):
 def test_weight_decay_chained_before_sam_is_kept(rho):
   with jax.enable_x64(True):
     w = jnp.array([1.0, 1.0])
-    opt = optax.chain(optax.add_decayed_weights(1.0),
-                      se.sam(optax.sgd(0.1), rho, eps=0.0))
+    opt = optax.chain(
+        optax.add_decayed_weights(1.0), se.sam(optax.sgd(0.1), rho, eps=0.0)
+    )
     updates, state = one_update(opt, w)
     # u = g + w = (5, 2); e = rho u / ||u||; the base sees
     # u + grad(w + e) - grad(w) = u + H e.
@@ -212,8 +246,9 @@ def test_clipping_chained_before_sam_is_kept():
   with jax.enable_x64(True):
     w = jnp.array([1.0, 1.0])
     rho = 0.1
-    opt = optax.chain(optax.clip_by_global_norm(1.0),
-                      se.sam(optax.sgd(0.1), rho, eps=0.0))
+    opt = optax.chain(
+        optax.clip_by_global_norm(1.0), se.sam(optax.sgd(0.1), rho, eps=0.0)
+    )
     updates, state = one_update(opt, w)
     g = jnp.array([4.0, 1.0])
     u = g / jnp.sqrt(17.0)  # clipped to norm 1
@@ -230,8 +265,9 @@ def test_plain_gradient_transformation_base_ignores_extra_args():
   base = optax.GradientTransformation(lambda p: optax.EmptyState(), update)
   w = jnp.array([1.0, 0.0])
   opt = se.sam(base, 0.5)
-  updates, _ = opt.update(quad_grad(w), opt.init(w), w, grad_fn=quad_grad,
-                          value=jnp.array(2.0))
+  updates, _ = opt.update(
+      quad_grad(w), opt.init(w), w, grad_fn=quad_grad, value=jnp.array(2.0)
+  )
   chex.assert_trees_all_close(updates, jnp.array([-0.6, 0.0]), rtol=1e-6)
 
 
@@ -243,8 +279,9 @@ def test_extra_args_reach_an_extra_args_base():
     seen.append(value)
     return updates, state
 
-  base = optax.GradientTransformationExtraArgs(lambda p: optax.EmptyState(),
-                                               update)
+  base = optax.GradientTransformationExtraArgs(
+      lambda p: optax.EmptyState(), update
+  )
   w = jnp.array([1.0, 0.0])
   opt = se.sam(base, 0.5)
   opt.update(quad_grad(w), opt.init(w), w, grad_fn=quad_grad, value=3.0)
@@ -269,8 +306,10 @@ def test_constant_rho_state_counts_steps():
   chex.assert_trees_all_equal(state.count, jnp.asarray(3, jnp.int32))
 
 
-@pytest.mark.parametrize("rho", [-0.1, float("nan"), "0.1", 1j, [0.1, 0.2],
-                                 jnp.array([0.1, 0.2]), None])
+@pytest.mark.parametrize(
+    "rho",
+    [-0.1, float("nan"), "0.1", 1j, [0.1, 0.2], jnp.array([0.1, 0.2]), None],
+)
 def test_invalid_rho_raises_value_error(rho):
   with pytest.raises(ValueError, match="rho"):
     se.sam(optax.sgd(0.1), rho)

@@ -22,24 +22,58 @@ References:
 from __future__ import annotations
 
 from sam_eos.experiments.claims import Claim, check_claims, check_history
-from sam_eos.experiments.data import (DataChecksumError, DataUnavailableError,
-                                      char_crops, load_cifar10, load_mnist,
-                                      load_shakespeare, preprocess_images)
-from sam_eos.experiments.losses import (cross_entropy_loss, half_sse_loss,
-                                        make_loss_fn, make_per_example_loss_fn,
-                                        mse_loss)
-from sam_eos.experiments.models import (CNN, MLP, Transformer, count_params,
-                                        init_params, make_model)
-from sam_eos.experiments.plots import (FIGURES, load_run, plot_alignment,
-                                       plot_loss, plot_ratio, plot_runs,
-                                       plot_sharpness, seed_bands)
-from sam_eos.experiments.presets import (EXPERIMENTS, PRESETS,
-                                         ExperimentConfig, get_experiment,
-                                         list_experiments)
-from sam_eos.experiments.runner import (ExperimentRun, Problem,
-                                        build_problem, find_run, load_data,
-                                        load_test_data,
-                                        run_experiment, run_or_load, sweep)
+from sam_eos.experiments.data import (
+    DataChecksumError,
+    DataUnavailableError,
+    char_crops,
+    load_cifar10,
+    load_mnist,
+    load_shakespeare,
+    preprocess_images,
+)
+from sam_eos.experiments.losses import (
+    cross_entropy_loss,
+    half_sse_loss,
+    make_loss_fn,
+    make_per_example_loss_fn,
+    mse_loss,
+)
+from sam_eos.experiments.models import (
+    CNN,
+    MLP,
+    Transformer,
+    count_params,
+    init_params,
+    make_model,
+)
+from sam_eos.experiments.plots import (
+    FIGURES,
+    load_run,
+    plot_alignment,
+    plot_loss,
+    plot_ratio,
+    plot_runs,
+    plot_sharpness,
+    seed_bands,
+)
+from sam_eos.experiments.presets import (
+    EXPERIMENTS,
+    PRESETS,
+    ExperimentConfig,
+    get_experiment,
+    list_experiments,
+)
+from sam_eos.experiments.runner import (
+    ExperimentRun,
+    Problem,
+    build_problem,
+    find_run,
+    load_data,
+    load_test_data,
+    run_experiment,
+    run_or_load,
+    sweep,
+)
 
 __all__ = [
     "CNN",

@@ -109,6 +109,7 @@ class Claim:
     detail: what was measured, in words, for the report.
     applicable: False where the claim's premise is absent (``N/A``).
   """
+
   name: str
   config: int
   learning_rate: float
@@ -117,8 +118,9 @@ class Claim:
   value: float
   range: tuple[float, float]
   passed: bool
-  samples: tuple[float, ...] = dataclasses.field(default=(), repr=False,
-                                                 compare=False)
+  samples: tuple[float, ...] = dataclasses.field(
+      default=(), repr=False, compare=False
+  )
   detail: str = ""
   applicable: bool = True
 
@@ -130,13 +132,16 @@ class Claim:
     return "PASS" if self.passed else "FAIL"
 
   def __str__(self) -> str:
-    return (f"{self.status:4}  {self.name:18} config {self.config} "
-            f"(eta={self.learning_rate:.4g}, rho={self.rho:g}, "
-            f"seed={self.seed}): {self.detail}")
+    return (
+        f"{self.status:4}  {self.name:18} config {self.config} "
+        f"(eta={self.learning_rate:.4g}, rho={self.rho:g}, "
+        f"seed={self.seed}): {self.detail}"
+    )
 
 
-def split_configs(metrics: Mapping[str, np.ndarray]
-                  ) -> dict[int, dict[str, np.ndarray]]:
+def split_configs(
+    metrics: Mapping[str, np.ndarray],
+) -> dict[int, dict[str, np.ndarray]]:
   """The flat ``se.read_csv`` columns split by configuration.
 
   Args:
@@ -148,11 +153,21 @@ def split_configs(metrics: Mapping[str, np.ndarray]
   Raises:
     ValueError: if a required column is missing.
   """
-  missing = {"config", "learning_rate", "rho", "seed", "step", "sharpness",
-             "gd_edge", "sam_edge"} - set(metrics)
+  missing = {
+      "config",
+      "learning_rate",
+      "rho",
+      "seed",
+      "step",
+      "sharpness",
+      "gd_edge",
+      "sam_edge",
+  } - set(metrics)
   if missing:
-    raise ValueError(f"`metrics` lacks the columns {sorted(missing)}; pass "
-                     "se.read_csv('RUN/metrics.csv').")
+    raise ValueError(
+        f"`metrics` lacks the columns {sorted(missing)}; pass "
+        "se.read_csv('RUN/metrics.csv')."
+    )
   out = {}
   for c in np.unique(metrics["config"]):
     mask = np.asarray(metrics["config"]) == c
@@ -161,8 +176,9 @@ def split_configs(metrics: Mapping[str, np.ndarray]
   return out
 
 
-def tail_window(rows: Mapping[str, np.ndarray], *,
-                fraction: float = TAIL_FRACTION) -> np.ndarray:
+def tail_window(
+    rows: Mapping[str, np.ndarray], *, fraction: float = TAIL_FRACTION
+) -> np.ndarray:
   """Boolean mask of the rows with ``step >= last_step * (1 - fraction)``."""
   steps = np.asarray(rows["step"])
   if steps.size == 0:
@@ -170,8 +186,13 @@ def tail_window(rows: Mapping[str, np.ndarray], *,
   return steps >= steps.max() * (1 - fraction)
 
 
-def tail_median(rows: Mapping[str, np.ndarray], numerator: str,
-                denominator: str, *, fraction: float = TAIL_FRACTION) -> float:
+def tail_median(
+    rows: Mapping[str, np.ndarray],
+    numerator: str,
+    denominator: str,
+    *,
+    fraction: float = TAIL_FRACTION,
+) -> float:
   """Median of ``numerator / denominator`` over the last ``fraction`` of steps.
 
   The window is the rows with ``step >= last_step * (1 - fraction)`` (at
@@ -197,14 +218,20 @@ def tail_median(rows: Mapping[str, np.ndarray], numerator: str,
   window = tail_window(rows, fraction=fraction)
   if not window.any():
     return float("nan")
-  ratio = (np.asarray(rows[numerator], float)[window]
-           / np.asarray(rows[denominator], float)[window])
+  ratio = (
+      np.asarray(rows[numerator], float)[window]
+      / np.asarray(rows[denominator], float)[window]
+  )
   return float(np.median(ratio))
 
 
-def bootstrap_interval(samples: Sequence[float], *, level: float = 0.9,
-                       num_resamples: int = BOOTSTRAP_SAMPLES,
-                       seed: int = 0) -> tuple[float, float]:
+def bootstrap_interval(
+    samples: Sequence[float],
+    *,
+    level: float = 0.9,
+    num_resamples: int = BOOTSTRAP_SAMPLES,
+    seed: int = 0,
+) -> tuple[float, float]:
   """Percentile bootstrap interval of the median of ``samples``.
 
   Args:
@@ -225,67 +252,131 @@ def bootstrap_interval(samples: Sequence[float], *, level: float = 0.9,
   if x.size == 0 or not np.all(np.isfinite(x)):
     return float("nan"), float("nan")
   rng = np.random.default_rng(seed)
-  medians = np.median(x[rng.integers(0, x.size, (num_resamples, x.size))],
-                      axis=1)
+  medians = np.median(
+      x[rng.integers(0, x.size, (num_resamples, x.size))], axis=1
+  )
   tail = (1 - level) / 2
-  return (float(np.quantile(medians, tail)),
-          float(np.quantile(medians, 1 - tail)))
+  return (
+      float(np.quantile(medians, tail)),
+      float(np.quantile(medians, 1 - tail)),
+  )
 
 
-def _claim(name: str, config: int, rows: Mapping[str, np.ndarray],
-           value: float, bounds: tuple[float, float], detail: str, *,
-           passed: bool | None = None, samples: np.ndarray | None = None,
-           applicable: bool = True) -> Claim:
+def _claim(
+    name: str,
+    config: int,
+    rows: Mapping[str, np.ndarray],
+    value: float,
+    bounds: tuple[float, float],
+    detail: str,
+    *,
+    passed: bool | None = None,
+    samples: np.ndarray | None = None,
+    applicable: bool = True,
+) -> Claim:
   if passed is None:
     passed = bool(bounds[0] <= value <= bounds[1])
-  return Claim(name=name, config=config,
-               learning_rate=float(rows["learning_rate"][0]),
-               rho=float(rows["rho"][0]), seed=int(rows["seed"][0]),
-               value=float(value), range=bounds, passed=bool(passed),
-               samples=() if samples is None else tuple(map(float, samples)),
-               detail=detail, applicable=applicable)
+  return Claim(
+      name=name,
+      config=config,
+      learning_rate=float(rows["learning_rate"][0]),
+      rho=float(rows["rho"][0]),
+      seed=int(rows["seed"][0]),
+      value=float(value),
+      range=bounds,
+      passed=bool(passed),
+      samples=() if samples is None else tuple(map(float, samples)),
+      detail=detail,
+      applicable=applicable,
+  )
 
 
-def _ratio_claim(name: str, c: int, rows: Mapping[str, np.ndarray],
-                 window: np.ndarray, numerator: str, denominator: str,
-                 bounds: tuple[float, float], what: str) -> Claim:
+def _ratio_claim(
+    name: str,
+    c: int,
+    rows: Mapping[str, np.ndarray],
+    window: np.ndarray,
+    numerator: str,
+    denominator: str,
+    bounds: tuple[float, float],
+    what: str,
+) -> Claim:
   """A claim on the window median of ``numerator / denominator``."""
-  ratios = (np.asarray(rows[numerator], float)[window]
-            / np.asarray(rows[denominator], float)[window])
+  ratios = (
+      np.asarray(rows[numerator], float)[window]
+      / np.asarray(rows[denominator], float)[window]
+  )
   value = float(np.median(ratios)) if ratios.size else float("nan")
-  shown = (f"[{bounds[0]:g}, {bounds[1]:g}]" if bounds[0] > 0 else
-           f"< {bounds[1]:g}" if bounds[1] < _INF else f">= {bounds[0]:g}")
-  return _claim(name, c, rows, value, bounds,
-                f"median {what} = {value:.3f} over {ratios.size} points, "
-                f"want {shown}", samples=ratios)
+  shown = (
+      f"[{bounds[0]:g}, {bounds[1]:g}]"
+      if bounds[0] > 0
+      else f"< {bounds[1]:g}"
+      if bounds[1] < _INF
+      else f">= {bounds[0]:g}"
+  )
+  return _claim(
+      name,
+      c,
+      rows,
+      value,
+      bounds,
+      f"median {what} = {value:.3f} over {ratios.size} points, "
+      f"want {shown}",
+      samples=ratios,
+  )
 
 
-def _gd_claims(c: int, rows: Mapping[str, np.ndarray], window: np.ndarray
-               ) -> list[Claim]:
+def _gd_claims(
+    c: int, rows: Mapping[str, np.ndarray], window: np.ndarray
+) -> list[Claim]:
   """``gd_sharpens``, ``gd_at_edge`` and ``gd_oscillates`` of a GD run."""
   steps = np.asarray(rows["step"])
   start = steps <= steps.max() * START_FRACTION
   claims = [
-      _ratio_claim("gd_sharpens", c, rows, start, "sharpness", "gd_edge",
-                   (0.0, GD_START_MAX), "sharpness / (2/eta) at the start "
-                   f"(first {START_FRACTION:.0%})"),
-      _ratio_claim("gd_at_edge", c, rows, window, "sharpness", "gd_edge",
-                   GD_RANGE, "sharpness / (2/eta)"),
+      _ratio_claim(
+          "gd_sharpens",
+          c,
+          rows,
+          start,
+          "sharpness",
+          "gd_edge",
+          (0.0, GD_START_MAX),
+          "sharpness / (2/eta) at the start " f"(first {START_FRACTION:.0%})",
+      ),
+      _ratio_claim(
+          "gd_at_edge",
+          c,
+          rows,
+          window,
+          "sharpness",
+          "gd_edge",
+          GD_RANGE,
+          "sharpness / (2/eta)",
+      ),
   ]
   loss = np.asarray(rows["loss"], float)[window]
   rises = int(np.sum(np.diff(loss) > 0))
-  alignment = float(np.median(np.asarray(rows["grad_alignment"],
-                                         float)[window]))
-  claims.append(_claim(
-      "gd_oscillates", c, rows, alignment, (ALIGNMENT_MIN, 1.0),
-      f"median |cos(g, v1)| = {alignment:.3f} (want >= {ALIGNMENT_MIN:g}) "
-      f"or a loss rise between window points ({rises} rises)",
-      passed=rises >= 1 or alignment >= ALIGNMENT_MIN))
+  alignment = float(
+      np.median(np.asarray(rows["grad_alignment"], float)[window])
+  )
+  claims.append(
+      _claim(
+          "gd_oscillates",
+          c,
+          rows,
+          alignment,
+          (ALIGNMENT_MIN, 1.0),
+          f"median |cos(g, v1)| = {alignment:.3f} (want >= {ALIGNMENT_MIN:g}) "
+          f"or a loss rise between window points ({rises} rises)",
+          passed=rises >= 1 or alignment >= ALIGNMENT_MIN,
+      )
+  )
   return claims
 
 
-def _early_flattening(c: int, rows: Mapping[str, np.ndarray],
-                      gd: Mapping[str, np.ndarray]) -> Claim:
+def _early_flattening(
+    c: int, rows: Mapping[str, np.ndarray], gd: Mapping[str, np.ndarray]
+) -> Claim:
   """SAM's sharpness and loss against GD's early in training."""
   steps = np.asarray(rows["step"])
   low, high = (f * steps.max() for f in EARLY_WINDOW)
@@ -294,20 +385,29 @@ def _early_flattening(c: int, rows: Mapping[str, np.ndarray],
     early = steps == steps[np.searchsorted(steps, low)]
   common = np.isin(steps, gd["step"]) & early
   gd_index = np.searchsorted(gd["step"], steps[common])
-  sharp = (np.asarray(rows["sharpness"], float)[common]
-           / np.asarray(gd["sharpness"], float)[gd_index])
-  loss = (np.asarray(rows["loss"], float)[common]
-          / np.asarray(gd["loss"], float)[gd_index])
+  sharp = (
+      np.asarray(rows["sharpness"], float)[common]
+      / np.asarray(gd["sharpness"], float)[gd_index]
+  )
+  loss = (
+      np.asarray(rows["loss"], float)[common]
+      / np.asarray(gd["loss"], float)[gd_index]
+  )
   value = float(np.median(sharp)) if sharp.size else float("nan")
   loss_ratio = float(np.median(loss)) if loss.size else float("nan")
   return _claim(
-      "early_flattening", c, rows, value, (0.0, EARLY_SHARPNESS_MAX),
+      "early_flattening",
+      c,
+      rows,
+      value,
+      (0.0, EARLY_SHARPNESS_MAX),
       f"steps {int(steps[common].min()) if sharp.size else '-'}-"
       f"{int(steps[common].max()) if sharp.size else '-'}: median S_SAM/S_GD "
       f"= {value:.3f} (want < {EARLY_SHARPNESS_MAX:g}) while loss_SAM/loss_GD "
       f"= {loss_ratio:.3f} (want >= {EARLY_LOSS_MIN:g})",
       passed=value < EARLY_SHARPNESS_MAX and loss_ratio >= EARLY_LOSS_MIN,
-      samples=sharp)
+      samples=sharp,
+  )
 
 
 def _edge_tracking(c: int, rows: Mapping[str, np.ndarray]) -> Claim:
@@ -318,21 +418,36 @@ def _edge_tracking(c: int, rows: Mapping[str, np.ndarray]) -> Claim:
   sharp = np.asarray(rows["sharpness"], float)[after]
   move = float(edge.max() / edge.min()) if edge.size else float("nan")
   if not move >= EDGE_MOVE_MIN or np.any(sharp <= 0):
-    return _claim("edge_tracking", c, rows, float("nan"),
-                  (TRACKING_CORR_MIN, 1.0),
-                  f"the SAM-edge moves only {move:.2f}x after "
-                  f"{TRACKING_START:.0%} of the steps (< {EDGE_MOVE_MIN:g}x)",
-                  passed=True, applicable=False)
+    return _claim(
+        "edge_tracking",
+        c,
+        rows,
+        float("nan"),
+        (TRACKING_CORR_MIN, 1.0),
+        f"the SAM-edge moves only {move:.2f}x after "
+        f"{TRACKING_START:.0%} of the steps (< {EDGE_MOVE_MIN:g}x)",
+        passed=True,
+        applicable=False,
+    )
   corr = float(np.corrcoef(np.log(sharp), np.log(edge))[0, 1])
-  return _claim("edge_tracking", c, rows, corr, (TRACKING_CORR_MIN, 1.0),
-                f"the SAM-edge moves {move:.2f}x; corr(log S, log SAM-edge) "
-                f"= {corr:.3f} over {edge.size} points, want >= "
-                f"{TRACKING_CORR_MIN:g}")
+  return _claim(
+      "edge_tracking",
+      c,
+      rows,
+      corr,
+      (TRACKING_CORR_MIN, 1.0),
+      f"the SAM-edge moves {move:.2f}x; corr(log S, log SAM-edge) "
+      f"= {corr:.3f} over {edge.size} points, want >= "
+      f"{TRACKING_CORR_MIN:g}",
+  )
 
 
-def check_claims(metrics: Mapping[str, np.ndarray], *,
-                 fraction: float = TAIL_FRACTION,
-                 min_points: int = MIN_WINDOW_POINTS) -> list[Claim]:
+def check_claims(
+    metrics: Mapping[str, np.ndarray],
+    *,
+    fraction: float = TAIL_FRACTION,
+    min_points: int = MIN_WINDOW_POINTS,
+) -> list[Claim]:
   """Checks the edge-of-stability claims on every configuration of a run.
 
   Args:
@@ -369,24 +484,53 @@ def check_claims(metrics: Mapping[str, np.ndarray], *,
   configs = split_configs(metrics)
   if not configs or not any(len(r["step"]) for r in configs.values()):
     raise ValueError("`metrics` has no rows: the run recorded nothing yet.")
-  gd_runs = {(float(r["learning_rate"][0]), int(r["seed"][0])): r
-             for r in configs.values() if float(r["rho"][0]) == 0}
+  gd_runs = {
+      (float(r["learning_rate"][0]), int(r["seed"][0])): r
+      for r in configs.values()
+      if float(r["rho"][0]) == 0
+  }
   claims = []
   for c, rows in configs.items():
     window = tail_window(rows, fraction=fraction)
     count = int(window.sum())
-    claims.append(_claim("window_points", c, rows, count, (min_points, _INF),
-                         f"{count} tracked points in the last "
-                         f"{fraction:.0%} of the steps, want >= {min_points}"))
+    claims.append(
+        _claim(
+            "window_points",
+            c,
+            rows,
+            count,
+            (min_points, _INF),
+            f"{count} tracked points in the last "
+            f"{fraction:.0%} of the steps, want >= {min_points}",
+        )
+    )
     if float(rows["rho"][0]) == 0:
       claims.extend(_gd_claims(c, rows, window))
       continue
-    claims.append(_ratio_claim("sam_at_sam_edge", c, rows, window,
-                               "sharpness", "sam_edge", SAM_RANGE,
-                               "sharpness / SAM-edge"))
-    claims.append(_ratio_claim("sam_below_gd_edge", c, rows, window,
-                               "sharpness", "gd_edge", (0.0, SAM_BELOW_GD),
-                               "sharpness / (2/eta)"))
+    claims.append(
+        _ratio_claim(
+            "sam_at_sam_edge",
+            c,
+            rows,
+            window,
+            "sharpness",
+            "sam_edge",
+            SAM_RANGE,
+            "sharpness / SAM-edge",
+        )
+    )
+    claims.append(
+        _ratio_claim(
+            "sam_below_gd_edge",
+            c,
+            rows,
+            window,
+            "sharpness",
+            "gd_edge",
+            (0.0, SAM_BELOW_GD),
+            "sharpness / (2/eta)",
+        )
+    )
     claims.append(_edge_tracking(c, rows))
     gd = gd_runs.get((float(rows["learning_rate"][0]), int(rows["seed"][0])))
     if gd is not None:
@@ -413,23 +557,30 @@ def summarize(claims: Sequence[Claim]) -> list[str]:
     >>> summarize([mk(0, 1.0), mk(1, 1.02)])[1]
     'PASS  gd_at_edge         eta=1     rho=0     2 seeds: median 1.010, range [1.000, 1.020], 90% CI [1.000, 1.020]'
   """
-  lines = ["status claim              setting           seeds: median over "
-           "seeds, seed range, bootstrap 90% CI"]
+  lines = [
+      "status claim              setting           seeds: median over "
+      "seeds, seed range, bootstrap 90% CI"
+  ]
   groups: dict[tuple, list[Claim]] = {}
   for claim in claims:
-    groups.setdefault((claim.name, claim.learning_rate, claim.rho),
-                      []).append(claim)
+    groups.setdefault((claim.name, claim.learning_rate, claim.rho), []).append(
+        claim
+    )
   for (name, eta, rho), group in groups.items():
     applicable = [c for c in group if c.applicable]
     if not applicable:
-      lines.append(f"N/A   {name:18} eta={eta:<5.4g} rho={rho:<5g} "
-                   f"{len(group)} seeds: {group[0].detail}")
+      lines.append(
+          f"N/A   {name:18} eta={eta:<5.4g} rho={rho:<5g} "
+          f"{len(group)} seeds: {group[0].detail}"
+      )
       continue
     values = np.array([c.value for c in applicable])
     status = "PASS" if all(c.passed for c in group) else "FAIL"
-    line = (f"{status:5} {name:18} eta={eta:<5.4g} rho={rho:<5g} "
-            f"{len(group)} seeds: median {np.median(values):.3f}, range "
-            f"[{values.min():.3f}, {values.max():.3f}]")
+    line = (
+        f"{status:5} {name:18} eta={eta:<5.4g} rho={rho:<5g} "
+        f"{len(group)} seeds: median {np.median(values):.3f}, range "
+        f"[{values.min():.3f}, {values.max():.3f}]"
+    )
     pooled = [x for c in applicable for x in c.samples]
     if pooled:
       low, high = bootstrap_interval(pooled)
@@ -438,8 +589,9 @@ def summarize(claims: Sequence[Claim]) -> list[str]:
   return lines
 
 
-def findings(metrics: Mapping[str, np.ndarray], *,
-             fraction: float = TAIL_FRACTION) -> list[str]:
+def findings(
+    metrics: Mapping[str, np.ndarray], *, fraction: float = TAIL_FRACTION
+) -> list[str]:
   """What the claims' bands do not show, in words.
 
   - SAM's offset from its edge: per setting, the median of ``sharpness /
@@ -460,18 +612,23 @@ def findings(metrics: Mapping[str, np.ndarray], *,
   for c, rows in split_configs(metrics).items():
     window = tail_window(rows, fraction=fraction)
     if float(rows["rho"][0]) > 0:
-      settings.setdefault((float(rows["learning_rate"][0]),
-                           float(rows["rho"][0])), []).append(
+      settings.setdefault(
+          (float(rows["learning_rate"][0]), float(rows["rho"][0])), []
+      ).append(
           np.asarray(rows["sharpness"], float)[window]
-          / np.asarray(rows["sam_edge"], float)[window])
+          / np.asarray(rows["sam_edge"], float)[window]
+      )
     if "lambda_min" in rows:
-      negative = (np.abs(np.asarray(rows["lambda_min"], float)[window])
-                  > np.asarray(rows["sharpness"], float)[window])
+      negative = (
+          np.abs(np.asarray(rows["lambda_min"], float)[window])
+          > np.asarray(rows["sharpness"], float)[window]
+      )
       if negative.any():
         lines.append(
             f"config {c}: |lambda_min| > lambda_max at {int(negative.sum())} "
             f"of {int(window.sum())} window points: there the dominant "
-            "eigenvalue |lambda| (the authors' power iteration) is negative.")
+            "eigenvalue |lambda| (the authors' power iteration) is negative."
+        )
   for (eta, rho), parts in settings.items():
     pooled = np.concatenate(parts)
     low, high = bootstrap_interval(pooled)
@@ -479,12 +636,14 @@ def findings(metrics: Mapping[str, np.ndarray], *,
         f"SAM offset (eta={eta:.4g}, rho={rho:g}): median sharpness / "
         f"SAM-edge {np.median(pooled):.3f}, 90% CI [{low:.3f}, {high:.3f}]; "
         f"{np.mean(pooled > 1):.0%} of {pooled.size} window points lie above "
-        "the edge.")
+        "the edge."
+    )
   return lines
 
 
-def _edges(config: ExperimentConfig, rows: Mapping[str, np.ndarray]
-           ) -> tuple[np.ndarray, np.ndarray]:
+def _edges(
+    config: ExperimentConfig, rows: Mapping[str, np.ndarray]
+) -> tuple[np.ndarray, np.ndarray]:
   """``(gd_edge, sam_edge)`` of one configuration's rows, in NumPy.
 
   ``c = 2 (1 + beta)``; ``gd_edge = c / eta``; the SAM-edge is the positive
@@ -504,10 +663,13 @@ def _edges(config: ExperimentConfig, rows: Mapping[str, np.ndarray]
   return c / eta, 2 * c / (eta * (1 + np.sqrt(1 + 4 * c * r / eta)))
 
 
-def check_history(metrics: Mapping[str, np.ndarray],
-                  config: ExperimentConfig, *, complete: bool = False,
-                  history: Mapping[str, np.ndarray] | None = None
-                  ) -> dict[int, dict[str, np.ndarray]]:
+def check_history(
+    metrics: Mapping[str, np.ndarray],
+    config: ExperimentConfig,
+    *,
+    complete: bool = False,
+    history: Mapping[str, np.ndarray] | None = None,
+) -> dict[int, dict[str, np.ndarray]]:
   """Checks that a run's metrics are a sound history of ``config``'s sweep.
 
   Checks, in order:
@@ -565,59 +727,74 @@ def check_history(metrics: Mapping[str, np.ndarray],
   """
   missing = [c for c in CONFIG_COLUMNS + HISTORY_COLUMNS if c not in metrics]
   if missing:
-    raise ValueError(f"`metrics` lacks the columns {missing}; pass "
-                     "se.read_csv('RUN/metrics.csv').")
-  bad = [c for c in CONFIG_COLUMNS + HISTORY_COLUMNS
-         if not np.all(np.isfinite(np.asarray(metrics[c], float)))]
+    raise ValueError(
+        f"`metrics` lacks the columns {missing}; pass "
+        "se.read_csv('RUN/metrics.csv')."
+    )
+  bad = [
+      c
+      for c in CONFIG_COLUMNS + HISTORY_COLUMNS
+      if not np.all(np.isfinite(np.asarray(metrics[c], float)))
+  ]
   if bad:
     raise ValueError(f"non-finite values in the columns {bad}.")
   runs = split_configs(metrics)
-  sweep = list(itertools.product(config.learning_rates, config.rhos,
-                                 config.seeds))
+  sweep = list(
+      itertools.product(config.learning_rates, config.rhos, config.seeds)
+  )
   if sorted(runs) != list(range(len(sweep))):
     raise ValueError(
         f"`metrics` holds the configurations {sorted(runs)}; {config.name} "
         f"({config.preset}) sweeps {len(sweep)}: "
-        f"{list(range(len(sweep)))}.")
+        f"{list(range(len(sweep)))}."
+    )
   steps = np.arange(0, config.num_steps, config.track_every)
   for c, rows in runs.items():
     eta, rho, seed = sweep[c]
     label = f"config {c} (eta={eta:g}, rho={rho:g})"
-    for column, want in (("learning_rate", eta), ("rho", rho),
-                         ("seed", seed)):
+    for column, want in (("learning_rate", eta), ("rho", rho), ("seed", seed)):
       if not np.allclose(rows[column], want, rtol=_HISTORY_RTOL, atol=0):
-        raise ValueError(f"{label}: column {column} is not {want:g} "
-                         f"throughout: {np.unique(rows[column])}.")
+        raise ValueError(
+            f"{label}: column {column} is not {want:g} "
+            f"throughout: {np.unique(rows[column])}."
+        )
     num_rows = len(rows["step"])
     if complete and num_rows != len(steps):
       raise ValueError(
           f"{label}: {num_rows} rows, want ceil(num_steps / track_every) = "
           f"ceil({config.num_steps} / {config.track_every}) = {len(steps)} "
-          "for a finished run.")
+          "for a finished run."
+      )
     if not np.array_equal(rows["step"], steps[:num_rows]):
       raise ValueError(
           f"{label}: rows at steps {rows['step'].tolist()}, want (a prefix "
           f"of) 0, {config.track_every}, 2 x {config.track_every}, ... below "
-          f"num_steps = {config.num_steps}.")
+          f"num_steps = {config.num_steps}."
+      )
     gd_edge, sam_edge = _edges(config, rows)
     for column, want, formula in (
         ("gd_edge", gd_edge, "2 (1 + beta) / eta"),
-        ("sam_edge", sam_edge, "the SAM-edge at grad_norm")):
+        ("sam_edge", sam_edge, "the SAM-edge at grad_norm"),
+    ):
       off = ~np.isclose(rows[column], want, rtol=_EDGE_RTOL, atol=0)
       if np.any(off):
         raise ValueError(
             f"{label}: {column} is not {formula} at steps "
             f"{rows['step'][off].tolist()}: {rows[column][off][0]:g} instead "
-            f"of {want[off][0]:g}.")
+            f"of {want[off][0]:g}."
+        )
   if history is not None:
     for column in HISTORY_COLUMNS:
       want = np.asarray(history[column])
       want = want[None] if want.ndim == 1 else want  # a single run, squeezed
       for c, rows in runs.items():
-        if not (want.shape[0] == len(runs)
-                and want[c].shape == rows[column].shape
-                and np.allclose(rows[column], want[c], rtol=_HISTORY_RTOL,
-                                atol=0)):
-          raise ValueError(f"config {c}: column {column} of `metrics` "
-                           "differs from `history`.")
+        if not (
+            want.shape[0] == len(runs)
+            and want[c].shape == rows[column].shape
+            and np.allclose(rows[column], want[c], rtol=_HISTORY_RTOL, atol=0)
+        ):
+          raise ValueError(
+              f"config {c}: column {column} of `metrics` "
+              "differs from `history`."
+          )
   return runs

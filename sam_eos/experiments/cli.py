@@ -50,8 +50,9 @@ from sam_eos.experiments import presets
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
 
-def _number(kind: type, check: Callable[[float], bool], want: str
-            ) -> Callable[[str], float]:
+def _number(
+    kind: type, check: Callable[[float], bool], want: str
+) -> Callable[[str], float]:
   """An argparse type: parses ``kind``, rejects values failing ``check``."""
 
   def parse(text: str):
@@ -59,7 +60,8 @@ def _number(kind: type, check: Callable[[float], bool], want: str
       value = kind(text)
     except ValueError:
       raise argparse.ArgumentTypeError(
-          f"must be {want}, got {text!r}") from None
+          f"must be {want}, got {text!r}"
+      ) from None
     if not check(value):
       raise argparse.ArgumentTypeError(f"must be {want}, got {text}")
     return value
@@ -73,108 +75,204 @@ _POSITIVE = _number(int, lambda v: v >= 1, "an integer >= 1")
 _SEED = _number(int, lambda v: v >= 0, "an integer >= 0")
 
 
-def _parser() -> tuple[argparse.ArgumentParser,
-                       dict[str, argparse.ArgumentParser]]:
+def _parser() -> (
+    tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]
+):
   """The top-level parser and each command's parser (for its errors)."""
   parser = argparse.ArgumentParser(
       prog="sam-eos",
       description="SAM and GD at the edge of stability (Long & Bartlett "
-      "2023): run the paper's experiments, plot and check them.")
-  commands = parser.add_subparsers(dest="command", required=True,
-                                   metavar="{run,plot,list,check}")
+      "2023): run the paper's experiments, plot and check them.",
+  )
+  commands = parser.add_subparsers(
+      dest="command", required=True, metavar="{run,plot,list,check}"
+  )
 
   run = commands.add_parser(
-      "run", help="train an experiment (default: mnist-mlp, cpu preset)",
+      "run",
+      help="train an experiment (default: mnist-mlp, cpu preset)",
       description="Train every (learning rate, rho, seed) of an experiment as "
       "one vmapped program; write config.json, metrics.csv, checkpoint.npz "
-      "and the figures. Options override the preset.")
-  run.add_argument("name", nargs="?", default="mnist-mlp",
-                   choices=presets.list_experiments(), metavar="NAME",
-                   help="experiment (see `sam-eos list`); default mnist-mlp")
-  run.add_argument("--preset", default="cpu", choices=presets.PRESETS,
-                   help="settings: cpu (default, minutes on a laptop) or paper "
-                   "(published, needs an accelerator)")
-  run.add_argument("--rho", type=_RHO, nargs="+", metavar="R",
-                   help="SAM radii (0 is GD)")
-  run.add_argument("--lr", type=_LR, nargs="+", metavar="ETA",
-                   help="learning rates")
-  run.add_argument("--seed", type=_SEED, nargs="+", metavar="S",
-                   help="seeds: each its own initialization, minibatch "
-                   "draws and Lanczos start")
-  run.add_argument("--steps", type=_POSITIVE, metavar="N",
-                   help="number of training steps")
-  run.add_argument("--track-every", type=_POSITIVE, metavar="N",
-                   help="measure sharpness every N steps")
-  run.add_argument("--lanczos-iters", type=_POSITIVE, metavar="N",
-                   help="Lanczos iterations per measurement")
-  run.add_argument("--batch-size", type=_POSITIVE, metavar="B",
-                   help="minibatch size (default: the preset's)")
-  run.add_argument("--num-examples", type=_POSITIVE, metavar="N",
-                   help="training examples (text crops for shakespeare)")
-  run.add_argument("--num-test-examples", type=_POSITIVE, metavar="N",
-                   help="held-out examples for test_loss and test_accuracy")
-  run.add_argument("--data-parallel", action="store_true",
-                   help="shard the batch over all local devices (GPUs, TPU "
-                   "cores; on CPU set XLA_FLAGS="
-                   "--xla_force_host_platform_device_count=N)")
-  run.add_argument("--devices", type=_POSITIVE, metavar="N",
-                   help="data-parallel over the first N devices (implies "
-                   "--data-parallel)")
-  run.add_argument("--config-shards", type=_POSITIVE, metavar="K",
-                   help="also split the sweep's configurations over K groups "
-                   "of devices (a config x data mesh; K must divide the "
-                   "devices and the number of configurations)")
-  run.add_argument("--distributed", action="store_true",
-                   help="multi-host: call jax.distributed.initialize() first "
-                   "and use every process's devices (implies "
-                   "--data-parallel); on TPU, SLURM or Open MPI it needs "
-                   "nothing else, elsewhere give the next three options")
-  run.add_argument("--coordinator", metavar="HOST:PORT",
-                   help="with --distributed: process 0's address")
-  run.add_argument("--num-processes", type=_POSITIVE, metavar="N",
-                   help="with --distributed: number of processes")
-  run.add_argument("--process-id", type=_SEED, metavar="I",
-                   help="with --distributed: this process's index")
-  run.add_argument("--out", metavar="DIR",
-                   help="run folder (default runs/NAME-PRESET)")
-  run.add_argument("--overwrite", action="store_true",
-                   help="delete a previous run in DIR instead of resuming it")
-  run.add_argument("--x", dest="x_axis", default="step",
-                   choices=("step", "wall_time"), help="figures' x-axis")
-  run.add_argument("--no-progress", action="store_true",
-                   help="no progress bar")
+      "and the figures. Options override the preset.",
+  )
+  run.add_argument(
+      "name",
+      nargs="?",
+      default="mnist-mlp",
+      choices=presets.list_experiments(),
+      metavar="NAME",
+      help="experiment (see `sam-eos list`); default mnist-mlp",
+  )
+  run.add_argument(
+      "--preset",
+      default="cpu",
+      choices=presets.PRESETS,
+      help="settings: cpu (default, minutes on a laptop) or paper "
+      "(published, needs an accelerator)",
+  )
+  run.add_argument(
+      "--rho", type=_RHO, nargs="+", metavar="R", help="SAM radii (0 is GD)"
+  )
+  run.add_argument(
+      "--lr", type=_LR, nargs="+", metavar="ETA", help="learning rates"
+  )
+  run.add_argument(
+      "--seed",
+      type=_SEED,
+      nargs="+",
+      metavar="S",
+      help="seeds: each its own initialization, minibatch "
+      "draws and Lanczos start",
+  )
+  run.add_argument(
+      "--steps", type=_POSITIVE, metavar="N", help="number of training steps"
+  )
+  run.add_argument(
+      "--track-every",
+      type=_POSITIVE,
+      metavar="N",
+      help="measure sharpness every N steps",
+  )
+  run.add_argument(
+      "--lanczos-iters",
+      type=_POSITIVE,
+      metavar="N",
+      help="Lanczos iterations per measurement",
+  )
+  run.add_argument(
+      "--batch-size",
+      type=_POSITIVE,
+      metavar="B",
+      help="minibatch size (default: the preset's)",
+  )
+  run.add_argument(
+      "--num-examples",
+      type=_POSITIVE,
+      metavar="N",
+      help="training examples (text crops for shakespeare)",
+  )
+  run.add_argument(
+      "--num-test-examples",
+      type=_POSITIVE,
+      metavar="N",
+      help="held-out examples for test_loss and test_accuracy",
+  )
+  run.add_argument(
+      "--data-parallel",
+      action="store_true",
+      help="shard the batch over all local devices (GPUs, TPU "
+      "cores; on CPU set XLA_FLAGS="
+      "--xla_force_host_platform_device_count=N)",
+  )
+  run.add_argument(
+      "--devices",
+      type=_POSITIVE,
+      metavar="N",
+      help="data-parallel over the first N devices (implies "
+      "--data-parallel)",
+  )
+  run.add_argument(
+      "--config-shards",
+      type=_POSITIVE,
+      metavar="K",
+      help="also split the sweep's configurations over K groups "
+      "of devices (a config x data mesh; K must divide the "
+      "devices and the number of configurations)",
+  )
+  run.add_argument(
+      "--distributed",
+      action="store_true",
+      help="multi-host: call jax.distributed.initialize() first "
+      "and use every process's devices (implies "
+      "--data-parallel); on TPU, SLURM or Open MPI it needs "
+      "nothing else, elsewhere give the next three options",
+  )
+  run.add_argument(
+      "--coordinator",
+      metavar="HOST:PORT",
+      help="with --distributed: process 0's address",
+  )
+  run.add_argument(
+      "--num-processes",
+      type=_POSITIVE,
+      metavar="N",
+      help="with --distributed: number of processes",
+  )
+  run.add_argument(
+      "--process-id",
+      type=_SEED,
+      metavar="I",
+      help="with --distributed: this process's index",
+  )
+  run.add_argument(
+      "--out", metavar="DIR", help="run folder (default runs/NAME-PRESET)"
+  )
+  run.add_argument(
+      "--overwrite",
+      action="store_true",
+      help="delete a previous run in DIR instead of resuming it",
+  )
+  run.add_argument(
+      "--x",
+      dest="x_axis",
+      default="step",
+      choices=("step", "wall_time"),
+      help="figures' x-axis",
+  )
+  run.add_argument("--no-progress", action="store_true", help="no progress bar")
 
   plot = commands.add_parser(
-      "plot", help="redraw (and overlay) the figures of run folders",
-      description="Redraw the figures of one run folder, or overlay several.")
+      "plot",
+      help="redraw (and overlay) the figures of run folders",
+      description="Redraw the figures of one run folder, or overlay several.",
+  )
   plot.add_argument("run_dirs", nargs="+", metavar="DIR", help="run folders")
-  plot.add_argument("--out", metavar="DIR",
-                    help="where to write the PNGs (default: the run folder, "
-                    "or ./plots for several)")
-  plot.add_argument("--x", dest="x_axis", default="step",
-                    choices=("step", "wall_time"), help="x-axis")
+  plot.add_argument(
+      "--out",
+      metavar="DIR",
+      help="where to write the PNGs (default: the run folder, "
+      "or ./plots for several)",
+  )
+  plot.add_argument(
+      "--x",
+      dest="x_axis",
+      default="step",
+      choices=("step", "wall_time"),
+      help="x-axis",
+  )
 
   commands.add_parser("list", help="show the experiments and their presets")
 
   check = commands.add_parser(
-      "check", help="check the paper's claims on a run folder",
+      "check",
+      help="check the paper's claims on a run folder",
       description="Check the paper's claims (GD sharpens to 2/eta and "
       "oscillates there, SAM at its SAM-edge and below 2/eta, flat early, "
       "tracking its edge) on every seed of a finished run; exit 1 if a claim "
-      "fails or the run is incomplete.")
+      "fails or the run is incomplete.",
+  )
   check.add_argument("run_dir", metavar="DIR", help="a run folder")
   return parser, {"run": run, "plot": plot, "check": check}
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, object]:
   """The preset fields set on the command line."""
-  pairs = {"rhos": args.rho, "learning_rates": args.lr, "seeds": args.seed,
-           "num_steps": args.steps, "track_every": args.track_every,
-           "num_lanczos_iters": args.lanczos_iters,
-           "batch_size": args.batch_size, "num_examples": args.num_examples,
-           "num_test_examples": args.num_test_examples}
-  return {k: tuple(v) if isinstance(v, list) else v
-          for k, v in pairs.items() if v is not None}
+  pairs = {
+      "rhos": args.rho,
+      "learning_rates": args.lr,
+      "seeds": args.seed,
+      "num_steps": args.steps,
+      "track_every": args.track_every,
+      "num_lanczos_iters": args.lanczos_iters,
+      "batch_size": args.batch_size,
+      "num_examples": args.num_examples,
+      "num_test_examples": args.num_test_examples,
+  }
+  return {
+      k: tuple(v) if isinstance(v, list) else v
+      for k, v in pairs.items()
+      if v is not None
+  }
 
 
 def _writable(parser: argparse.ArgumentParser, path: str) -> None:
@@ -182,11 +280,14 @@ def _writable(parser: argparse.ArgumentParser, path: str) -> None:
   try:
     os.makedirs(path, exist_ok=True)
   except OSError as e:
-    parser.error(f"argument --out: cannot create {path!r} ({e.strerror}); "
-                 "choose a writable folder")
+    parser.error(
+        f"argument --out: cannot create {path!r} ({e.strerror}); "
+        "choose a writable folder"
+    )
   if not os.access(path, os.W_OK):
-    parser.error(f"argument --out: {path!r} is not writable; choose a "
-                 "writable folder")
+    parser.error(
+        f"argument --out: {path!r} is not writable; choose a " "writable folder"
+    )
 
 
 def _print_config(config: presets.ExperimentConfig) -> None:
@@ -201,12 +302,16 @@ def _summary(out_dir: str) -> list[str]:
   then the claims over seeds (``claims.summarize``) and the findings."""
   from sam_eos import history  # pylint: disable=g-import-not-at-top
   from sam_eos.experiments import claims  # pylint: disable=g-import-not-at-top
+
   metrics = history.read_csv(os.path.join(out_dir, "metrics.csv"))
   configs = claims.split_configs(metrics)
-  lines = [f"{'config':>6} {'eta':>8} {'rho':>6} {'seed':>4} {'step':>7} "
-           f"{'loss':>10} {'test_acc':>8} {'S/(2/eta)':>10} {'S/SAM-edge':>10}"]
-  last = max(int(rows["step"][-1]) for rows in configs.values()
-             if rows["step"].size)
+  lines = [
+      f"{'config':>6} {'eta':>8} {'rho':>6} {'seed':>4} {'step':>7} "
+      f"{'loss':>10} {'test_acc':>8} {'S/(2/eta)':>10} {'S/SAM-edge':>10}"
+  ]
+  last = max(
+      int(rows["step"][-1]) for rows in configs.values() if rows["step"].size
+  )
   for c, rows in configs.items():
     if rows["step"].size == 0:
       continue
@@ -217,9 +322,12 @@ def _summary(out_dir: str) -> list[str]:
         f"{rows['seed'][0]:>4} {rows['step'][-1]:>7} {rows['loss'][-1]:>10.4g} "
         f"{'-' if accuracy is None else f'{accuracy[-1]:.3f}':>8} "
         f"{claims.tail_median(rows, 'sharpness', 'gd_edge'):>10.3f} "
-        f"{claims.tail_median(rows, 'sharpness', 'sam_edge'):>10.3f}{stopped}")
-  lines.append("S = sharpness; medians over the last third of the steps; "
-               "test_acc at the last tracked step.")
+        f"{claims.tail_median(rows, 'sharpness', 'sam_edge'):>10.3f}{stopped}"
+    )
+  lines.append(
+      "S = sharpness; medians over the last third of the steps; "
+      "test_acc at the last tracked step."
+  )
   try:
     lines += [""] + claims.summarize(claims.check_claims(metrics))
   except ValueError as e:
@@ -228,37 +336,48 @@ def _summary(out_dir: str) -> list[str]:
   return lines
 
 
-def _initialize_distributed(parser: argparse.ArgumentParser,
-                            args: argparse.Namespace) -> None:
+def _initialize_distributed(
+    parser: argparse.ArgumentParser, args: argparse.Namespace
+) -> None:
   """``jax.distributed.initialize`` from ``--coordinator`` and friends."""
   manual = (args.coordinator, args.num_processes, args.process_id)
   if not args.distributed:
     if any(v is not None for v in manual):
-      parser.error("argument --coordinator/--num-processes/--process-id: "
-                   "only with --distributed")
+      parser.error(
+          "argument --coordinator/--num-processes/--process-id: "
+          "only with --distributed"
+      )
     return
   import jax  # pylint: disable=g-import-not-at-top
   # CPU processes exchange data through gloo; GPUs and TPUs ignore this.
   jax.config.update("jax_cpu_collectives_implementation", "gloo")
   try:
-    jax.distributed.initialize(coordinator_address=args.coordinator,
-                               num_processes=args.num_processes,
-                               process_id=args.process_id)
+    jax.distributed.initialize(
+        coordinator_address=args.coordinator,
+        num_processes=args.num_processes,
+        process_id=args.process_id,
+    )
   except (ValueError, RuntimeError) as e:
-    parser.error(f"argument --distributed: {e}; give --coordinator, "
-                 "--num-processes and --process-id outside TPU/SLURM/MPI")
+    parser.error(
+        f"argument --distributed: {e}; give --coordinator, "
+        "--num-processes and --process-id outside TPU/SLURM/MPI"
+    )
 
 
 def _mesh(parser: argparse.ArgumentParser, args: argparse.Namespace):
   """The ``config x data`` mesh the options ask for, or None (one device)."""
   _initialize_distributed(parser, args)
-  if not (args.data_parallel or args.devices or args.config_shards
-          or args.distributed):
+  if not (
+      args.data_parallel
+      or args.devices
+      or args.config_shards
+      or args.distributed
+  ):
     return None
   import sam_eos as se  # pylint: disable=g-import-not-at-top
+
   try:
-    return se.data_mesh(args.devices,
-                        num_config_shards=args.config_shards or 1)
+    return se.data_mesh(args.devices, num_config_shards=args.config_shards or 1)
   except ValueError as e:
     parser.error(f"argument --devices/--config-shards: {e}")
 
@@ -269,36 +388,50 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
 
   try:
     config = presets.get_experiment(args.name, args.preset).replace(
-        **_overrides(args))
+        **_overrides(args)
+    )
   except ValueError as e:
     parser.error(f"invalid settings: {e}")
   mesh = _mesh(parser, args)
   out_dir = args.out or os.path.join("runs", f"{args.name}-{args.preset}")
   _writable(parser, out_dir)
   _print_config(config)
-  print(f"  {'configurations':18} {config.num_configs} "
-        "(learning_rates x rhos x seeds, one vmapped program)")
+  print(
+      f"  {'configurations':18} {config.num_configs} "
+      "(learning_rates x rhos x seeds, one vmapped program)"
+  )
   if mesh is not None:
-    print(f"  {'mesh':18} {dict(mesh.shape)} over "
-          f"{mesh.devices.flat[0].platform} devices")
+    print(
+        f"  {'mesh':18} {dict(mesh.shape)} over "
+        f"{mesh.devices.flat[0].platform} devices"
+    )
   print(f"Writing to {out_dir}")
   sys.stdout.flush()
   start = time.perf_counter()
   status = EXIT_OK
   try:
     result = runner.run_experiment(
-        config, out_dir, progress=not args.no_progress,
-        overwrite=args.overwrite, x_axis=args.x_axis, mesh=mesh)
+        config,
+        out_dir,
+        progress=not args.no_progress,
+        overwrite=args.overwrite,
+        x_axis=args.x_axis,
+        mesh=mesh,
+    )
     learning_rates, rhos, seeds = runner.sweep(config)
     for c, step in enumerate(np.atleast_1d(result.diverged_at)):
       if step >= 0:
-        print(f"Configuration {c} (eta={learning_rates[c]:g}, "
-              f"rho={rhos[c]:g}, seed={seeds[c]}) diverged at step {step}; "
-              "its rows stop there, the other configurations ran to the end.",
-              file=sys.stderr)
+        print(
+            f"Configuration {c} (eta={learning_rates[c]:g}, "
+            f"rho={rhos[c]:g}, seed={seeds[c]}) diverged at step {step}; "
+            "its rows stop there, the other configurations ran to the end.",
+            file=sys.stderr,
+        )
   except se.TrainingDiverged as e:
-    print(f"Training diverged at step {e.step} (configuration {e.config}): {e}",
-          file=sys.stderr)
+    print(
+        f"Training diverged at step {e.step} (configuration {e.config}): {e}",
+        file=sys.stderr,
+    )
     status = EXIT_FAILED
   except ValueError as e:
     print(f"sam-eos run: error: {e}", file=sys.stderr)
@@ -317,12 +450,16 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
 
 def _plot(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
   from sam_eos.experiments import plots  # pylint: disable=g-import-not-at-top
+
   for run_dir in args.run_dirs:
     if not os.path.exists(os.path.join(run_dir, "metrics.csv")):
-      parser.error(f"argument DIR: {run_dir!r} has no metrics.csv; pass run "
-                   "folders written by `sam-eos run`")
-  out_dir = args.out or (args.run_dirs[0] if len(args.run_dirs) == 1
-                         else "plots")
+      parser.error(
+          f"argument DIR: {run_dir!r} has no metrics.csv; pass run "
+          "folders written by `sam-eos run`"
+      )
+  out_dir = args.out or (
+      args.run_dirs[0] if len(args.run_dirs) == 1 else "plots"
+  )
   _writable(parser, out_dir)
   for path in plots.plot_runs(args.run_dirs, out_dir, x_axis=args.x_axis):
     print(path)
@@ -333,26 +470,31 @@ def _list() -> int:
   for name in presets.list_experiments():
     print(name)
     for preset, config in sorted(presets.EXPERIMENTS[name].items()):
-      print(f"  --preset {preset:6} {config.description}; "
-            f"eta {', '.join(f'{v:.4g}' for v in config.learning_rates)}; "
-            f"rho {', '.join(f'{v:g}' for v in config.rhos)}; "
-            f"{config.num_steps} steps")
+      print(
+          f"  --preset {preset:6} {config.description}; "
+          f"eta {', '.join(f'{v:.4g}' for v in config.learning_rates)}; "
+          f"rho {', '.join(f'{v:g}' for v in config.rhos)}; "
+          f"{config.num_steps} steps"
+      )
   return EXIT_OK
 
 
 def _check(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
   from sam_eos import history  # pylint: disable=g-import-not-at-top
   from sam_eos.experiments import claims, plots  # pylint: disable=g-import-not-at-top
+
   path = os.path.join(args.run_dir, "metrics.csv")
   if not os.path.exists(path):
-    parser.error(f"argument DIR: {args.run_dir!r} has no metrics.csv; pass a "
-                 "run folder written by `sam-eos run`")
+    parser.error(
+        f"argument DIR: {args.run_dir!r} has no metrics.csv; pass a "
+        "run folder written by `sam-eos run`"
+    )
   try:
     metrics, metadata = plots.load_run(args.run_dir)
     if metadata:  # a run of sam-eos run: it must be complete and sound
-      claims.check_history(metrics,
-                           presets.ExperimentConfig.from_dict(metadata),
-                           complete=True)
+      claims.check_history(
+          metrics, presets.ExperimentConfig.from_dict(metadata), complete=True
+      )
     results = claims.check_claims(history.read_csv(path))
   except ValueError as e:
     print(f"sam-eos check: {e}", file=sys.stderr)
@@ -364,9 +506,11 @@ def _check(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
   for line in claims.findings(metrics):
     print(line)
   passed = all(c.passed for c in results)
-  print(f"{sum(c.passed for c in results)}/{len(results)} claims hold "
-        f"({sum(not c.applicable for c in results)} of them N/A), every "
-        "seed judged on its own.")
+  print(
+      f"{sum(c.passed for c in results)}/{len(results)} claims hold "
+      f"({sum(not c.applicable for c in results)} of them N/A), every "
+      "seed judged on its own."
+  )
   return EXIT_OK if passed else EXIT_FAILED
 
 

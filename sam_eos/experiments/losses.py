@@ -124,13 +124,16 @@ def _split_batch(batch: Any) -> tuple[Any, Any]:
     return batch["x"], batch["y"]
   if isinstance(batch, (tuple, list)) and len(batch) == 2:
     return batch[0], batch[1]
-  raise ValueError("`batch` must be a pair (x, y) or a mapping with keys 'x' "
-                   f"and 'y', got {type(batch).__name__}"
-                   f"{sorted(batch) if isinstance(batch, Mapping) else ''}.")
+  raise ValueError(
+      "`batch` must be a pair (x, y) or a mapping with keys 'x' "
+      f"and 'y', got {type(batch).__name__}"
+      f"{sorted(batch) if isinstance(batch, Mapping) else ''}."
+  )
 
 
-def make_loss_fn(model: nn.Module, loss: str | LossFn
-                 ) -> Callable[[PyTree, Any], jax.Array]:
+def make_loss_fn(
+    model: nn.Module, loss: str | LossFn
+) -> Callable[[PyTree, Any], jax.Array]:
   """The library's ``loss_fn(params, batch) -> scalar`` for a model and loss.
 
   ``loss_fn(params, batch) = loss(model.apply({"params": params}, x), y)``.
@@ -166,12 +169,16 @@ def make_loss_fn(model: nn.Module, loss: str | LossFn
   """
   if isinstance(loss, str):
     if loss not in LOSSES:
-      raise ValueError(f"Unknown loss {loss!r}; choose one of {sorted(LOSSES)} "
-                       "or pass a function loss(logits, targets).")
+      raise ValueError(
+          f"Unknown loss {loss!r}; choose one of {sorted(LOSSES)} "
+          "or pass a function loss(logits, targets)."
+      )
     loss = LOSSES[loss]
   elif not callable(loss):
-    raise ValueError(f"`loss` must be a name in {sorted(LOSSES)} or a "
-                     f"function, got {loss!r}.")
+    raise ValueError(
+        f"`loss` must be a name in {sorted(LOSSES)} or a "
+        f"function, got {loss!r}."
+    )
 
   def loss_fn(params: PyTree, batch: Any) -> jax.Array:
     x, y = _split_batch(batch)
@@ -180,8 +187,9 @@ def make_loss_fn(model: nn.Module, loss: str | LossFn
   return loss_fn
 
 
-def make_per_example_loss_fn(model: nn.Module, loss: str | LossFn
-                             ) -> Callable[[PyTree, Any], jax.Array]:
+def make_per_example_loss_fn(
+    model: nn.Module, loss: str | LossFn
+) -> Callable[[PyTree, Any], jax.Array]:
   """Per-example losses ``(params, batch) -> (N,)`` for masked padding.
 
   Every loss of ``LOSSES`` is a mean over examples of equally sized terms, so
@@ -221,13 +229,15 @@ def make_per_example_loss_fn(model: nn.Module, loss: str | LossFn
   def per_example(params: PyTree, batch: Any) -> jax.Array:
     x, y = _split_batch(batch)
     return jax.vmap(lambda xi, yi: batch_loss(params, (xi[None], yi[None])))(
-        x, y)
+        x, y
+    )
 
   return per_example
 
 
-def make_eval_fn(model: nn.Module, loss: str
-                 ) -> Callable[[PyTree, Any], dict[str, jax.Array]]:
+def make_eval_fn(
+    model: nn.Module, loss: str
+) -> Callable[[PyTree, Any], dict[str, jax.Array]]:
   """Held-out metrics ``eval_fn(params, batch) -> {test_loss, test_accuracy}``.
 
   ``test_loss`` is the training loss ``loss`` on the held-out batch;
@@ -262,7 +272,9 @@ def make_eval_fn(model: nn.Module, loss: str
     x, y = _split_batch(batch)
     logits = model.apply({"params": params}, x)
     labels = y if y.ndim == logits.ndim - 1 else jnp.argmax(y, axis=-1)
-    return {"test_loss": loss_fn(logits, y),
-            "test_accuracy": accuracy(logits, labels)}
+    return {
+        "test_loss": loss_fn(logits, y),
+        "test_accuracy": accuracy(logits, labels),
+    }
 
   return eval_fn

@@ -45,13 +45,15 @@ import jax.numpy as jnp
 PyTree = Any
 
 GLOROT_NORMAL = jax.nn.initializers.variance_scaling(
-    1.0, "fan_avg", "truncated_normal")
+    1.0, "fan_avg", "truncated_normal"
+)
 # Standard deviation of a unit normal truncated to [-2, 2]: JAX's truncated
 # variance scaling divides by it, Haiku's TruncatedNormal(stddev) does not.
 _TRUNCATED_STD = 0.87962566103423978
 # Haiku's default Linear init, TruncatedNormal(stddev=1/sqrt(fan_in)).
 _HAIKU_LINEAR = jax.nn.initializers.variance_scaling(
-    _TRUNCATED_STD**2, "fan_in", "truncated_normal")
+    _TRUNCATED_STD**2, "fan_in", "truncated_normal"
+)
 _EMBED_INIT = jax.nn.initializers.truncated_normal(stddev=0.02)
 
 # PyTorch's default for nn.Linear and nn.Conv2d (kaiming_uniform with
@@ -63,10 +65,11 @@ INITS = ("glorot", "torch")
 
 def _torch_bias(fan_in: int) -> Callable[..., jax.Array]:
   """PyTorch's default bias init: uniform in ``[-1, 1] / sqrt(fan_in)``."""
-  bound = 1 / fan_in ** 0.5
+  bound = 1 / fan_in**0.5
 
-  def init(key: jax.Array, shape: Sequence[int], dtype: Any = jnp.float32
-           ) -> jax.Array:
+  def init(
+      key: jax.Array, shape: Sequence[int], dtype: Any = jnp.float32
+  ) -> jax.Array:
     return jax.random.uniform(key, shape, dtype, -bound, bound)
 
   return init
@@ -92,8 +95,9 @@ ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
 
 def _activation(name: str) -> Callable[[jax.Array], jax.Array]:
   if name not in ACTIVATIONS:
-    raise ValueError(f"`activation` must be one of {sorted(ACTIVATIONS)}, "
-                     f"got {name!r}.")
+    raise ValueError(
+        f"`activation` must be one of {sorted(ACTIVATIONS)}, " f"got {name!r}."
+    )
   return ACTIVATIONS[name]
 
 
@@ -126,6 +130,7 @@ class MLP(nn.Module):
     Long & Bartlett 2023, Section 4 (MNIST, 3 hidden layers of 1000 ReLU);
     Cohen et al. 2021 (``fc-tanh``: 2 hidden layers of 200 tanh).
   """
+
   hidden_sizes: Sequence[int]
   num_outputs: int = 10
   activation: str = "relu"
@@ -138,10 +143,18 @@ class MLP(nn.Module):
     act = _activation(self.activation)
     h = jnp.reshape(x, (x.shape[0], -1))
     for width in self.hidden_sizes:
-      h = act(nn.Dense(width, param_dtype=self.param_dtype,
-                       **_inits(self.init_scheme, h.shape[-1]))(h))
-    return nn.Dense(self.num_outputs, param_dtype=self.param_dtype,
-                    **_inits(self.init_scheme, h.shape[-1]))(h)
+      h = act(
+          nn.Dense(
+              width,
+              param_dtype=self.param_dtype,
+              **_inits(self.init_scheme, h.shape[-1]),
+          )(h)
+      )
+    return nn.Dense(
+        self.num_outputs,
+        param_dtype=self.param_dtype,
+        **_inits(self.init_scheme, h.shape[-1]),
+    )(h)
 
 
 class CNN(nn.Module):
@@ -177,6 +190,7 @@ class CNN(nn.Module):
     Long & Bartlett 2023, Section 4 (CIFAR-10), authors' ``CNN`` module;
     Cohen et al. 2021, ``cnn-relu`` (``convnet`` in ``src/archs.py``).
   """
+
   channels: Sequence[int] = (16, 32)
   num_outputs: int = 10
   activation: str = "relu"
@@ -192,26 +206,36 @@ class CNN(nn.Module):
       ValueError: if ``x`` is not 4-D.
     """
     if x.ndim != 4:
-      raise ValueError(f"CNN expects NHWC images of shape (N, H, W, C), got "
-                       f"shape {x.shape}; add a channel axis with x[..., None] "
-                       "for grayscale images.")
+      raise ValueError(
+          f"CNN expects NHWC images of shape (N, H, W, C), got "
+          f"shape {x.shape}; add a channel axis with x[..., None] "
+          "for grayscale images."
+      )
     act = _activation(self.activation)
     h = x
     for features in self.channels:
-      h = nn.Conv(features, (3, 3), padding="SAME",
-                  param_dtype=self.param_dtype,
-                  **_inits(self.init_scheme, 9 * h.shape[-1]))(h)
+      h = nn.Conv(
+          features,
+          (3, 3),
+          padding="SAME",
+          param_dtype=self.param_dtype,
+          **_inits(self.init_scheme, 9 * h.shape[-1]),
+      )(h)
       h = act(h)
       if self.layer_norm:
         h = nn.LayerNorm(param_dtype=self.param_dtype)(h)
       h = nn.max_pool(h, (2, 2), strides=(2, 2))
     h = jnp.reshape(h, (h.shape[0], -1))
-    return nn.Dense(self.num_outputs, param_dtype=self.param_dtype,
-                    **_inits(self.init_scheme, h.shape[-1]))(h)
+    return nn.Dense(
+        self.num_outputs,
+        param_dtype=self.param_dtype,
+        **_inits(self.init_scheme, h.shape[-1]),
+    )(h)
 
 
 class _DecoderBlock(nn.Module):
   """Pre-LayerNorm causal self-attention and GELU MLP, both residual."""
+
   num_heads: int
   key_size: int
   mlp_ratio: int
@@ -223,14 +247,21 @@ class _DecoderBlock(nn.Module):
     width = h.shape[-1]
     y = nn.LayerNorm(epsilon=1e-5, param_dtype=self.param_dtype)(h)
     h = h + nn.MultiHeadDotProductAttention(
-        num_heads=self.num_heads, qkv_features=self.num_heads * self.key_size,
-        out_features=width, kernel_init=self.kernel_init,
-        param_dtype=self.param_dtype)(y, mask=mask)
+        num_heads=self.num_heads,
+        qkv_features=self.num_heads * self.key_size,
+        out_features=width,
+        kernel_init=self.kernel_init,
+        param_dtype=self.param_dtype,
+    )(y, mask=mask)
     y = nn.LayerNorm(epsilon=1e-5, param_dtype=self.param_dtype)(h)
-    y = nn.Dense(self.mlp_ratio * width, kernel_init=self.kernel_init,
-                 param_dtype=self.param_dtype)(y)
-    y = nn.Dense(width, kernel_init=self.kernel_init,
-                 param_dtype=self.param_dtype)(jax.nn.gelu(y))
+    y = nn.Dense(
+        self.mlp_ratio * width,
+        kernel_init=self.kernel_init,
+        param_dtype=self.param_dtype,
+    )(y)
+    y = nn.Dense(
+        width, kernel_init=self.kernel_init, param_dtype=self.param_dtype
+    )(jax.nn.gelu(y))
     return h + y
 
 
@@ -273,6 +304,7 @@ class Transformer(nn.Module):
     ``transformer.py``; Vaswani et al., "Attention Is All You Need", NeurIPS
     2017; Haiku's example transformer.
   """
+
   vocab_size: int = 128
   context_length: int = 64
   num_layers: int = 6
@@ -292,36 +324,60 @@ class Transformer(nn.Module):
       ValueError: if ``tokens`` is not 2-D or ``T > context_length``.
     """
     if tokens.ndim != 2 or tokens.shape[1] > self.context_length:
-      raise ValueError(f"`tokens` must have shape (batch, T) with T <= "
-                       f"context_length ({self.context_length}), got shape "
-                       f"{tokens.shape}.")
+      raise ValueError(
+          f"`tokens` must have shape (batch, T) with T <= "
+          f"context_length ({self.context_length}), got shape "
+          f"{tokens.shape}."
+      )
     length = tokens.shape[1]
-    h = nn.Embed(self.vocab_size, self.model_size, embedding_init=_EMBED_INIT,
-                 param_dtype=self.param_dtype)(tokens)
-    positions = self.param("position_embeddings", _EMBED_INIT,
-                           (self.context_length, self.model_size),
-                           self.param_dtype)
+    h = nn.Embed(
+        self.vocab_size,
+        self.model_size,
+        embedding_init=_EMBED_INIT,
+        param_dtype=self.param_dtype,
+    )(tokens)
+    positions = self.param(
+        "position_embeddings",
+        _EMBED_INIT,
+        (self.context_length, self.model_size),
+        self.param_dtype,
+    )
     h = h + positions[:length]
     mask = nn.make_causal_mask(tokens)
     kernel_init = jax.nn.initializers.variance_scaling(
-        2.0 / self.num_layers, "fan_in", "truncated_normal")
+        2.0 / self.num_layers, "fan_in", "truncated_normal"
+    )
     for i in range(self.num_layers):
-      h = _DecoderBlock(self.num_heads, self.key_size, self.mlp_ratio,
-                        kernel_init, self.param_dtype, name=f"block_{i}")(
-                            h, mask)
+      h = _DecoderBlock(
+          self.num_heads,
+          self.key_size,
+          self.mlp_ratio,
+          kernel_init,
+          self.param_dtype,
+          name=f"block_{i}",
+      )(h, mask)
     h = nn.LayerNorm(epsilon=1e-5, param_dtype=self.param_dtype)(h)
-    return nn.Dense(self.vocab_size, kernel_init=_HAIKU_LINEAR,
-                    param_dtype=self.param_dtype)(h)
+    return nn.Dense(
+        self.vocab_size, kernel_init=_HAIKU_LINEAR, param_dtype=self.param_dtype
+    )(h)
 
 
 _MODELS: dict[str, tuple[type[nn.Module], dict[str, Any]]] = {
     "mlp": (MLP, {"hidden_sizes": (1000, 1000, 1000)}),
     "cnn": (CNN, {}),
     "transformer": (Transformer, {}),
-    "fc-tanh": (MLP, {"hidden_sizes": (200, 200), "activation": "tanh",
-                      "init_scheme": "torch"}),
-    "cnn-relu": (CNN, {"channels": (32, 32), "layer_norm": False,
-                       "init_scheme": "torch"}),
+    "fc-tanh": (
+        MLP,
+        {
+            "hidden_sizes": (200, 200),
+            "activation": "tanh",
+            "init_scheme": "torch",
+        },
+    ),
+    "cnn-relu": (
+        CNN,
+        {"channels": (32, 32), "layer_norm": False, "init_scheme": "torch"},
+    ),
 }
 
 
@@ -351,16 +407,19 @@ def make_model(name: str, **kwargs: Any) -> nn.Module:
     Long & Bartlett 2023, Section 4; Cohen et al. 2021, ``src/archs.py``.
   """
   if name not in _MODELS:
-    raise ValueError(f"Unknown model {name!r}; choose one of "
-                     f"{sorted(_MODELS)}.")
+    raise ValueError(
+        f"Unknown model {name!r}; choose one of " f"{sorted(_MODELS)}."
+    )
   cls, defaults = _MODELS[name]
   try:
     return cls(**{**defaults, **kwargs})
   except TypeError as e:
-    fields = [f for f in cls.__dataclass_fields__
-              if f not in ("parent", "name")]
-    raise TypeError(f"make_model({name!r}): {e}; {cls.__name__} takes "
-                    f"{fields}.") from e
+    fields = [
+        f for f in cls.__dataclass_fields__ if f not in ("parent", "name")
+    ]
+    raise TypeError(
+        f"make_model({name!r}): {e}; {cls.__name__} takes " f"{fields}."
+    ) from e
 
 
 def init_params(model: nn.Module, key: jax.Array, x: jax.Array) -> PyTree:

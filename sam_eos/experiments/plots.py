@@ -61,8 +61,13 @@ import numpy as np
 from sam_eos.experiments.claims import GD_RANGE, SAM_RANGE, TAIL_FRACTION
 from sam_eos.history import read_csv
 
-FIGURES = ("sharpness.png", "sharpness_sam_edge.png", "alignment.png",
-           "loss.png", "ratio.png")
+FIGURES = (
+    "sharpness.png",
+    "sharpness_sam_edge.png",
+    "alignment.png",
+    "loss.png",
+    "ratio.png",
+)
 X_AXES = {"step": "step", "wall_time": "wall time (s)"}
 # The y-range is set by the points after this share of the steps.
 TRANSIENT_FRACTION = 0.1
@@ -80,7 +85,7 @@ Runs = Sequence[tuple[str, Metrics]]
 
 
 def seed_bands(
-    rows_by_seed: Sequence[tuple[np.ndarray, np.ndarray]]
+    rows_by_seed: Sequence[tuple[np.ndarray, np.ndarray]],
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
   """Median and min-max band over seeds, step by step.
 
@@ -108,27 +113,36 @@ def seed_bands(
   if not rows_by_seed:
     empty = np.zeros(0)
     return empty, empty, empty, empty
-  steps = np.unique(np.concatenate([np.asarray(s).ravel()
-                                    for s, _ in rows_by_seed]))
+  steps = np.unique(
+      np.concatenate([np.asarray(s).ravel() for s, _ in rows_by_seed])
+  )
   table = np.full((len(rows_by_seed), steps.size), np.nan)
   for i, (seed_steps, values) in enumerate(rows_by_seed):
     values = np.asarray(values, float).ravel()
-    table[i, np.searchsorted(steps, np.asarray(seed_steps).ravel())] = (
-        np.where(np.isfinite(values), values, np.nan))
+    table[i, np.searchsorted(steps, np.asarray(seed_steps).ravel())] = np.where(
+        np.isfinite(values), values, np.nan
+    )
   if steps.size == 0:
     return steps, np.zeros(0), np.zeros(0), np.zeros(0)
   with warnings.catch_warnings():
     warnings.simplefilter("ignore", RuntimeWarning)  # All-NaN steps.
-    return (steps, np.nanmedian(table, axis=0), np.nanmin(table, axis=0),
-            np.nanmax(table, axis=0))
+    return (
+        steps,
+        np.nanmedian(table, axis=0),
+        np.nanmin(table, axis=0),
+        np.nanmax(table, axis=0),
+    )
 
 
 def robust_ylim(
-    rows: Sequence[tuple[np.ndarray, np.ndarray]], *, log: bool = False,
+    rows: Sequence[tuple[np.ndarray, np.ndarray]],
+    *,
+    log: bool = False,
     include: Sequence[float] = (),
     transient: float = TRANSIENT_FRACTION,
     percentiles: tuple[float, float] = YLIM_PERCENTILES,
-    margin: float = YLIM_MARGIN) -> tuple[float, float] | None:
+    margin: float = YLIM_MARGIN,
+) -> tuple[float, float] | None:
   """A y-range that the initial transient does not set.
 
   Only points with ``step >= transient * last_step`` count (all points if
@@ -167,13 +181,17 @@ def robust_ylim(
   kept = np.concatenate(kept) if kept else np.zeros(0)
   if kept.size == 0:
     kept = np.concatenate(everything) if everything else np.zeros(0)
-  include = np.asarray([v for v in include if np.isfinite(v)
-                        and (v > 0 or not log)], float)
+  include = np.asarray(
+      [v for v in include if np.isfinite(v) and (v > 0 or not log)], float
+  )
   if kept.size == 0 and include.size == 0:
     return None
   scale = np.log10 if log else (lambda v: v)
-  low, high = (np.percentile(scale(kept), percentiles) if kept.size
-               else (np.inf, -np.inf))
+  low, high = (
+      np.percentile(scale(kept), percentiles)
+      if kept.size
+      else (np.inf, -np.inf)
+  )
   if include.size:
     low = min(low, scale(include).min())
     high = max(high, scale(include).max())
@@ -182,7 +200,7 @@ def robust_ylim(
     width = 0.2 if log else max(abs(high), 1.0) * 0.2
   low, high = low - margin * width, high + margin * width
   if log:
-    return float(10 ** low), float(10 ** high)
+    return float(10**low), float(10**high)
   return float(low), float(high)
 
 
@@ -190,8 +208,11 @@ def _figure(num_axes: int = 1, *, sharey: bool = True) -> tuple[Any, Any]:
   """A matplotlib Figure on an Agg canvas, and its axes in a row."""
   from matplotlib.backends.backend_agg import FigureCanvasAgg  # pylint: disable=g-import-not-at-top
   from matplotlib.figure import Figure  # pylint: disable=g-import-not-at-top
-  fig = Figure(figsize=(9.0 if num_axes == 1 else 5.2 * num_axes + 2.6, 4.6),
-               layout="constrained")
+
+  fig = Figure(
+      figsize=(9.0 if num_axes == 1 else 5.2 * num_axes + 2.6, 4.6),
+      layout="constrained",
+  )
   FigureCanvasAgg(fig)
   axes = fig.subplots(1, num_axes, sharey=sharey, squeeze=False)[0]
   return fig, axes
@@ -215,16 +236,20 @@ def _groups(runs: Runs | Metrics) -> list[dict[str, Any]]:
   groups: dict[tuple[str, float, float], dict[str, Any]] = {}
   for label, metrics in _as_runs(runs):
     if "config" not in metrics:
-      raise ValueError(f"Run {label!r}: `metrics` must be a dict of "
-                       "se.read_csv columns (config, learning_rate, rho, "
-                       f"seed, step, ...), got keys {sorted(metrics)}.")
+      raise ValueError(
+          f"Run {label!r}: `metrics` must be a dict of "
+          "se.read_csv columns (config, learning_rate, rho, "
+          f"seed, step, ...), got keys {sorted(metrics)}."
+      )
     config = np.asarray(metrics["config"])
     for c in np.unique(config):
       mask = config == c
       rows = {k: np.asarray(v)[mask] for k, v in metrics.items()}
       key = (label, float(rows["learning_rate"][0]), float(rows["rho"][0]))
-      group = groups.setdefault(key, {"run": key[0], "learning_rate": key[1],
-                                      "rho": key[2], "seeds": []})
+      group = groups.setdefault(
+          key,
+          {"run": key[0], "learning_rate": key[1], "rho": key[2], "seeds": []},
+      )
       group["seeds"].append(rows)
   groups = list(groups.values())
   several_lr = len({g["learning_rate"] for g in groups}) > 1
@@ -250,16 +275,18 @@ def _groups(runs: Runs | Metrics) -> list[dict[str, Any]]:
 
 def _check_x_axis(x_axis: str) -> None:
   if x_axis not in X_AXES:
-    raise ValueError(f"`x_axis` must be one of {sorted(X_AXES)}, got "
-                     f"{x_axis!r}.")
+    raise ValueError(
+        f"`x_axis` must be one of {sorted(X_AXES)}, got " f"{x_axis!r}."
+    )
 
 
 def _column(name: str) -> Callable[[Mapping[str, np.ndarray]], np.ndarray]:
   return lambda rows: rows[name]
 
 
-def _band(group: Mapping[str, Any], values: Callable[..., np.ndarray],
-          x_axis: str) -> tuple[np.ndarray, ...]:
+def _band(
+    group: Mapping[str, Any], values: Callable[..., np.ndarray], x_axis: str
+) -> tuple[np.ndarray, ...]:
   """``(steps, x, median, low, high)`` of ``values(rows)`` over the seeds.
 
   With ``x_axis = "wall_time"`` the x of a step is the seeds' median wall
@@ -267,7 +294,8 @@ def _band(group: Mapping[str, Any], values: Callable[..., np.ndarray],
   """
   seeds = group["seeds"]
   steps, median, low, high = seed_bands(
-      [(rows["step"], values(rows)) for rows in seeds])
+      [(rows["step"], values(rows)) for rows in seeds]
+  )
   if x_axis == "step":
     x = steps
   else:
@@ -281,20 +309,45 @@ def _markevery(num_points: int, index: int) -> tuple[int, int]:
   return (index * max(1, every // 4)) % every, every
 
 
-def _draw(ax, group: Mapping[str, Any], band: tuple[np.ndarray, ...], *,
-          label: str | None = None, ls: str = "-", lw: float = 1.6,
-          marker: bool = True, fill: bool = True, zorder: float = 3) -> None:
+def _draw(
+    ax,
+    group: Mapping[str, Any],
+    band: tuple[np.ndarray, ...],
+    *,
+    label: str | None = None,
+    ls: str = "-",
+    lw: float = 1.6,
+    marker: bool = True,
+    fill: bool = True,
+    zorder: float = 3,
+) -> None:
   """The median line of ``band`` (and its min-max over several seeds)."""
   _, x, median, low, high = band
   if x.size == 0:
     return
   if fill and len(group["seeds"]) > 1:
-    ax.fill_between(x, low, high, color=group["color"], alpha=BAND_ALPHA,
-                    lw=0, zorder=zorder - 2)
-  ax.plot(x, median, color=group["color"], ls=ls, lw=lw, label=label,
-          alpha=0.95, zorder=zorder + 0.01 * group["index"],
-          marker=group["marker"] if marker else None, ms=4,
-          markevery=_markevery(x.size, group["index"]) if marker else None)
+    ax.fill_between(
+        x,
+        low,
+        high,
+        color=group["color"],
+        alpha=BAND_ALPHA,
+        lw=0,
+        zorder=zorder - 2,
+    )
+  ax.plot(
+      x,
+      median,
+      color=group["color"],
+      ls=ls,
+      lw=lw,
+      label=label,
+      alpha=0.95,
+      zorder=zorder + 0.01 * group["index"],
+      marker=group["marker"] if marker else None,
+      ms=4,
+      markevery=_markevery(x.size, group["index"]) if marker else None,
+  )
 
 
 def _band_rows(band: tuple[np.ndarray, ...]) -> list[tuple[np.ndarray, ...]]:
@@ -303,25 +356,42 @@ def _band_rows(band: tuple[np.ndarray, ...]) -> list[tuple[np.ndarray, ...]]:
   return [(steps, median), (steps, low), (steps, high)]
 
 
-def _set_ylim(ax, rows: Sequence[tuple[np.ndarray, np.ndarray]], *,
-              log: bool, include: Sequence[float] = ()) -> None:
+def _set_ylim(
+    ax,
+    rows: Sequence[tuple[np.ndarray, np.ndarray]],
+    *,
+    log: bool,
+    include: Sequence[float] = (),
+) -> None:
   """``robust_ylim`` on ``ax``, noting in a corner when points are clipped."""
   limits = robust_ylim(rows, log=log, include=include)
   if limits is None:
     return
   ax.set_ylim(*limits)
-  values = np.concatenate([np.asarray(v, float).ravel() for _, v in rows]
-                          or [np.zeros(0)])
+  values = np.concatenate(
+      [np.asarray(v, float).ravel() for _, v in rows] or [np.zeros(0)]
+  )
   values = values[np.isfinite(values)]
   if np.any((values < limits[0]) | (values > limits[1])):
-    ax.text(0.99, 0.01, f"y-range set after the first "
-            f"{TRANSIENT_FRACTION:.0%} of steps; points beyond it clipped",
-            transform=ax.transAxes, ha="right", va="bottom", fontsize=7,
-            color="0.35")
+    ax.text(
+        0.99,
+        0.01,
+        f"y-range set after the first "
+        f"{TRANSIENT_FRACTION:.0%} of steps; points beyond it clipped",
+        transform=ax.transAxes,
+        ha="right",
+        va="bottom",
+        fontsize=7,
+        color="0.35",
+    )
 
 
-def _legend(fig, axes, styles: Sequence[tuple[str, dict[str, Any]]] = (),
-            groups: Sequence[Mapping[str, Any]] = ()) -> None:
+def _legend(
+    fig,
+    axes,
+    styles: Sequence[tuple[str, dict[str, Any]]] = (),
+    groups: Sequence[Mapping[str, Any]] = (),
+) -> None:
   """One legend right of the axes: the groups, then the other entries.
 
   Args:
@@ -332,6 +402,7 @@ def _legend(fig, axes, styles: Sequence[tuple[str, dict[str, Any]]] = (),
   """
   from matplotlib.lines import Line2D  # pylint: disable=g-import-not-at-top
   from matplotlib.patches import Patch  # pylint: disable=g-import-not-at-top
+
   handles, labels = [], []
   for ax in axes:
     for handle, label in zip(*ax.get_legend_handles_labels()):
@@ -341,28 +412,38 @@ def _legend(fig, axes, styles: Sequence[tuple[str, dict[str, Any]]] = (),
   if not handles:
     return
   names = [g["label"] for g in groups]
-  order = sorted(range(len(handles)), key=lambda i: (
-      labels[i] not in names, names.index(labels[i]) if labels[i] in names
-      else i))
+  order = sorted(
+      range(len(handles)),
+      key=lambda i: (
+          labels[i] not in names,
+          names.index(labels[i]) if labels[i] in names else i,
+      ),
+  )
   handles = [handles[i] for i in order]
-  handles += [Line2D([], [], color="0.4", label=name, **kwargs)
-              for name, kwargs in styles]
+  handles += [
+      Line2D([], [], color="0.4", label=name, **kwargs)
+      for name, kwargs in styles
+  ]
   num_seeds = {len(g["seeds"]) for g in groups}
   if max(num_seeds, default=1) > 1:
-    seeds = (f"{num_seeds.pop()} seeds" if len(num_seeds) == 1
-             else "the seeds")
-    handles.append(Patch(color="0.4", alpha=0.3,
-                         label=f"min-max over {seeds} (line: median)"))
+    seeds = f"{num_seeds.pop()} seeds" if len(num_seeds) == 1 else "the seeds"
+    handles.append(
+        Patch(
+            color="0.4", alpha=0.3, label=f"min-max over {seeds} (line: median)"
+        )
+    )
   fig.legend(handles=handles, loc="outside right center", fontsize=8)
 
 
 def _log_y(ax) -> None:
   """Log scale on y with plain numbers (50, not 5 x 10^1) as tick labels."""
   from matplotlib import ticker  # pylint: disable=g-import-not-at-top
+
   ax.set_yscale("log")
   ax.yaxis.set_major_formatter(ticker.LogFormatter())
-  ax.yaxis.set_minor_formatter(ticker.LogFormatter(labelOnlyBase=False,
-                                                   minor_thresholds=(2, 0.5)))
+  ax.yaxis.set_minor_formatter(
+      ticker.LogFormatter(labelOnlyBase=False, minor_thresholds=(2, 0.5))
+  )
 
 
 def _save(fig, path: str | os.PathLike, title: str | None) -> str:
@@ -380,10 +461,16 @@ def _sam_edge_name(minibatch: bool) -> str:
   return "SAM-edge at the minibatch ||g||" if minibatch else "SAM-edge"
 
 
-def plot_sharpness(runs: Runs | Metrics, path: str | os.PathLike, *,
-                   x_axis: str = "step", show_gd_edge: bool = True,
-                   log_y: bool | None = None, title: str | None = None,
-                   minibatch: bool = False) -> str:
+def plot_sharpness(
+    runs: Runs | Metrics,
+    path: str | os.PathLike,
+    *,
+    x_axis: str = "step",
+    show_gd_edge: bool = True,
+    log_y: bool | None = None,
+    title: str | None = None,
+    minibatch: bool = False,
+) -> str:
   """Sharpness with the SAM-edge (dashed) and ``2/eta`` (dotted).
 
   For GD (``rho = 0``) the SAM-edge equals ``2/eta``; with
@@ -428,13 +515,13 @@ def plot_sharpness(runs: Runs | Metrics, path: str | os.PathLike, *,
     limit_rows += _band_rows(band)
     if group["rho"] > 0 or not show_gd_edge:
       edge = _band(group, _column("sam_edge"), x_axis)
-      _draw(ax, group, edge, ls="--", lw=0.9, marker=False, fill=False,
-            zorder=2)
+      _draw(
+          ax, group, edge, ls="--", lw=0.9, marker=False, fill=False, zorder=2
+      )
       limit_rows.append((edge[0], edge[2]))
     if show_gd_edge:
       edge = _band(group, _column("gd_edge"), x_axis)
-      _draw(ax, group, edge, ls=":", lw=1.0, marker=False, fill=False,
-            zorder=2)
+      _draw(ax, group, edge, ls=":", lw=1.0, marker=False, fill=False, zorder=2)
       limit_rows.append((edge[0], edge[2]))
     for rows in group["seeds"]:
       if "lambda_min" not in rows:
@@ -443,8 +530,16 @@ def plot_sharpness(runs: Runs | Metrics, path: str | os.PathLike, *,
       flip = np.abs(np.asarray(rows["lambda_min"], float)) > sharpness
       if flip.any():
         negative = True
-        ax.plot(np.asarray(rows[x_axis])[flip], sharpness[flip], ls="none",
-                marker="x", ms=4, mew=0.9, color=group["color"], zorder=4)
+        ax.plot(
+            np.asarray(rows[x_axis])[flip],
+            sharpness[flip],
+            ls="none",
+            marker="x",
+            ms=4,
+            mew=0.9,
+            color=group["color"],
+            zorder=4,
+        )
   if log_y is None:
     limits = robust_ylim(limit_rows, log=True, margin=0.0)
     log_y = limits is not None and limits[1] > 10 * limits[0]
@@ -452,22 +547,33 @@ def plot_sharpness(runs: Runs | Metrics, path: str | os.PathLike, *,
     _log_y(ax)
   _set_ylim(ax, limit_rows, log=log_y)
   ax.set_xlabel(X_AXES[x_axis])
-  ax.set_ylabel("minibatch top Hessian eigenvalue" if minibatch
-                else "top Hessian eigenvalue")
-  styles = [(_sharpness_name(minibatch), {"ls": "-", "lw": 1.6}),
-            (_sam_edge_name(minibatch), {"ls": "--", "lw": 0.9})]
+  ax.set_ylabel(
+      "minibatch top Hessian eigenvalue"
+      if minibatch
+      else "top Hessian eigenvalue"
+  )
+  styles = [
+      (_sharpness_name(minibatch), {"ls": "-", "lw": 1.6}),
+      (_sam_edge_name(minibatch), {"ls": "--", "lw": 0.9}),
+  ]
   if show_gd_edge:
     styles.append(("2/eta", {"ls": ":", "lw": 1.0}))
   if negative:
-    styles.append(("|lambda_min| > lambda_max",
-                   {"ls": "none", "marker": "x", "ms": 5}))
+    styles.append(
+        ("|lambda_min| > lambda_max", {"ls": "none", "marker": "x", "ms": 5})
+    )
   _legend(fig, [ax], styles, groups)
   return _save(fig, path, title)
 
 
-def plot_ratio(runs: Runs | Metrics, path: str | os.PathLike, *,
-               x_axis: str = "step", title: str | None = None,
-               minibatch: bool = False) -> str:
+def plot_ratio(
+    runs: Runs | Metrics,
+    path: str | os.PathLike,
+    *,
+    x_axis: str = "step",
+    title: str | None = None,
+    minibatch: bool = False,
+) -> str:
   """Sharpness over its edge, with the bands ``sam-eos check`` accepts.
 
   GD settings (left panel): ``sharpness / (2/eta)``, accepted band
@@ -498,56 +604,90 @@ def plot_ratio(runs: Runs | Metrics, path: str | os.PathLike, *,
   _check_x_axis(x_axis)
   groups = _groups(runs)
   sharpness = _sharpness_name(minibatch)
-  panels = [(kind, [g for g in groups if (g["rho"] > 0) == (kind == "sam")])
-            for kind in ("gd", "sam")]
+  panels = [
+      (kind, [g for g in groups if (g["rho"] > 0) == (kind == "sam")])
+      for kind in ("gd", "sam")
+  ]
   panels = [(kind, members) for kind, members in panels if members] or [
-      ("gd", [])]
+      ("gd", [])
+  ]
   fig, axes = _figure(len(panels))
   limit_rows = []
   for ax, (kind, members) in zip(axes, panels):
     accepted = GD_RANGE if kind == "gd" else SAM_RANGE
     edge = "gd_edge" if kind == "gd" else "sam_edge"
     claim = "gd_at_edge" if kind == "gd" else "sam_at_sam_edge"
-    ax.axhspan(*accepted, color=(GD_COLORS if kind == "gd" else
-                                 SAM_COLORS)[0], alpha=0.1, lw=0, zorder=0,
-               label=f"accepted ({claim}): {accepted[0]:g}-{accepted[1]:g}")
+    ax.axhspan(
+        *accepted,
+        color=(GD_COLORS if kind == "gd" else SAM_COLORS)[0],
+        alpha=0.1,
+        lw=0,
+        zorder=0,
+        label=f"accepted ({claim}): {accepted[0]:g}-{accepted[1]:g}",
+    )
     ax.axhline(1.0, color="0.2", lw=0.8, zorder=1)
     starts = []
     for group in members:
-      band = _band(group, lambda rows, e=edge: (
-          np.asarray(rows["sharpness"], float) / np.asarray(rows[e], float)),
-                   x_axis)
+      band = _band(
+          group,
+          lambda rows, e=edge: (
+              np.asarray(rows["sharpness"], float) / np.asarray(rows[e], float)
+          ),
+          x_axis,
+      )
       _draw(ax, group, band, label=group["label"])
       limit_rows += _band_rows(band)
       steps, x = band[0], band[1]
       if steps.size:
         start = steps.max() * (1 - TAIL_FRACTION)
-        starts.append((float(np.interp(start, steps, x)), float(x.max()),
-                       group["color"]))
+        starts.append(
+            (float(np.interp(start, steps, x)), float(x.max()), group["color"])
+        )
     if starts and np.allclose([s for s, _, _ in starts], starts[0][0]):
-      ax.axvspan(starts[0][0], max(e for _, e, _ in starts), color="0.5",
-                 alpha=0.12, lw=0, zorder=0,
-                 label=f"claim window (last {TAIL_FRACTION:.0%} of steps)")
+      ax.axvspan(
+          starts[0][0],
+          max(e for _, e, _ in starts),
+          color="0.5",
+          alpha=0.12,
+          lw=0,
+          zorder=0,
+          label=f"claim window (last {TAIL_FRACTION:.0%} of steps)",
+      )
       ax.axvline(starts[0][0], color="0.4", lw=0.8, ls="-.", zorder=1)
     else:
       for start, _, color in starts:
-        ax.axvline(start, color=color, lw=0.8, ls="-.", zorder=1,
-                   label=f"claim window start (last {TAIL_FRACTION:.0%})")
-    ax.set_title(f"GD: {sharpness} / (2/eta)" if kind == "gd" else
-                 f"SAM: {sharpness} / {_sam_edge_name(minibatch)}",
-                 fontsize=9)
+        ax.axvline(
+            start,
+            color=color,
+            lw=0.8,
+            ls="-.",
+            zorder=1,
+            label=f"claim window start (last {TAIL_FRACTION:.0%})",
+        )
+    ax.set_title(
+        f"GD: {sharpness} / (2/eta)"
+        if kind == "gd"
+        else f"SAM: {sharpness} / {_sam_edge_name(minibatch)}",
+        fontsize=9,
+    )
     ax.set_xlabel(X_AXES[x_axis])
-  includes = [1.0] + [b for kind, _ in panels
-                      for b in (GD_RANGE if kind == "gd" else SAM_RANGE)]
+  includes = [1.0] + [
+      b for kind, _ in panels for b in (GD_RANGE if kind == "gd" else SAM_RANGE)
+  ]
   _set_ylim(axes[0], limit_rows, log=False, include=includes)
   axes[0].set_ylabel(f"{sharpness} / edge")
   _legend(fig, axes, (), groups)
   return _save(fig, path, title)
 
 
-def plot_alignment(runs: Runs | Metrics, path: str | os.PathLike, *,
-                   x_axis: str = "step", title: str | None = None,
-                   minibatch: bool = False) -> str:
+def plot_alignment(
+    runs: Runs | Metrics,
+    path: str | os.PathLike,
+    *,
+    x_axis: str = "step",
+    title: str | None = None,
+    minibatch: bool = False,
+) -> str:
   """``|cos(g, v1)|`` (left) and ``|cos(g_SAM, v1)|`` (right).
 
   Args:
@@ -572,8 +712,13 @@ def plot_alignment(runs: Runs | Metrics, path: str | os.PathLike, *,
   groups = _groups(runs)
   for group in groups:
     for ax, column in zip(axes, ("grad_alignment", "sam_grad_alignment")):
-      _draw(ax, group, _band(group, _column(column), x_axis), lw=1.2,
-            label=group["label"])
+      _draw(
+          ax,
+          group,
+          _band(group, _column(column), x_axis),
+          lw=1.2,
+          label=group["label"],
+      )
   axes[0].set_ylabel("|cos(gradient, top eigenvector)|")
   gradient = "minibatch gradient" if minibatch else "gradient"
   axes[0].set_title(f"{gradient} at w", fontsize=9)
@@ -589,9 +734,14 @@ def _has(groups: Sequence[Mapping[str, Any]], column: str) -> bool:
   return any(column in rows for g in groups for rows in g["seeds"])
 
 
-def plot_loss(runs: Runs | Metrics, path: str | os.PathLike, *,
-              x_axis: str = "step", title: str | None = None,
-              minibatch: bool = False) -> str:
+def plot_loss(
+    runs: Runs | Metrics,
+    path: str | os.PathLike,
+    *,
+    x_axis: str = "step",
+    title: str | None = None,
+    minibatch: bool = False,
+) -> str:
   """Training (solid) and held-out loss (dashed), and held-out accuracy.
 
   The held-out loss is drawn when the runs have a ``test_loss`` column; a
@@ -612,25 +762,39 @@ def plot_loss(runs: Runs | Metrics, path: str | os.PathLike, *,
   """
   _check_x_axis(x_axis)
   groups = _groups(runs)
-  has_test, has_accuracy = (_has(groups, "test_loss"),
-                            _has(groups, "test_accuracy"))
+  has_test, has_accuracy = (
+      _has(groups, "test_loss"),
+      _has(groups, "test_accuracy"),
+  )
   fig, axes = _figure(2 if has_accuracy else 1, sharey=False)
 
   def positive(name):
-    return lambda rows: np.where(np.asarray(rows[name], float) > 0,
-                                 rows[name], np.nan)
+    return lambda rows: np.where(
+        np.asarray(rows[name], float) > 0, rows[name], np.nan
+    )
 
   train = "minibatch training loss" if minibatch else "training loss"
   for group in groups:
-    _draw(axes[0], group, _band(group, positive("loss"), x_axis),
-          label=group["label"], lw=1.4)
+    _draw(
+        axes[0],
+        group,
+        _band(group, positive("loss"), x_axis),
+        label=group["label"],
+        lw=1.4,
+    )
     if all("test_loss" in rows for rows in group["seeds"]):
-      _draw(axes[0], group, _band(group, positive("test_loss"), x_axis),
-            ls="--", lw=1.2, marker=False)
-    if has_accuracy and all("test_accuracy" in rows
-                            for rows in group["seeds"]):
-      _draw(axes[1], group, _band(group, _column("test_accuracy"), x_axis),
-            lw=1.2)
+      _draw(
+          axes[0],
+          group,
+          _band(group, positive("test_loss"), x_axis),
+          ls="--",
+          lw=1.2,
+          marker=False,
+      )
+    if has_accuracy and all("test_accuracy" in rows for rows in group["seeds"]):
+      _draw(
+          axes[1], group, _band(group, _column("test_accuracy"), x_axis), lw=1.2
+      )
   _log_y(axes[0])
   axes[0].set_ylabel("loss" if has_test else train)
   if has_accuracy:
@@ -638,8 +802,11 @@ def plot_loss(runs: Runs | Metrics, path: str | os.PathLike, *,
     axes[1].set_ylim(0, 1.02)
   for ax in axes:
     ax.set_xlabel(X_AXES[x_axis])
-  styles = ([(train, {"ls": "-"}), ("held-out loss", {"ls": "--"})]
-            if has_test else [])
+  styles = (
+      [(train, {"ls": "-"}), ("held-out loss", {"ls": "--"})]
+      if has_test
+      else []
+  )
   _legend(fig, axes, styles, groups)
   return _save(fig, path, title)
 
@@ -658,8 +825,10 @@ def load_run(run_dir: str | os.PathLike) -> tuple[Metrics, dict[str, Any]]:
   """
   path = os.path.join(run_dir, "metrics.csv")
   if not os.path.exists(path):
-    raise FileNotFoundError(f"{path} does not exist: `run_dir` must be a run "
-                            "folder written by `sam-eos run` or se.train.")
+    raise FileNotFoundError(
+        f"{path} does not exist: `run_dir` must be a run "
+        "folder written by `sam-eos run` or se.train."
+    )
   metadata = {}
   config_path = os.path.join(run_dir, "config.json")
   if os.path.exists(config_path):
@@ -668,8 +837,12 @@ def load_run(run_dir: str | os.PathLike) -> tuple[Metrics, dict[str, Any]]:
   return read_csv(path), metadata
 
 
-def plot_runs(run_dirs: Sequence[str | os.PathLike], out_dir: str | os.PathLike,
-              *, x_axis: str = "step") -> list[str]:
+def plot_runs(
+    run_dirs: Sequence[str | os.PathLike],
+    out_dir: str | os.PathLike,
+    *,
+    x_axis: str = "step",
+) -> list[str]:
   """Draws the figures of ``FIGURES`` for one or more run folders.
 
   With several folders the runs are overlaid, labelled by folder name. The
@@ -696,18 +869,25 @@ def plot_runs(run_dirs: Sequence[str | os.PathLike], out_dir: str | os.PathLike,
   if len(run_dirs) == 1:
     runs = [("", loaded[0][0])]
     meta = loaded[0][1]
-    title = (f"{meta['name']} ({meta.get('preset', '')}): "
-             f"{meta.get('description', '')}" if "name" in meta else None)
+    title = (
+        f"{meta['name']} ({meta.get('preset', '')}): "
+        f"{meta.get('description', '')}"
+        if "name" in meta
+        else None
+    )
   else:
-    runs = [(os.path.basename(os.path.normpath(d)), m)
-            for d, (m, _) in zip(run_dirs, loaded)]
+    runs = [
+        (os.path.basename(os.path.normpath(d)), m)
+        for d, (m, _) in zip(run_dirs, loaded)
+    ]
     title = None
   os.makedirs(out_dir, exist_ok=True)
   kwargs = {"x_axis": x_axis, "title": title, "minibatch": minibatch}
   draw = {
       "sharpness.png": lambda p: plot_sharpness(runs, p, **kwargs),
       "sharpness_sam_edge.png": lambda p: plot_sharpness(
-          runs, p, show_gd_edge=False, **kwargs),
+          runs, p, show_gd_edge=False, **kwargs
+      ),
       "alignment.png": lambda p: plot_alignment(runs, p, **kwargs),
       "loss.png": lambda p: plot_loss(runs, p, **kwargs),
       "ratio.png": lambda p: plot_ratio(runs, p, **kwargs),

@@ -116,6 +116,7 @@ class ExperimentConfig:
       test split (images) or crops of the held-out text (the last 10,000
       lines of Tiny Shakespeare); None for all. Ignored by ``"quadratic"``.
   """
+
   name: str
   preset: str
   description: str
@@ -146,57 +147,84 @@ class ExperimentConfig:
       ValueError: naming the first invalid field and its valid values.
     """
     normalized = {
-        "learning_rates": tuple(float(v)
-                                for v in _as_tuple(self.learning_rates)),
+        "learning_rates": tuple(
+            float(v) for v in _as_tuple(self.learning_rates)
+        ),
         "rhos": tuple(float(v) for v in _as_tuple(self.rhos)),
         "seeds": _as_tuple(self.seeds),
-        "model_kwargs": {k: _freeze(v)
-                         for k, v in sorted(dict(self.model_kwargs).items())},
+        "model_kwargs": {
+            k: _freeze(v) for k, v in sorted(dict(self.model_kwargs).items())
+        },
     }
     for field, value in normalized.items():
       object.__setattr__(self, field, value)
     if self.dataset not in DATASETS:
-      raise ValueError(f"`dataset` must be one of {DATASETS}, got "
-                       f"{self.dataset!r}.")
+      raise ValueError(
+          f"`dataset` must be one of {DATASETS}, got " f"{self.dataset!r}."
+      )
     if self.model not in MODELS:
       raise ValueError(f"`model` must be one of {MODELS}, got {self.model!r}.")
     if (self.model == "quadratic") != (self.dataset == "quadratic"):
-      raise ValueError("`model` and `dataset` must both be 'quadratic' or "
-                       f"neither, got {self.model!r} and {self.dataset!r}.")
+      raise ValueError(
+          "`model` and `dataset` must both be 'quadratic' or "
+          f"neither, got {self.model!r} and {self.dataset!r}."
+      )
     loss_names = sorted(losses_lib.LOSSES) + ["quadratic"]
     if self.loss not in loss_names:
-      raise ValueError(f"`loss` must be one of {loss_names}, got "
-                       f"{self.loss!r}.")
+      raise ValueError(
+          f"`loss` must be one of {loss_names}, got " f"{self.loss!r}."
+      )
     if not self.learning_rates or min(self.learning_rates) <= 0:
-      raise ValueError("`learning_rates` must be one or more positive numbers, "
-                       f"got {self.learning_rates}.")
+      raise ValueError(
+          "`learning_rates` must be one or more positive numbers, "
+          f"got {self.learning_rates}."
+      )
     if not self.rhos or min(self.rhos) < 0:
-      raise ValueError("`rhos` must be one or more non-negative numbers, got "
-                       f"{self.rhos}.")
+      raise ValueError(
+          "`rhos` must be one or more non-negative numbers, got "
+          f"{self.rhos}."
+      )
     if not self.seeds or not all(_is_int(s, 0) for s in self.seeds):
-      raise ValueError("`seeds` must be one or more non-negative integers, got "
-                       f"{self.seeds}.")
-    for field, minimum in (("num_steps", 1), ("track_every", 1),
-                           ("num_lanczos_iters", 1), ("init_seed", 0)):
+      raise ValueError(
+          "`seeds` must be one or more non-negative integers, got "
+          f"{self.seeds}."
+      )
+    for field, minimum in (
+        ("num_steps", 1),
+        ("track_every", 1),
+        ("num_lanczos_iters", 1),
+        ("init_seed", 0),
+    ):
       if not _is_int(getattr(self, field), minimum):
-        raise ValueError(f"`{field}` must be an integer >= {minimum}, got "
-                         f"{getattr(self, field)!r}.")
-    for field in ("num_examples", "batch_size", "context_length",
-                  "num_test_examples"):
+        raise ValueError(
+            f"`{field}` must be an integer >= {minimum}, got "
+            f"{getattr(self, field)!r}."
+        )
+    for field in (
+        "num_examples",
+        "batch_size",
+        "context_length",
+        "num_test_examples",
+    ):
       value = getattr(self, field)
       if value is not None and not _is_int(value, 1):
-        raise ValueError(f"`{field}` must be None or an integer >= 1, got "
-                         f"{value!r}.")
+        raise ValueError(
+            f"`{field}` must be None or an integer >= 1, got " f"{value!r}."
+        )
     if not 0 <= self.momentum < 1:
       raise ValueError(f"`momentum` must lie in [0, 1), got {self.momentum}.")
     if self.eps < 0:
       raise ValueError(f"`eps` must be >= 0, got {self.eps}.")
     if self.dataset == "shakespeare" and self.context_length is None:
-      raise ValueError("`context_length` must be set for the 'shakespeare' "
-                       "dataset (the paper uses 64).")
+      raise ValueError(
+          "`context_length` must be set for the 'shakespeare' "
+          "dataset (the paper uses 64)."
+      )
     if self.model == "quadratic" and not self.model_kwargs.get("diagonal"):
-      raise ValueError("`model_kwargs` must hold a non-empty 'diagonal' for "
-                       "the 'quadratic' model.")
+      raise ValueError(
+          "`model_kwargs` must hold a non-empty 'diagonal' for "
+          "the 'quadratic' model."
+      )
 
   @property
   def num_configs(self) -> int:
@@ -223,8 +251,10 @@ class ExperimentConfig:
     names = {f.name for f in dataclasses.fields(self)}
     unknown = sorted(set(overrides) - names)
     if unknown:
-      raise ValueError(f"Unknown ExperimentConfig field(s) {unknown}; valid "
-                       f"fields are {sorted(names)}.")
+      raise ValueError(
+          f"Unknown ExperimentConfig field(s) {unknown}; valid "
+          f"fields are {sorted(names)}."
+      )
     return dataclasses.replace(self, **overrides)
 
   def to_dict(self) -> dict[str, Any]:
@@ -261,20 +291,25 @@ class ExperimentConfig:
 
   def settings(self) -> dict[str, Any]:
     """``to_dict`` without descriptive fields: what decides the computation."""
-    return {k: v for k, v in self.to_dict().items()
-            if k not in DESCRIPTIVE_FIELDS}
+    return {
+        k: v for k, v in self.to_dict().items() if k not in DESCRIPTIVE_FIELDS
+    }
 
 
 def _is_int(value: Any, minimum: int) -> bool:
-  return (isinstance(value, int) and not isinstance(value, bool)
-          and value >= minimum)
+  return (
+      isinstance(value, int)
+      and not isinstance(value, bool)
+      and value >= minimum
+  )
 
 
 # The paper's image-task settings (authors' image_classification.py). The
 # comments on the cpu presets quote the medians over the last third of a run
 # (sharpness / (2/eta) for GD; sharpness / SAM-edge for SAM), measured.
-_IMAGE = dict(loss="mse", momentum=0.0, eps=1e-5, normalize=True,
-              batch_size=None)
+_IMAGE = dict(
+    loss="mse", momentum=0.0, eps=1e-5, normalize=True, batch_size=None
+)
 
 # CPU: Cohen et al.'s cnn-relu with 4-8 channels on the first 64 images, at
 # their 2/eta = 30. NOT the sharpening regime: the sharpness at
@@ -283,13 +318,26 @@ _IMAGE = dict(loss="mse", momentum=0.0, eps=1e-5, normalize=True,
 # it would need far more steps than a CPU run affords (XLA's CPU
 # convolutions are slow).
 CNN_RELU_CPU = ExperimentConfig(
-    name="cifar10-cnn-relu", preset="cpu",
+    name="cifar10-cnn-relu",
+    preset="cpu",
     description="CIFAR-10 (first 64), cnn-relu 4-8 channels",
-    dataset="cifar10", num_examples=64, model="cnn-relu",
-    model_kwargs={"channels": (4, 8)}, loss="half_sse",
-    learning_rates=(2 / 30,), rhos=(0.0, 0.1), seeds=(0, 1, 2),
-    standardize=True, num_steps=400, track_every=6, num_lanczos_iters=8,
-    momentum=0.0, eps=1e-5, batch_size=None, num_test_examples=256)
+    dataset="cifar10",
+    num_examples=64,
+    model="cnn-relu",
+    model_kwargs={"channels": (4, 8)},
+    loss="half_sse",
+    learning_rates=(2 / 30,),
+    rhos=(0.0, 0.1),
+    seeds=(0, 1, 2),
+    standardize=True,
+    num_steps=400,
+    track_every=6,
+    num_lanczos_iters=8,
+    momentum=0.0,
+    eps=1e-5,
+    batch_size=None,
+    num_test_examples=256,
+)
 
 EXPERIMENTS: dict[str, dict[str, ExperimentConfig]] = {
     "mnist-mlp": {
@@ -297,38 +345,65 @@ EXPERIMENTS: dict[str, dict[str, ExperimentConfig]] = {
         # full-batch GD/SAM at eta = 0.01. The rho grid is our choice (no
         # source gives one; the paper's figures show one rho each).
         "paper": ExperimentConfig(
-            name="mnist-mlp", preset="paper",
+            name="mnist-mlp",
+            preset="paper",
             description="MNIST, MLP 784-1000-1000-1000-10 ReLU, full batch",
-            dataset="mnist", num_examples=None, model="mlp",
+            dataset="mnist",
+            num_examples=None,
+            model="mlp",
             model_kwargs={"hidden_sizes": (1000, 1000, 1000)},
-            learning_rates=(0.01,), rhos=(0.0, 0.01, 0.1, 1.0),
-            seeds=(0, 1, 2), num_steps=20_000, track_every=100,
-            num_lanczos_iters=20, num_test_examples=10_000, **_IMAGE),
+            learning_rates=(0.01,),
+            rhos=(0.0, 0.01, 0.1, 1.0),
+            seeds=(0, 1, 2),
+            num_steps=20_000,
+            track_every=100,
+            num_lanczos_iters=20,
+            num_test_examples=10_000,
+            **_IMAGE,
+        ),
         # CPU: first 2,000 images, 784-128-128-128-10 (three hidden layers,
         # as in the paper). The initial sharpness of the three seeds is
         # 1.42-1.58, so eta = 0.9 (2/eta = 2.22) starts GD at about 0.7 x
         # 2/eta, in the regime of progressive sharpening.
         "cpu": ExperimentConfig(
-            name="mnist-mlp", preset="cpu",
+            name="mnist-mlp",
+            preset="cpu",
             description="MNIST (first 2,000), MLP 784-128-128-128-10 ReLU",
-            dataset="mnist", num_examples=2_000, model="mlp",
+            dataset="mnist",
+            num_examples=2_000,
+            model="mlp",
             model_kwargs={"hidden_sizes": (128, 128, 128)},
-            learning_rates=(0.9,), rhos=(0.0, 0.1), seeds=(0, 1, 2),
-            num_steps=1_500, track_every=25, num_lanczos_iters=10,
-            num_test_examples=1_000, **_IMAGE),
+            learning_rates=(0.9,),
+            rhos=(0.0, 0.1),
+            seeds=(0, 1, 2),
+            num_steps=1_500,
+            track_every=25,
+            num_lanczos_iters=10,
+            num_test_examples=1_000,
+            **_IMAGE,
+        ),
     },
     "cifar10-cnn": {
         # Paper: first 1,000 CIFAR-10 training images, CNN with blocks of 16
         # and 32 channels ([conv 3x3 -> ReLU -> LayerNorm] + max-pool), eta =
         # 0.01. Test metrics on the first 1,000 test images (bundled).
         "paper": ExperimentConfig(
-            name="cifar10-cnn", preset="paper",
+            name="cifar10-cnn",
+            preset="paper",
             description="CIFAR-10 (first 1,000), CNN 16-32 channels",
-            dataset="cifar10", num_examples=1_000, model="cnn",
+            dataset="cifar10",
+            num_examples=1_000,
+            model="cnn",
             model_kwargs={"channels": (16, 32)},
-            learning_rates=(0.01,), rhos=(0.0, 0.01, 0.1, 1.0),
-            seeds=(0, 1, 2), num_steps=20_000, track_every=100,
-            num_lanczos_iters=20, num_test_examples=1_000, **_IMAGE),
+            learning_rates=(0.01,),
+            rhos=(0.0, 0.01, 0.1, 1.0),
+            seeds=(0, 1, 2),
+            num_steps=20_000,
+            track_every=100,
+            num_lanczos_iters=20,
+            num_test_examples=1_000,
+            **_IMAGE,
+        ),
         # CPU: first 64 images, 8-16 channels. NOT the regime of the paper:
         # the sharpness at initialization is already about 2/eta = 200 (GD
         # starts at the edge, a known failure of gd_sharpens), and 256 or
@@ -336,13 +411,22 @@ EXPERIMENTS: dict[str, dict[str, ExperimentConfig]] = {
         # the claim window, 3 seeds and GD + SAM, XLA's CPU convolutions
         # and their Hessian-vector products take over 5 minutes on 2 cores.
         "cpu": ExperimentConfig(
-            name="cifar10-cnn", preset="cpu",
+            name="cifar10-cnn",
+            preset="cpu",
             description="CIFAR-10 (first 64), CNN 8-16 channels",
-            dataset="cifar10", num_examples=64, model="cnn",
+            dataset="cifar10",
+            num_examples=64,
+            model="cnn",
             model_kwargs={"channels": (8, 16)},
-            learning_rates=(0.01,), rhos=(0.0, 0.1), seeds=(0, 1, 2),
-            num_steps=200, track_every=3, num_lanczos_iters=8,
-            num_test_examples=256, **_IMAGE),
+            learning_rates=(0.01,),
+            rhos=(0.0, 0.1),
+            seeds=(0, 1, 2),
+            num_steps=200,
+            track_every=3,
+            num_lanczos_iters=8,
+            num_test_examples=256,
+            **_IMAGE,
+        ),
     },
     "shakespeare-transformer": {
         # Paper: Tiny Shakespeare (last 10,000 lines held out), bytes as
@@ -351,29 +435,59 @@ EXPERIMENTS: dict[str, dict[str, ExperimentConfig]] = {
         # learned positions), minibatch SAM on plain SGD with eta = 0.1,
         # batch 128; sharpness and ||g|| of the current minibatch.
         "paper": ExperimentConfig(
-            name="shakespeare-transformer", preset="paper",
+            name="shakespeare-transformer",
+            preset="paper",
             description="Tiny Shakespeare, 6-layer transformer, SGD batch 128",
-            dataset="shakespeare", num_examples=None, model="transformer",
-            model_kwargs={"num_layers": 6, "num_heads": 8, "key_size": 32,
-                          "model_size": 128},
-            loss="cross_entropy", learning_rates=(0.1,),
-            rhos=(0.0, 0.01, 0.1, 1.0), seeds=(0, 1, 2), batch_size=128,
-            context_length=64, num_steps=20_000, track_every=100,
-            num_lanczos_iters=20, eps=1e-5, num_test_examples=None),
+            dataset="shakespeare",
+            num_examples=None,
+            model="transformer",
+            model_kwargs={
+                "num_layers": 6,
+                "num_heads": 8,
+                "key_size": 32,
+                "model_size": 128,
+            },
+            loss="cross_entropy",
+            learning_rates=(0.1,),
+            rhos=(0.0, 0.01, 0.1, 1.0),
+            seeds=(0, 1, 2),
+            batch_size=128,
+            context_length=64,
+            num_steps=20_000,
+            track_every=100,
+            num_lanczos_iters=20,
+            eps=1e-5,
+            num_test_examples=None,
+        ),
         # CPU: a 2-layer, width-32 transformer on 2,048 crops of 32 + 1
         # characters, batch 32, at the paper's eta = 0.1 and at 0.04: the
         # minibatch sharpness sits above 2/eta, more so for larger eta (the
         # README reports both).
         "cpu": ExperimentConfig(
-            name="shakespeare-transformer", preset="cpu",
+            name="shakespeare-transformer",
+            preset="cpu",
             description="Tiny Shakespeare (2,048 crops), 2-layer transformer",
-            dataset="shakespeare", num_examples=2_048, model="transformer",
-            model_kwargs={"num_layers": 2, "num_heads": 2, "key_size": 16,
-                          "model_size": 32},
-            loss="cross_entropy", learning_rates=(0.04, 0.1), rhos=(0.0, 0.1),
-            seeds=(0, 1, 2), batch_size=32, context_length=32, num_steps=600,
-            track_every=10, num_lanczos_iters=10, eps=1e-5,
-            num_test_examples=512),
+            dataset="shakespeare",
+            num_examples=2_048,
+            model="transformer",
+            model_kwargs={
+                "num_layers": 2,
+                "num_heads": 2,
+                "key_size": 16,
+                "model_size": 32,
+            },
+            loss="cross_entropy",
+            learning_rates=(0.04, 0.1),
+            rhos=(0.0, 0.1),
+            seeds=(0, 1, 2),
+            batch_size=32,
+            context_length=32,
+            num_steps=600,
+            track_every=10,
+            num_lanczos_iters=10,
+            eps=1e-5,
+            num_test_examples=512,
+        ),
     },
     "cifar10-fc-tanh": {
         # Cohen et al. 2021: first 5,000 CIFAR-10 training images (centred
@@ -382,41 +496,77 @@ EXPERIMENTS: dict[str, dict[str, ExperimentConfig]] = {
         # full-batch GD at two of their step sizes (2/eta = 30 and 50); a SAM
         # row for comparison.
         "paper": ExperimentConfig(
-            name="cifar10-fc-tanh", preset="paper",
+            name="cifar10-fc-tanh",
+            preset="paper",
             description="CIFAR-10 (first 5,000), fc-tanh 3072-200-200-10 "
-                        "(Cohen et al.)",
-            dataset="cifar10", num_examples=5_000, model="fc-tanh",
-            model_kwargs={}, loss="half_sse", learning_rates=(2 / 30, 2 / 50),
-            rhos=(0.0, 0.1), seeds=(0, 1, 2), standardize=True,
-            num_steps=10_000, track_every=50, num_lanczos_iters=20,
-            momentum=0.0, eps=1e-5, batch_size=None,
-            num_test_examples=10_000),
+            "(Cohen et al.)",
+            dataset="cifar10",
+            num_examples=5_000,
+            model="fc-tanh",
+            model_kwargs={},
+            loss="half_sse",
+            learning_rates=(2 / 30, 2 / 50),
+            rhos=(0.0, 0.1),
+            seeds=(0, 1, 2),
+            standardize=True,
+            num_steps=10_000,
+            track_every=50,
+            num_lanczos_iters=20,
+            momentum=0.0,
+            eps=1e-5,
+            batch_size=None,
+            num_test_examples=10_000,
+        ),
         # CPU: the first 500 images, 3072-64-64-10 tanh. The sharpness at
         # initialization is about 120 (all seeds), above Cohen et al.'s
         # 2/eta = 30 and 50, so eta = 0.01 (2/eta = 200): GD starts at
         # 0.4-0.6 x 2/eta and sharpens progressively to the edge.
         "cpu": ExperimentConfig(
-            name="cifar10-fc-tanh", preset="cpu",
+            name="cifar10-fc-tanh",
+            preset="cpu",
             description="CIFAR-10 (first 500), fc-tanh 3072-64-64-10",
-            dataset="cifar10", num_examples=500, model="fc-tanh",
-            model_kwargs={"hidden_sizes": (64, 64)}, loss="half_sse",
-            learning_rates=(0.01,), rhos=(0.0, 0.1), seeds=(0, 1, 2),
-            standardize=True, num_steps=4_000, track_every=50,
-            num_lanczos_iters=10, momentum=0.0, eps=1e-5, batch_size=None,
-            num_test_examples=500),
+            dataset="cifar10",
+            num_examples=500,
+            model="fc-tanh",
+            model_kwargs={"hidden_sizes": (64, 64)},
+            loss="half_sse",
+            learning_rates=(0.01,),
+            rhos=(0.0, 0.1),
+            seeds=(0, 1, 2),
+            standardize=True,
+            num_steps=4_000,
+            track_every=50,
+            num_lanczos_iters=10,
+            momentum=0.0,
+            eps=1e-5,
+            batch_size=None,
+            num_test_examples=500,
+        ),
     },
     "cifar10-cnn-relu": {
         # Cohen et al.'s cnn-relu (two [conv(32) -> ReLU -> max-pool]
         # blocks, PyTorch's default init) on the same 5,000 images and loss.
         "paper": ExperimentConfig(
-            name="cifar10-cnn-relu", preset="paper",
+            name="cifar10-cnn-relu",
+            preset="paper",
             description="CIFAR-10 (first 5,000), cnn-relu (Cohen et al.)",
-            dataset="cifar10", num_examples=5_000, model="cnn-relu",
-            model_kwargs={}, loss="half_sse", learning_rates=(2 / 30, 2 / 50),
-            rhos=(0.0, 0.1), seeds=(0, 1, 2), standardize=True,
-            num_steps=10_000, track_every=50, num_lanczos_iters=20,
-            momentum=0.0, eps=1e-5, batch_size=None,
-            num_test_examples=10_000),
+            dataset="cifar10",
+            num_examples=5_000,
+            model="cnn-relu",
+            model_kwargs={},
+            loss="half_sse",
+            learning_rates=(2 / 30, 2 / 50),
+            rhos=(0.0, 0.1),
+            seeds=(0, 1, 2),
+            standardize=True,
+            num_steps=10_000,
+            track_every=50,
+            num_lanczos_iters=20,
+            momentum=0.0,
+            eps=1e-5,
+            batch_size=None,
+            num_test_examples=10_000,
+        ),
         "cpu": CNN_RELU_CPU,
     },
     "quadratic": {
@@ -426,27 +576,51 @@ EXPERIMENTS: dict[str, dict[str, ExperimentConfig]] = {
         # GD is not at its edge on a fixed quadratic (lam1 < 2/eta), so only
         # SAM radii are swept.
         "paper": ExperimentConfig(
-            name="quadratic", preset="paper",
+            name="quadratic",
+            preset="paper",
             description="Quadratic diag(50, 20, 5, 1): SAM's exact 2-cycle",
-            dataset="quadratic", num_examples=None, model="quadratic",
+            dataset="quadratic",
+            num_examples=None,
+            model="quadratic",
             model_kwargs={"diagonal": (50.0, 20.0, 5.0, 1.0)},
-            loss="quadratic", learning_rates=(0.01,), rhos=(0.05, 0.1),
-            seeds=(0, 1, 2), num_steps=500, track_every=5,
-            num_lanczos_iters=4, eps=0.0),
+            loss="quadratic",
+            learning_rates=(0.01,),
+            rhos=(0.05, 0.1),
+            seeds=(0, 1, 2),
+            num_steps=500,
+            track_every=5,
+            num_lanczos_iters=4,
+            eps=0.0,
+        ),
         "cpu": ExperimentConfig(
-            name="quadratic", preset="cpu",
+            name="quadratic",
+            preset="cpu",
             description="Quadratic diag(50, 20, 5, 1): SAM's exact 2-cycle",
-            dataset="quadratic", num_examples=None, model="quadratic",
+            dataset="quadratic",
+            num_examples=None,
+            model="quadratic",
             model_kwargs={"diagonal": (50.0, 20.0, 5.0, 1.0)},
-            loss="quadratic", learning_rates=(0.01,), rhos=(0.05, 0.1),
-            seeds=(0, 1, 2), num_steps=500, track_every=5,
-            num_lanczos_iters=4, eps=0.0),
+            loss="quadratic",
+            learning_rates=(0.01,),
+            rhos=(0.05, 0.1),
+            seeds=(0, 1, 2),
+            num_steps=500,
+            track_every=5,
+            num_lanczos_iters=4,
+            eps=0.0,
+        ),
     },
 }
 
 # The cpu presets whose claims ``make test`` checks (every seed).
-CLAIM_PRESETS = ("mnist-mlp", "cifar10-cnn", "shakespeare-transformer",
-                 "cifar10-fc-tanh", "cifar10-cnn-relu", "quadratic")
+CLAIM_PRESETS = (
+    "mnist-mlp",
+    "cifar10-cnn",
+    "shakespeare-transformer",
+    "cifar10-fc-tanh",
+    "cifar10-cnn-relu",
+    "quadratic",
+)
 
 # Findings, not passes: claims a cpu preset does NOT show, as
 # ``{name: {(claim, learning_rate, rho): reason}}``. The README reports them
@@ -454,10 +628,13 @@ CLAIM_PRESETS = ("mnist-mlp", "cifar10-cnn", "shakespeare-transformer",
 # claim to hold for every seed.
 KNOWN_FAILURES: dict[str, dict[tuple[str, float, float], str]] = {
     "cifar10-cnn": {
-        ("gd_sharpens", 0.01, 0.0):
-            "the sharpness at initialization is already about 2/eta; the "
-            "sharpening regime needs more images and steps than a CPU run "
-            "affords",
+        (
+            "gd_sharpens",
+            0.01,
+            0.0,
+        ): "the sharpness at initialization is already about 2/eta; the "
+        "sharpening regime needs more images and steps than a CPU run "
+        "affords",
     },
 }
 
@@ -490,9 +667,12 @@ def get_experiment(name: str, preset: str = "cpu") -> ExperimentConfig:
     {'hidden_sizes': (1000, 1000, 1000)}
   """
   if name not in EXPERIMENTS:
-    raise ValueError(f"Unknown experiment {name!r}; choose one of "
-                     f"{list_experiments()}.")
+    raise ValueError(
+        f"Unknown experiment {name!r}; choose one of " f"{list_experiments()}."
+    )
   if preset not in EXPERIMENTS[name]:
-    raise ValueError(f"Unknown preset {preset!r} for {name!r}; choose one of "
-                     f"{sorted(EXPERIMENTS[name])}.")
+    raise ValueError(
+        f"Unknown preset {preset!r} for {name!r}; choose one of "
+        f"{sorted(EXPERIMENTS[name])}."
+    )
   return EXPERIMENTS[name][preset]

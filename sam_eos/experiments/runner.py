@@ -58,6 +58,7 @@ class ExperimentRun(NamedTuple):
     result: the ``se.TrainResult`` when ``run_or_load`` trained the run;
       None when it loaded a finished one.
   """
+
   metrics: dict[str, np.ndarray]
   config: ExperimentConfig
   out_dir: pathlib.Path
@@ -83,6 +84,7 @@ class Problem(NamedTuple):
       "test_accuracy"}``, or None (the quadratic).
     eval_data: the held-out ``(inputs, targets)``, or None.
   """
+
   loss_fn: Callable[[PyTree, Any], jax.Array]
   params: PyTree
   data: PyTree
@@ -91,8 +93,9 @@ class Problem(NamedTuple):
   eval_data: PyTree = None
 
 
-def _text_crops(config: ExperimentConfig, split: str = "train"
-                ) -> tuple[np.ndarray, np.ndarray]:
+def _text_crops(
+    config: ExperimentConfig, split: str = "train"
+) -> tuple[np.ndarray, np.ndarray]:
   """Non-overlapping crops of ``context_length + 1`` bytes of a split's text.
 
   As in the authors' code (``dataset.load_ascii_dataset``): the text is cut
@@ -102,7 +105,7 @@ def _text_crops(config: ExperimentConfig, split: str = "train"
   """
   text = data_lib.load_shakespeare(split)
   crop_len = config.context_length + 1
-  crops = text[:len(text) // crop_len * crop_len].reshape(-1, crop_len)
+  crops = text[: len(text) // crop_len * crop_len].reshape(-1, crop_len)
   field = "num_examples" if split == "train" else "num_test_examples"
   count = getattr(config, field)
   if count is not None:
@@ -110,7 +113,8 @@ def _text_crops(config: ExperimentConfig, split: str = "train"
       raise ValueError(
           f"`{field}` ({count}) exceeds the {len(crops)} non-overlapping "
           f"crops of {crop_len} characters in the Tiny Shakespeare {split} "
-          "text; lower it or use None for all.")
+          "text; lower it or use None for all."
+      )
     rng = np.random.default_rng(config.init_seed)
     crops = crops[np.sort(rng.choice(len(crops), count, replace=False))]
   crops = crops.astype(np.int32)
@@ -147,14 +151,17 @@ def load_data(config: ExperimentConfig) -> tuple[np.ndarray, np.ndarray]:
   if config.dataset == "shakespeare":
     return _text_crops(config)
   loader = {"mnist": data_lib.load_mnist, "cifar10": data_lib.load_cifar10}
-  images, labels = loader[config.dataset]("train",
-                                          num_examples=config.num_examples)
-  return data_lib.preprocess_images(images, labels,
-                                    standardize=config.standardize)
+  images, labels = loader[config.dataset](
+      "train", num_examples=config.num_examples
+  )
+  return data_lib.preprocess_images(
+      images, labels, standardize=config.standardize
+  )
 
 
-def load_test_data(config: ExperimentConfig
-                   ) -> tuple[np.ndarray, np.ndarray] | None:
+def load_test_data(
+    config: ExperimentConfig,
+) -> tuple[np.ndarray, np.ndarray] | None:
   """The held-out data of an experiment as ``(inputs, targets)``, or None.
 
   Images: the first ``num_test_examples`` test images, preprocessed with the
@@ -177,22 +184,27 @@ def load_test_data(config: ExperimentConfig
   if config.dataset == "shakespeare":
     return _text_crops(config, "test")
   loader = {"mnist": data_lib.load_mnist, "cifar10": data_lib.load_cifar10}
-  train_images, _ = loader[config.dataset]("train",
-                                           num_examples=config.num_examples)
+  train_images, _ = loader[config.dataset](
+      "train", num_examples=config.num_examples
+  )
   images, labels = loader[config.dataset](
-      "test", num_examples=config.num_test_examples)
-  return data_lib.preprocess_images(images, labels, reference=train_images,
-                                    standardize=config.standardize)
+      "test", num_examples=config.num_test_examples
+  )
+  return data_lib.preprocess_images(
+      images, labels, reference=train_images, standardize=config.standardize
+  )
 
 
-def _quadratic_loss(params: jax.Array, batch: tuple[jax.Array, jax.Array]
-                    ) -> jax.Array:
+def _quadratic_loss(
+    params: jax.Array, batch: tuple[jax.Array, jax.Array]
+) -> jax.Array:
   """``1/2 sum_i h_i w_i^2`` with the diagonal ``h`` as the (only) example."""
-  return 0.5 * jnp.sum(batch[0][0] * params ** 2)
+  return 0.5 * jnp.sum(batch[0][0] * params**2)
 
 
-def build_problem(config: ExperimentConfig, *, pad_to_multiple: int = 1
-                  ) -> Problem:
+def build_problem(
+    config: ExperimentConfig, *, pad_to_multiple: int = 1
+) -> Problem:
   """Data, model, loss and initial parameters of an experiment.
 
   Args:
@@ -212,41 +224,57 @@ def build_problem(config: ExperimentConfig, *, pad_to_multiple: int = 1
   """
   inputs, targets = load_data(config)
   data = (jnp.asarray(inputs), jnp.asarray(targets))
-  keys = jnp.stack([jax.random.fold_in(jax.random.key(config.init_seed), s)
-                    for s in sweep(config)[2]])
+  keys = jnp.stack(
+      [
+          jax.random.fold_in(jax.random.key(config.init_seed), s)
+          for s in sweep(config)[2]
+      ]
+  )
   pad = len(inputs) % pad_to_multiple != 0
   eval_fn = eval_data = None
   if config.model == "quadratic":
     if pad:
-      raise ValueError("The quadratic has a single example, which cannot be "
-                       "split over devices; run it without --data-parallel.")
-    params = jax.vmap(lambda k: jax.random.normal(k, inputs.shape[1:],
-                                                  jnp.float32))(keys)
+      raise ValueError(
+          "The quadratic has a single example, which cannot be "
+          "split over devices; run it without --data-parallel."
+      )
+    params = jax.vmap(
+        lambda k: jax.random.normal(k, inputs.shape[1:], jnp.float32)
+    )(keys)
     loss_fn = _quadratic_loss
   else:
     kwargs = dict(config.model_kwargs)
     if config.model == "transformer":
       kwargs["context_length"] = config.context_length
     model = models_lib.make_model(config.model, **kwargs)
-    params = jax.jit(jax.vmap(
-        lambda k, x: models_lib.init_params(model, k, x), in_axes=(0, None)))(
-            keys, data[0][:1])
+    params = jax.jit(
+        jax.vmap(
+            lambda k, x: models_lib.init_params(model, k, x), in_axes=(0, None)
+        )
+    )(keys, data[0][:1])
     if pad:
       loss_fn = se.masked_mean(
-          losses_lib.make_per_example_loss_fn(model, config.loss))
+          losses_lib.make_per_example_loss_fn(model, config.loss)
+      )
       data = se.pad_to_multiple(data, pad_to_multiple)
     else:
       loss_fn = losses_lib.make_loss_fn(model, config.loss)
     eval_fn = losses_lib.make_eval_fn(model, config.loss)
     eval_data = tuple(jnp.asarray(a) for a in load_test_data(config))
   one = jax.tree.map(lambda x: x[0], params)
-  return Problem(loss_fn=loss_fn, params=params, data=data,
-                 num_params=models_lib.count_params(one), eval_fn=eval_fn,
-                 eval_data=eval_data)
+  return Problem(
+      loss_fn=loss_fn,
+      params=params,
+      data=data,
+      num_params=models_lib.count_params(one),
+      eval_fn=eval_fn,
+      eval_data=eval_data,
+  )
 
 
-def sweep(config: ExperimentConfig
-          ) -> tuple[list[float], list[float], list[int]]:
+def sweep(
+    config: ExperimentConfig,
+) -> tuple[list[float], list[float], list[int]]:
   """The configurations ``learning_rates x rhos x seeds``, as three lists.
 
   Args:
@@ -260,17 +288,22 @@ def sweep(config: ExperimentConfig
   Examples:
     >>> from sam_eos.experiments.presets import get_experiment
     >>> sweep(get_experiment("mnist-mlp").replace(seeds=(0, 1)))
-    ([1.0, 1.0, 1.0, 1.0], [0.0, 0.0, 0.1, 0.1], [0, 1, 0, 1])
+    ([0.9, 0.9, 0.9, 0.9], [0.0, 0.0, 0.1, 0.1], [0, 1, 0, 1])
   """
-  product = list(itertools.product(config.learning_rates, config.rhos,
-                                   config.seeds))
-  return ([p[0] for p in product], [p[1] for p in product],
-          [p[2] for p in product])
+  product = list(
+      itertools.product(config.learning_rates, config.rhos, config.seeds)
+  )
+  return (
+      [p[0] for p in product],
+      [p[1] for p in product],
+      [p[2] for p in product],
+  )
 
 
 def _clear(out_dir: str) -> None:
   """Deletes the files of a previous run (only those) from ``out_dir``."""
   from sam_eos.experiments import plots  # pylint: disable=g-import-not-at-top
+
   for name in RUN_FILES + plots.FIGURES:
     path = os.path.join(out_dir, name)
     if os.path.exists(path):
@@ -279,8 +312,11 @@ def _clear(out_dir: str) -> None:
 
 def _comparable(settings: dict[str, Any]) -> dict[str, Any]:
   """Settings as JSON would store them, without ``num_steps`` and prose."""
-  return {k: v for k, v in json.loads(json.dumps(settings)).items()
-          if k not in DESCRIPTIVE_FIELDS + ("num_steps",)}
+  return {
+      k: v
+      for k, v in json.loads(json.dumps(settings)).items()
+      if k not in DESCRIPTIVE_FIELDS + ("num_steps",)
+  }
 
 
 def _check_resumable(config: ExperimentConfig, out_dir: str) -> None:
@@ -291,8 +327,10 @@ def _check_resumable(config: ExperimentConfig, out_dir: str) -> None:
   which a resumed run may extend.
   """
   config_path = os.path.join(out_dir, "config.json")
-  if not (os.path.exists(config_path)
-          and os.path.exists(os.path.join(out_dir, "checkpoint.npz"))):
+  if not (
+      os.path.exists(config_path)
+      and os.path.exists(os.path.join(out_dir, "checkpoint.npz"))
+  ):
     return
   with open(config_path) as f:
     saved = json.load(f).get("metadata") or {}
@@ -300,13 +338,20 @@ def _check_resumable(config: ExperimentConfig, out_dir: str) -> None:
     raise ValueError(
         f"`out_dir` {out_dir!r} holds a run with other settings; resume it "
         "with the same settings, pick another out_dir, or overwrite it "
-        "(sam-eos run --overwrite).")
+        "(sam-eos run --overwrite)."
+    )
 
 
-def run_experiment(config: ExperimentConfig, out_dir: str | os.PathLike,
-                   *, progress: bool = True, overwrite: bool = False,
-                   plot: bool = True, x_axis: str = "step",
-                   mesh: jax.sharding.Mesh | None = None) -> se.TrainResult:
+def run_experiment(
+    config: ExperimentConfig,
+    out_dir: str | os.PathLike,
+    *,
+    progress: bool = True,
+    overwrite: bool = False,
+    plot: bool = True,
+    x_axis: str = "step",
+    mesh: jax.sharding.Mesh | None = None,
+) -> se.TrainResult:
   """Runs every configuration of an experiment as one vmapped program.
 
   Writes ``config.json`` (with ``config.to_dict()`` as ``metadata``),
@@ -359,15 +404,27 @@ def run_experiment(config: ExperimentConfig, out_dir: str | os.PathLike,
   learning_rates, rhos, seeds = sweep(config)
   try:
     result = se.train(
-        problem.loss_fn, problem.params, problem.data,
-        learning_rate=learning_rates, rho=rhos, key=seeds,
-        num_steps=config.num_steps, momentum=config.momentum,
-        normalize=config.normalize, batch_size=config.batch_size,
+        problem.loss_fn,
+        problem.params,
+        problem.data,
+        learning_rate=learning_rates,
+        rho=rhos,
+        key=seeds,
+        num_steps=config.num_steps,
+        momentum=config.momentum,
+        normalize=config.normalize,
+        batch_size=config.batch_size,
         track_every=config.track_every,
-        num_lanczos_iters=config.num_lanczos_iters, eps=config.eps,
-        out_dir=out_dir, progress=progress, metadata=config.to_dict(),
-        mesh=mesh, eval_fn=problem.eval_fn, eval_data=problem.eval_data,
-        per_config_params=True)
+        num_lanczos_iters=config.num_lanczos_iters,
+        eps=config.eps,
+        out_dir=out_dir,
+        progress=progress,
+        metadata=config.to_dict(),
+        mesh=mesh,
+        eval_fn=problem.eval_fn,
+        eval_data=problem.eval_data,
+        per_config_params=True,
+    )
   except se.TrainingDiverged:
     if plot:
       _plot(out_dir, x_axis)
@@ -385,6 +442,7 @@ def _plot(out_dir: str, x_axis: str) -> None:
   if jax.process_index() != 0:
     return
   from sam_eos.experiments import plots  # pylint: disable=g-import-not-at-top
+
   metrics_path = os.path.join(out_dir, "metrics.csv")
   if os.path.exists(metrics_path) and os.path.getsize(metrics_path):
     plots.plot_runs([out_dir], out_dir, x_axis=x_axis)
@@ -422,21 +480,27 @@ def find_run(run_dir: str | os.PathLike, name: str) -> pathlib.Path:
     'mnist-mlp-cpu'
   """
   root = pathlib.Path(run_dir).expanduser()
-  candidates = [root] + [root / f"{name}{suffix}"
-                         for suffix in ("-paper", "-cpu", "")]
+  candidates = [root] + [
+      root / f"{name}{suffix}" for suffix in ("-paper", "-cpu", "")
+  ]
   for folder in candidates:
     if (folder / "metrics.csv").is_file():
       return folder
   raise FileNotFoundError(
       f"No run of {name!r} in `run_dir` {os.fspath(run_dir)!r}: none of "
-      f"{[str(c) for c in candidates]} holds a metrics.csv.")
+      f"{[str(c) for c in candidates]} holds a metrics.csv."
+  )
 
 
-def run_or_load(config: ExperimentConfig, *,
-                run_dir: str | os.PathLike | None = None,
-                out_dir: str | os.PathLike | None = None,
-                progress: bool = True, overwrite: bool = False,
-                check: bool = True) -> ExperimentRun:
+def run_or_load(
+    config: ExperimentConfig,
+    *,
+    run_dir: str | os.PathLike | None = None,
+    out_dir: str | os.PathLike | None = None,
+    progress: bool = True,
+    overwrite: bool = False,
+    check: bool = True,
+) -> ExperimentRun:
   """Trains ``config`` (or loads a finished run) and reads it back from disk.
 
   Without ``run_dir``: ``run_experiment(config, out_dir, plot=False)``, then
@@ -476,14 +540,15 @@ def run_or_load(config: ExperimentConfig, *,
     >>> from sam_eos.experiments.presets import get_experiment
     >>> config = get_experiment("quadratic").replace(num_steps=20)
     >>> run = run_or_load(config, progress=False)
-    >>> run.trained, run.config == config, len(run.metrics["step"])
-    (True, True, 8)
+    >>> run.trained, run.config == config, len(run.metrics["step"])  # 6 x 4
+    (True, True, 24)
     >>> again = run_or_load(config, run_dir=run.out_dir)
     >>> again.trained, again.out_dir == run.out_dir
     (False, True)
     >>> import shutil; shutil.rmtree(run.out_dir)
   """
   from sam_eos.experiments import plots  # pylint: disable=g-import-not-at-top
+
   result = None
   if run_dir is not None:
     folder = find_run(run_dir, config.name)
@@ -491,22 +556,29 @@ def run_or_load(config: ExperimentConfig, *,
     if out_dir is None:
       out_dir = tempfile.mkdtemp(prefix=f"sam_eos_{config.name}_")
     folder = pathlib.Path(out_dir)
-    result = run_experiment(config, folder, progress=progress,
-                            overwrite=overwrite, plot=False)
+    result = run_experiment(
+        config, folder, progress=progress, overwrite=overwrite, plot=False
+    )
   metrics, metadata = plots.load_run(folder)
   if not metadata:
     raise ValueError(
         f"{folder} has no experiment settings (no `metadata` in its "
         "config.json): load a folder written by `sam-eos run` or "
-        "run_experiment.")
+        "run_experiment."
+    )
   if metadata.get("name") != config.name:
     raise ValueError(
         f"{folder} holds a run of {metadata.get('name')!r}, not "
-        f"{config.name!r}; point `run_dir` at a {config.name} run.")
+        f"{config.name!r}; point `run_dir` at a {config.name} run."
+    )
   saved = ExperimentConfig.from_dict(metadata)
   if check:
-    claims_lib.check_history(metrics, saved, complete=result is not None,
-                             history=None if result is None
-                             else result.history)
-  return ExperimentRun(metrics=metrics, config=saved, out_dir=folder,
-                       result=result)
+    claims_lib.check_history(
+        metrics,
+        saved,
+        complete=result is not None,
+        history=None if result is None else result.history,
+    )
+  return ExperimentRun(
+      metrics=metrics, config=saved, out_dir=folder, result=result
+  )

@@ -13,8 +13,16 @@ from sam_eos.experiments import claims, cli, presets
 NUM_ROWS = 90  # a row every 10 steps: 30 in the last third
 
 
-def synthetic_metrics(tmp_path, configs, sharpness, sam_edge=None, *,
-                      loss=None, alignment=0.5, lambda_min=None):
+def synthetic_metrics(
+    tmp_path,
+    configs,
+    sharpness,
+    sam_edge=None,
+    *,
+    loss=None,
+    alignment=0.5,
+    lambda_min=None,
+):
   """Writes and reads back a metrics.csv with the given rows.
 
   Args:
@@ -31,12 +39,18 @@ def synthetic_metrics(tmp_path, configs, sharpness, sam_edge=None, *,
   gd_edge = np.array([[2 / c["learning_rate"]] * num_rows for c in configs])
   rows = {
       "step": np.tile(np.arange(num_rows) * 10, (num_configs, 1)),
-      "loss": (np.tile(np.geomspace(1.0, 0.01, num_rows), (num_configs, 1))
-               if loss is None else np.asarray(loss, float)),
+      "loss": (
+          np.tile(np.geomspace(1.0, 0.01, num_rows), (num_configs, 1))
+          if loss is None
+          else np.asarray(loss, float)
+      ),
       "grad_norm": np.ones((num_configs, num_rows)),
       "sharpness": sharpness,
-      "lambda_min": (-0.1 * sharpness if lambda_min is None
-                     else np.asarray(lambda_min, float)),
+      "lambda_min": (
+          -0.1 * sharpness
+          if lambda_min is None
+          else np.asarray(lambda_min, float)
+      ),
       "gd_edge": gd_edge,
       "sam_edge": gd_edge if sam_edge is None else np.asarray(sam_edge, float),
       "grad_alignment": np.full((num_configs, num_rows), alignment),
@@ -61,13 +75,15 @@ SAM = {"learning_rate": 0.5, "rho": 0.1, "seed": 0}
 def ramp(final, num_rows=NUM_ROWS, start=0.2):
   """Rises linearly from ``start * final`` to ``final`` by two thirds, stays."""
   knee = 2 * num_rows // 3
-  return np.concatenate([np.linspace(start * final, final, knee),
-                         np.full(num_rows - knee, final)])
+  return np.concatenate(
+      [np.linspace(start * final, final, knee), np.full(num_rows - knee, final)]
+  )
 
 
 def test_gd_at_its_edge_passes_and_below_fails(tmp_path):
-  metrics = synthetic_metrics(tmp_path, [GD, GD],
-                              [ramp(4.0) * 1.02, ramp(4.0) * 0.6])
+  metrics = synthetic_metrics(
+      tmp_path, [GD, GD], [ramp(4.0) * 1.02, ramp(4.0) * 0.6]
+  )
   at_edge, below = by_name(claims.check_claims(metrics), "gd_at_edge")
   assert (at_edge.config, at_edge.passed) == (0, True)
   assert at_edge.value == pytest.approx(1.02)
@@ -99,8 +115,10 @@ def test_sam_at_gd_edge_fails_both(tmp_path):
 
 def test_only_the_last_third_counts(tmp_path):
   sharpness = np.concatenate([np.full(60, 100.0), np.full(30, 4.0)])
-  (claim,) = by_name(claims.check_claims(
-      synthetic_metrics(tmp_path, [GD], [sharpness])), "gd_at_edge")
+  (claim,) = by_name(
+      claims.check_claims(synthetic_metrics(tmp_path, [GD], [sharpness])),
+      "gd_at_edge",
+  )
   assert claim.passed and claim.value == pytest.approx(1.0)
 
 
@@ -108,23 +126,28 @@ def test_too_few_window_points_fail(tmp_path):
   metrics = synthetic_metrics(tmp_path, [GD], [ramp(4.0, num_rows=30)])
   (claim,) = by_name(claims.check_claims(metrics), "window_points")
   assert not claim.passed and claim.value == 10
-  assert by_name(claims.check_claims(metrics, min_points=10),
-                 "window_points")[0].passed
+  assert by_name(claims.check_claims(metrics, min_points=10), "window_points")[
+      0
+  ].passed
 
 
 def test_nan_sharpness_fails(tmp_path):
   sharpness = ramp(4.0)
   sharpness[-1] = np.nan
-  (claim,) = by_name(claims.check_claims(
-      synthetic_metrics(tmp_path, [GD], [sharpness])), "gd_at_edge")
+  (claim,) = by_name(
+      claims.check_claims(synthetic_metrics(tmp_path, [GD], [sharpness])),
+      "gd_at_edge",
+  )
   assert not claim.passed
 
 
 def test_gd_must_start_below_its_edge(tmp_path):
-  metrics = synthetic_metrics(tmp_path, [GD, GD],
-                              [ramp(4.0, start=0.5), ramp(4.0, start=0.95)])
-  sharpens, at_edge_from_start = by_name(claims.check_claims(metrics),
-                                         "gd_sharpens")
+  metrics = synthetic_metrics(
+      tmp_path, [GD, GD], [ramp(4.0, start=0.5), ramp(4.0, start=0.95)]
+  )
+  sharpens, at_edge_from_start = by_name(
+      claims.check_claims(metrics), "gd_sharpens"
+  )
   assert sharpens.passed and sharpens.value < 0.55
   assert not at_edge_from_start.passed
   assert at_edge_from_start.value > 0.9
@@ -132,16 +155,19 @@ def test_gd_must_start_below_its_edge(tmp_path):
 
 def test_gd_oscillates_needs_a_rise_or_alignment(tmp_path):
   monotone = np.tile(np.geomspace(1.0, 0.01, NUM_ROWS), (1, 1))
-  stable = synthetic_metrics(tmp_path, [GD], [ramp(4.0)], loss=monotone,
-                             alignment=0.1)
+  stable = synthetic_metrics(
+      tmp_path, [GD], [ramp(4.0)], loss=monotone, alignment=0.1
+  )
   assert not by_name(claims.check_claims(stable), "gd_oscillates")[0].passed
-  aligned = synthetic_metrics(tmp_path, [GD], [ramp(4.0)], loss=monotone,
-                              alignment=0.5)
+  aligned = synthetic_metrics(
+      tmp_path, [GD], [ramp(4.0)], loss=monotone, alignment=0.5
+  )
   assert by_name(claims.check_claims(aligned), "gd_oscillates")[0].passed
   spiky = monotone.copy()
   spiky[0, -5] = 1.0
-  rising = synthetic_metrics(tmp_path, [GD], [ramp(4.0)], loss=spiky,
-                             alignment=0.1)
+  rising = synthetic_metrics(
+      tmp_path, [GD], [ramp(4.0)], loss=spiky, alignment=0.1
+  )
   (claim,) = by_name(claims.check_claims(rising), "gd_oscillates")
   assert claim.passed and claim.value == pytest.approx(0.1)
   assert "(1 rises)" in claim.detail
@@ -153,17 +179,24 @@ def test_early_flattening_compares_sam_with_gd_of_the_same_seed(tmp_path):
   loss = np.geomspace(1.0, 0.01, NUM_ROWS)
   sam_sharpness = 0.3 * gd_sharpness
   metrics = synthetic_metrics(
-      tmp_path, [GD, SAM], [gd_sharpness, sam_sharpness],
+      tmp_path,
+      [GD, SAM],
+      [gd_sharpness, sam_sharpness],
       [np.full(NUM_ROWS, 4.0), sam_sharpness],
-      loss=[loss, 0.9 * loss])
+      loss=[loss, 0.9 * loss],
+  )
   (claim,) = by_name(claims.check_claims(metrics), "early_flattening")
   early = (steps >= 0.05 * steps[-1]) & (steps <= 0.1 * steps[-1])
   assert claim.passed and claim.value == pytest.approx(0.3)
   assert len(claim.samples) == early.sum()
   # Flat only once the loss is tiny: not the paper's early flattening.
   late = synthetic_metrics(
-      tmp_path, [GD, SAM], [gd_sharpness, sam_sharpness],
-      [np.full(NUM_ROWS, 4.0), sam_sharpness], loss=[loss, 0.2 * loss])
+      tmp_path,
+      [GD, SAM],
+      [gd_sharpness, sam_sharpness],
+      [np.full(NUM_ROWS, 4.0), sam_sharpness],
+      loss=[loss, 0.2 * loss],
+  )
   assert not by_name(claims.check_claims(late), "early_flattening")[0].passed
   # Without GD at the same eta and seed there is nothing to compare.
   alone = synthetic_metrics(tmp_path, [SAM], [sam_sharpness], [sam_sharpness])
@@ -176,26 +209,29 @@ def test_edge_tracking_where_the_edge_moves(tmp_path):
   (claim,) = by_name(claims.check_claims(follows), "edge_tracking")
   assert claim.passed and claim.applicable
   assert claim.value == pytest.approx(1.0)
-  flat = synthetic_metrics(tmp_path, [SAM],
-                           [1.5 + np.sin(np.arange(NUM_ROWS))], [edge])
+  flat = synthetic_metrics(
+      tmp_path, [SAM], [1.5 + np.sin(np.arange(NUM_ROWS))], [edge]
+  )
   assert not by_name(claims.check_claims(flat), "edge_tracking")[0].passed
-  still = synthetic_metrics(tmp_path, [SAM], [np.full(NUM_ROWS, 1.0)],
-                            [np.full(NUM_ROWS, 1.0)])
+  still = synthetic_metrics(
+      tmp_path, [SAM], [np.full(NUM_ROWS, 1.0)], [np.full(NUM_ROWS, 1.0)]
+  )
   (claim,) = by_name(claims.check_claims(still), "edge_tracking")
   assert claim.status == "N/A" and claim.passed
 
 
 def test_summary_passes_only_if_every_seed_passes(tmp_path):
   configs = [dict(GD, seed=s) for s in range(3)]
-  metrics = synthetic_metrics(tmp_path, configs,
-                              [ramp(4.0) * 1.0, ramp(4.0) * 1.05,
-                               ramp(4.0) * 1.2])
+  metrics = synthetic_metrics(
+      tmp_path, configs, [ramp(4.0) * 1.0, ramp(4.0) * 1.05, ramp(4.0) * 1.2]
+  )
   lines = claims.summarize(claims.check_claims(metrics))
   (line,) = [l for l in lines if "gd_at_edge" in l]
   assert line.startswith("FAIL") and "3 seeds" in line
   assert "median 1.050, range [1.000, 1.200]" in line
   low, high = claims.bootstrap_interval(
-      np.concatenate([np.full(30, v) for v in (1.0, 1.05, 1.2)]))
+      np.concatenate([np.full(30, v) for v in (1.0, 1.05, 1.2)])
+  )
   assert f"90% CI [{low:.3f}, {high:.3f}]" in line
 
 
@@ -211,19 +247,24 @@ def test_findings_report_the_offset_and_negative_curvature(tmp_path):
   edge = ramp(1.0)
   lam_min = -0.1 * edge
   lam_min[-3:] = -2.0  # |lambda_min| > lambda_max at the last three points
-  metrics = synthetic_metrics(tmp_path, [SAM], [edge * 1.05], [edge],
-                              lambda_min=[lam_min])
+  metrics = synthetic_metrics(
+      tmp_path, [SAM], [edge * 1.05], [edge], lambda_min=[lam_min]
+  )
   lines = claims.findings(metrics)
-  assert any("median sharpness / SAM-edge 1.050" in l and "100% of 30" in l
-             for l in lines)
+  assert any(
+      "median sharpness / SAM-edge 1.050" in l and "100% of 30" in l
+      for l in lines
+  )
   assert any("|lambda_min| > lambda_max at 3 of 30" in l for l in lines)
 
 
 def test_bad_metrics_are_named():
   with pytest.raises(ValueError, match="lacks the columns.*sharpness"):
     claims.check_claims({"config": np.zeros(1, int)})
-  empty = {name: np.zeros(0) for name in
-           history.CONFIG_COLUMNS + history.HISTORY_COLUMNS}
+  empty = {
+      name: np.zeros(0)
+      for name in history.CONFIG_COLUMNS + history.HISTORY_COLUMNS
+  }
   with pytest.raises(ValueError, match="no rows"):
     claims.check_claims(empty)
 
@@ -239,15 +280,26 @@ def test_cpu_preset_shows_the_claims(name, tmp_path, capsys):
   assert len(config.seeds) >= 3
   out = str(tmp_path / name)
   assert cli.main(["run", name, "--out", out, "--no-progress"]) == 0
-  results = claims.check_claims(history.read_csv(os.path.join(out,
-                                                              "metrics.csv")))
+  results = claims.check_claims(
+      history.read_csv(os.path.join(out, "metrics.csv"))
+  )
   known = presets.KNOWN_FAILURES.get(name, {})
-  expected = {"window_points", "gd_at_edge", "gd_sharpens", "gd_oscillates",
-              "sam_at_sam_edge", "sam_below_gd_edge", "edge_tracking",
-              "early_flattening"}
+  expected = {
+      "window_points",
+      "gd_at_edge",
+      "gd_sharpens",
+      "gd_oscillates",
+      "sam_at_sam_edge",
+      "sam_below_gd_edge",
+      "edge_tracking",
+      "early_flattening",
+  }
   assert {c.name for c in results} == expected
-  unexpected = [str(c) for c in results if not c.passed
-                and (c.name, c.learning_rate, c.rho) not in known]
+  unexpected = [
+      str(c)
+      for c in results
+      if not c.passed and (c.name, c.learning_rate, c.rho) not in known
+  ]
   assert not unexpected, "\n".join(unexpected)
   failed = any(not c.passed for c in results)
   assert cli.main(["check", out]) == (1 if failed else 0)

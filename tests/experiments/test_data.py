@@ -19,10 +19,21 @@ REAL = data.resolve_data_dir()
 needs_real = pytest.mark.skipif(
     not (REAL / "mnist/train-images-idx3-ubyte.gz").exists()
     or not (REAL / "cifar10/data_batch_1.first4000.bin.xz").exists(),
-    reason="the real data folder (shared/data) is not available")
+    reason="the real data folder (shared/data) is not available",
+)
 
-MNIST_TRAIN_COUNTS = [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851,
-                      5949]
+MNIST_TRAIN_COUNTS = [
+    5923,
+    6742,
+    5958,
+    6131,
+    5842,
+    5421,
+    5918,
+    6265,
+    5851,
+    5949,
+]
 MNIST_TEST_COUNTS = [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]
 CIFAR_TRAIN_4000_COUNTS = [396, 366, 420, 384, 422, 393, 414, 385, 407, 413]
 CIFAR_TEST_1000_COUNTS = [103, 89, 100, 103, 90, 86, 112, 102, 106, 109]
@@ -74,8 +85,10 @@ def test_shakespeare_splits_are_the_text_cut_at_a_line():
   train = data.load_shakespeare("train")
   test = data.load_shakespeare("test")
   whole = np.concatenate([train, test]).tobytes()
-  assert hashlib.sha256(whole).hexdigest() == data.SHA256[
-      "tinyshakespeare/input.txt"]
+  assert (
+      hashlib.sha256(whole).hexdigest()
+      == data.SHA256["tinyshakespeare/input.txt"]
+  )
   assert train.dtype == np.uint8 and whole.startswith(b"First Citizen:")
   assert train[-1] == ord("\n")
   assert test.tobytes().count(b"\n") == data.NUM_SHAKESPEARE_TEST_LINES
@@ -88,8 +101,7 @@ def test_shakespeare_splits_are_the_text_cut_at_a_line():
 def test_bundled_fallback_is_the_first_real_examples(tmp_path):
   images, labels = data.load_mnist(num_examples=2000, data_dir=tmp_path)
   assert images.shape == (2000, 28, 28) and labels[0] == 5
-  cifar, cifar_labels = data.load_cifar10(num_examples=1000,
-                                          data_dir=tmp_path)
+  cifar, cifar_labels = data.load_cifar10(num_examples=1000, data_dir=tmp_path)
   assert cifar.shape == (1000, 32, 32, 3)
   assert cifar_labels[:10].tolist() == [6, 9, 9, 4, 1, 1, 2, 7, 8, 3]
   text = data.load_shakespeare("test", data_dir=tmp_path)
@@ -108,18 +120,27 @@ def test_bundled_files_match_their_recorded_hashes():
   for name, sha in data.BUNDLED_SHA256.items():
     digest = hashlib.sha256((data.BUNDLED_DIR / name).read_bytes()).hexdigest()
     assert digest == sha, name
-  total = sum((data.BUNDLED_DIR / n).stat().st_size
-              for n in data.BUNDLED_SHA256)
+  total = sum(
+      (data.BUNDLED_DIR / n).stat().st_size for n in data.BUNDLED_SHA256
+  )
   assert total < 6_000_000  # the 1,000-image MNIST and CIFAR-10 test subsets
 
 
-@pytest.mark.parametrize("load, num, url, folder", [
-    (data.load_mnist, 2001, data.MNIST_URL + "train-images-idx3-ubyte.gz",
-     "mnist"),
-    (data.load_cifar10, 1001, data.CIFAR10_URL, "cifar10"),
-])
-def test_request_beyond_bundle_offline_is_a_clear_error(tmp_path, load, num,
-                                                        url, folder):
+@pytest.mark.parametrize(
+    "load, num, url, folder",
+    [
+        (
+            data.load_mnist,
+            2001,
+            data.MNIST_URL + "train-images-idx3-ubyte.gz",
+            "mnist",
+        ),
+        (data.load_cifar10, 1001, data.CIFAR10_URL, "cifar10"),
+    ],
+)
+def test_request_beyond_bundle_offline_is_a_clear_error(
+    tmp_path, load, num, url, folder
+):
   with pytest.raises(data.DataUnavailableError) as info:
     load("train", num_examples=num, data_dir=tmp_path)
   assert isinstance(info.value, FileNotFoundError)
@@ -165,10 +186,14 @@ def test_checksum_mismatch_raises_and_names_the_file(tmp_path):
 @needs_real
 def test_corrupt_mnist_file_is_never_parsed(tmp_path):
   (tmp_path / "mnist").mkdir()
-  os.symlink(REAL / "mnist/train-images-idx3-ubyte.gz",
-             tmp_path / "mnist/train-images-idx3-ubyte.gz")
-  _corrupt_copy(REAL / "mnist/train-labels-idx1-ubyte.gz",
-                tmp_path / "mnist/train-labels-idx1-ubyte.gz")
+  os.symlink(
+      REAL / "mnist/train-images-idx3-ubyte.gz",
+      tmp_path / "mnist/train-images-idx3-ubyte.gz",
+  )
+  _corrupt_copy(
+      REAL / "mnist/train-labels-idx1-ubyte.gz",
+      tmp_path / "mnist/train-labels-idx1-ubyte.gz",
+  )
   with pytest.raises(data.DataChecksumError, match="train-labels"):
     data.load_mnist(num_examples=10, data_dir=tmp_path)
 
@@ -181,8 +206,9 @@ def test_verification_is_cached_per_file_version(tmp_path, monkeypatch):
   path.write_bytes(good)
   calls = []
   real_sha256 = data._sha256
-  monkeypatch.setattr(data, "_sha256",
-                      lambda p: calls.append(p) or real_sha256(p))
+  monkeypatch.setattr(
+      data, "_sha256", lambda p: calls.append(p) or real_sha256(p)
+  )
   data.load_shakespeare(data_dir=tmp_path)
   data.load_shakespeare("test", data_dir=tmp_path)
   assert calls == [path]
@@ -197,19 +223,23 @@ def test_verification_is_cached_per_file_version(tmp_path, monkeypatch):
 # --------------------------------------------------------------- downloads
 
 
-def test_mocked_download_is_verified_and_renamed_atomically(tmp_path,
-                                                            monkeypatch):
+def test_mocked_download_is_verified_and_renamed_atomically(
+    tmp_path, monkeypatch
+):
   labels = np.arange(10000, dtype=np.uint8) % 10
   images = np.arange(10000 * 784, dtype=np.uint64).astype(np.uint8)
   contents = {
       "t10k-labels-idx1-ubyte.gz": gzip.compress(
-          np.array([2049, 10000], ">u4").tobytes() + labels.tobytes()),
+          np.array([2049, 10000], ">u4").tobytes() + labels.tobytes()
+      ),
       "t10k-images-idx3-ubyte.gz": gzip.compress(
-          np.array([2051, 10000, 28, 28], ">u4").tobytes() + images.tobytes()),
+          np.array([2051, 10000, 28, 28], ">u4").tobytes() + images.tobytes()
+      ),
   }
   for name, content in contents.items():
-    monkeypatch.setitem(data.SHA256, f"mnist/{name}",
-                        hashlib.sha256(content).hexdigest())
+    monkeypatch.setitem(
+        data.SHA256, f"mnist/{name}", hashlib.sha256(content).hexdigest()
+    )
   requested = []
 
   def fake_download(url, path):
@@ -222,22 +252,29 @@ def test_mocked_download_is_verified_and_renamed_atomically(tmp_path,
 
   monkeypatch.setattr(data, "_download", fake_download)
   got_images, got_labels = data.load_mnist("test", data_dir=tmp_path)
-  assert requested == [data.MNIST_URL + "t10k-images-idx3-ubyte.gz",
-                       data.MNIST_URL + "t10k-labels-idx1-ubyte.gz"]
+  assert requested == [
+      data.MNIST_URL + "t10k-images-idx3-ubyte.gz",
+      data.MNIST_URL + "t10k-labels-idx1-ubyte.gz",
+  ]
   np.testing.assert_array_equal(got_labels, labels)
   np.testing.assert_array_equal(got_images.ravel(), images)
   assert sorted(p.name for p in (tmp_path / "mnist").iterdir()) == sorted(
-      contents)
-  assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*")
-                ) == ["mnist"] + sorted(f"mnist/{n}" for n in contents)
+      contents
+  )
+  assert sorted(
+      p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*")
+  ) == ["mnist"] + sorted(f"mnist/{n}" for n in contents)
   # Downloaded once: a second load reads the cache.
   data.load_mnist("test", num_examples=3, data_dir=tmp_path)
   assert len(requested) == 2
 
 
 def test_corrupt_download_is_rejected_and_removed(tmp_path, monkeypatch):
-  monkeypatch.setattr(data, "_download",
-                      lambda url, path: path.write_bytes(b"<html>error</html>"))
+  monkeypatch.setattr(
+      data,
+      "_download",
+      lambda url, path: path.write_bytes(b"<html>error</html>"),
+  )
   with pytest.raises(data.DataChecksumError, match="download"):
     data.load_mnist("test", data_dir=tmp_path)
   assert list((tmp_path / "mnist").iterdir()) == []
@@ -278,36 +315,45 @@ def _cifar_archive(monkeypatch, per_batch=3):
         records[:, 0] %= 10
         content = records.tobytes()
         batches[name] = records
-        monkeypatch.setitem(data.SHA256, f"{data._CIFAR_DIR}/{name}",
-                            hashlib.sha256(content).hexdigest())
+        monkeypatch.setitem(
+            data.SHA256,
+            f"{data._CIFAR_DIR}/{name}",
+            hashlib.sha256(content).hexdigest(),
+        )
         info = tarfile.TarInfo(f"cifar-10-batches-bin/{name}")
         info.size = len(content)
         tar.addfile(info, io.BytesIO(content))
   archive = buffer.getvalue()
-  monkeypatch.setitem(data.SHA256, data._CIFAR_TAR,
-                      hashlib.sha256(archive).hexdigest())
+  monkeypatch.setitem(
+      data.SHA256, data._CIFAR_TAR, hashlib.sha256(archive).hexdigest()
+  )
   return archive, batches
 
 
 def test_cifar10_archive_download_extract_and_batches(tmp_path, monkeypatch):
   archive, batches = _cifar_archive(monkeypatch)
   monkeypatch.setattr(data, "BUNDLED_CIFAR10_TRAIN", 5)  # 7 must download
-  monkeypatch.setattr(data, "_download",
-                      lambda url, path: path.write_bytes(archive))
-  images, labels = data.load_cifar10("train", num_examples=7,
-                                     data_dir=tmp_path)
-  expected = np.concatenate([batches[f"data_batch_{i}.bin"]
-                             for i in (1, 2, 3)])[:7]
+  monkeypatch.setattr(
+      data, "_download", lambda url, path: path.write_bytes(archive)
+  )
+  images, labels = data.load_cifar10("train", num_examples=7, data_dir=tmp_path)
+  expected = np.concatenate(
+      [batches[f"data_batch_{i}.bin"] for i in (1, 2, 3)]
+  )[:7]
   np.testing.assert_array_equal(labels, expected[:, 0])
   np.testing.assert_array_equal(
-      images, expected[:, 1:].reshape(7, 3, 32, 32).transpose(0, 2, 3, 1))
+      images, expected[:, 1:].reshape(7, 3, 32, 32).transpose(0, 2, 3, 1)
+  )
   extracted = tmp_path / data._CIFAR_DIR
   assert sorted(p.name for p in extracted.iterdir()) == sorted(batches)
   assert not (tmp_path / "evil.bin").exists()
   # The extracted batches serve later loads without the archive.
   (tmp_path / data._CIFAR_TAR).unlink()
-  monkeypatch.setattr(data, "_download",
-                      lambda url, path: pytest.fail(f"downloaded {url} again"))
+  monkeypatch.setattr(
+      data,
+      "_download",
+      lambda url, path: pytest.fail(f"downloaded {url} again"),
+  )
   test_images, test_labels = data.load_cifar10("test", data_dir=tmp_path)
   np.testing.assert_array_equal(test_labels, batches["test_batch.bin"][:, 0])
   assert test_images.shape == (3, 32, 32, 3)
@@ -317,8 +363,10 @@ def test_cifar10_archive_missing_a_batch_is_rejected(tmp_path, monkeypatch):
   archive, _ = _cifar_archive(monkeypatch)
   path = tmp_path / data._CIFAR_TAR
   path.parent.mkdir(parents=True)
-  with tarfile.open(fileobj=io.BytesIO(archive)) as src, \
-      tarfile.open(path, "w:gz") as dst:
+  with (
+      tarfile.open(fileobj=io.BytesIO(archive)) as src,
+      tarfile.open(path, "w:gz") as dst,
+  ):
     for member in src:
       if not member.name.endswith("test_batch.bin"):
         dst.addfile(member, src.extractfile(member))
@@ -339,13 +387,16 @@ def test_data_dir_resolution(monkeypatch, tmp_path):
   assert data.resolve_data_dir() == tmp_path / ".cache/sam_eos"
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    ({"split": "valid"}, "`split`"),
-    ({"num_examples": 0}, r"\[1, 60000\]"),
-    ({"num_examples": 60001}, "num_examples"),
-    ({"num_examples": 2.0}, "num_examples"),
-    ({"num_examples": True}, "num_examples"),
-])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"split": "valid"}, "`split`"),
+        ({"num_examples": 0}, r"\[1, 60000\]"),
+        ({"num_examples": 60001}, "num_examples"),
+        ({"num_examples": 2.0}, "num_examples"),
+        ({"num_examples": True}, "num_examples"),
+    ],
+)
 def test_bad_arguments(kwargs, match):
   with pytest.raises(ValueError, match=match):
     data.load_mnist(**kwargs)
@@ -362,8 +413,9 @@ def test_preprocess_images_centres_scales_and_one_hots():
   assert x.dtype == np.float32 and x.shape == images.shape
   np.testing.assert_allclose(x.mean(axis=0), 0.0, atol=1e-6)
   assert np.abs(x).max() < 1.0
-  np.testing.assert_allclose(x[0], images[0] / 256 - images.mean(0) / 256,
-                             rtol=1e-6, atol=1e-7)
+  np.testing.assert_allclose(
+      x[0], images[0] / 256 - images.mean(0) / 256, rtol=1e-6, atol=1e-7
+  )
   assert y.dtype == np.float32 and y.shape == (50, 10)
   np.testing.assert_array_equal(y.sum(1), 1.0)
   np.testing.assert_array_equal(y.argmax(1), labels)
@@ -373,8 +425,9 @@ def test_preprocess_uses_reference_statistics_and_options():
   rng = np.random.default_rng(1)
   train = rng.integers(0, 256, (40, 3, 3), dtype=np.uint8)
   test = rng.integers(0, 256, (6, 3, 3), dtype=np.uint8)
-  x, _ = data.preprocess_images(test, np.zeros(6, int), reference=train,
-                                flatten=True)
+  x, _ = data.preprocess_images(
+      test, np.zeros(6, int), reference=train, flatten=True
+  )
   assert x.shape == (6, 9)
   expected = (test / 256 - train.mean(0) / 256).reshape(6, 9)
   np.testing.assert_allclose(x, expected, rtol=1e-6, atol=1e-7)
@@ -383,11 +436,18 @@ def test_preprocess_uses_reference_statistics_and_options():
   np.testing.assert_allclose(z.mean(axis=0), 0.0, atol=1e-6)
 
 
-@pytest.mark.parametrize("labels, kwargs, match", [
-    (np.array([0, 10]), {}, r"\[0, 10\)"),
-    (np.array([0, 1, 2]), {}, "shape"),
-    (np.array([0, 1]), {"reference": np.zeros((3, 5), np.uint8)}, "reference"),
-])
+@pytest.mark.parametrize(
+    "labels, kwargs, match",
+    [
+        (np.array([0, 10]), {}, r"\[0, 10\)"),
+        (np.array([0, 1, 2]), {}, "shape"),
+        (
+            np.array([0, 1]),
+            {"reference": np.zeros((3, 5), np.uint8)},
+            "reference",
+        ),
+    ],
+)
 def test_preprocess_errors(labels, kwargs, match):
   with pytest.raises(ValueError, match=match):
     data.preprocess_images(np.zeros((2, 4), np.uint8), labels, **kwargs)
@@ -409,11 +469,14 @@ def test_char_crops_are_shifted_windows_of_the_text():
   assert not np.array_equal(inputs, other)
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    ({"num_crops": 0}, "num_crops"),
-    ({"num_crops": 1, "length": 1}, "length"),
-    ({"num_crops": 1, "length": 9}, "fewer"),
-])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"num_crops": 0}, "num_crops"),
+        ({"num_crops": 1, "length": 1}, "length"),
+        ({"num_crops": 1, "length": 9}, "fewer"),
+    ],
+)
 def test_char_crops_errors(kwargs, match):
   with pytest.raises(ValueError, match=match):
     data.char_crops(np.zeros(8, np.uint8), **kwargs)

@@ -15,19 +15,26 @@ ONE_HOT = np.eye(10)[RNG.integers(0, 10, 7)]
 
 
 def test_mse_is_the_mean_over_examples_and_classes(x64):
-  expected = sum((LOGITS[i, c] - ONE_HOT[i, c])**2
-                 for i in range(7) for c in range(10)) / (7 * 10)
-  np.testing.assert_allclose(losses.mse_loss(LOGITS, ONE_HOT), expected,
-                             rtol=1e-12)
+  expected = sum(
+      (LOGITS[i, c] - ONE_HOT[i, c]) ** 2 for i in range(7) for c in range(10)
+  ) / (7 * 10)
+  np.testing.assert_allclose(
+      losses.mse_loss(LOGITS, ONE_HOT), expected, rtol=1e-12
+  )
 
 
 def test_half_sse_is_half_the_class_sum_averaged_over_examples(x64):
-  expected = np.mean([0.5 * np.sum((LOGITS[i] - ONE_HOT[i])**2)
-                      for i in range(7)])
-  np.testing.assert_allclose(losses.half_sse_loss(LOGITS, ONE_HOT), expected,
-                             rtol=1e-12)
-  np.testing.assert_allclose(losses.half_sse_loss(LOGITS, ONE_HOT),
-                             5 * losses.mse_loss(LOGITS, ONE_HOT), rtol=1e-12)
+  expected = np.mean(
+      [0.5 * np.sum((LOGITS[i] - ONE_HOT[i]) ** 2) for i in range(7)]
+  )
+  np.testing.assert_allclose(
+      losses.half_sse_loss(LOGITS, ONE_HOT), expected, rtol=1e-12
+  )
+  np.testing.assert_allclose(
+      losses.half_sse_loss(LOGITS, ONE_HOT),
+      5 * losses.mse_loss(LOGITS, ONE_HOT),
+      rtol=1e-12,
+  )
 
 
 def test_cross_entropy_is_the_mean_token_negative_log_likelihood(x64):
@@ -39,8 +46,9 @@ def test_cross_entropy_is_the_mean_token_negative_log_likelihood(x64):
       z = logits[b, t]
       log_norm = np.log(np.sum(np.exp(z - z.max()))) + z.max()
       nll.append(log_norm - z[targets[b, t]])
-  np.testing.assert_allclose(losses.cross_entropy_loss(logits, targets),
-                             np.mean(nll), rtol=1e-12)
+  np.testing.assert_allclose(
+      losses.cross_entropy_loss(logits, targets), np.mean(nll), rtol=1e-12
+  )
 
 
 def test_accuracy_with_integer_and_one_hot_targets():
@@ -65,19 +73,27 @@ def test_make_loss_fn_matches_the_model_and_loss():
     assert loss_fn(params, (x, targets)) == fn(logits, targets)
     assert loss_fn(params, {"x": x, "y": targets}) == fn(logits, targets)
   custom = losses.make_loss_fn(model, lambda out, t: jnp.sum(out * t))
-  np.testing.assert_allclose(custom(params, (x, y)), jnp.sum(logits * y),
-                             rtol=1e-6)
+  np.testing.assert_allclose(
+      custom(params, (x, y)), jnp.sum(logits * y), rtol=1e-6
+  )
   grads = jax.jit(jax.grad(losses.make_loss_fn(model, "mse")))(params, (x, y))
   assert jax.tree.structure(grads) == jax.tree.structure(params)
   assert all(bool(jnp.all(jnp.isfinite(g))) for g in jax.tree.leaves(grads))
 
 
-@pytest.mark.parametrize("loss, batch, match", [
-    ("l1", None, "Unknown loss"),
-    (3, None, "`loss` must be"),
-    ("mse", {"inputs": 1, "targets": 2}, r"keys 'x'.*\['inputs', 'targets'\]"),
-    ("mse", (1, 2, 3), "pair"),
-])
+@pytest.mark.parametrize(
+    "loss, batch, match",
+    [
+        ("l1", None, "Unknown loss"),
+        (3, None, "`loss` must be"),
+        (
+            "mse",
+            {"inputs": 1, "targets": 2},
+            r"keys 'x'.*\['inputs', 'targets'\]",
+        ),
+        ("mse", (1, 2, 3), "pair"),
+    ],
+)
 def test_errors(loss, batch, match):
   model = models.MLP((2,))
   with pytest.raises(ValueError, match=match):

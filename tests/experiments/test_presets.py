@@ -12,20 +12,32 @@ import pytest
 
 from sam_eos.experiments import data, models, presets, runner
 
-ALL = [(name, preset) for name in presets.list_experiments()
-       for preset in presets.PRESETS]
+ALL = [
+    (name, preset)
+    for name in presets.list_experiments()
+    for preset in presets.PRESETS
+]
 
 
 def test_registry_names_and_presets():
-  assert presets.list_experiments() == sorted([
-      "cifar10-cnn", "cifar10-cnn-relu", "cifar10-fc-tanh", "mnist-mlp",
-      "quadratic", "shakespeare-transformer"])
+  assert presets.list_experiments() == sorted(
+      [
+          "cifar10-cnn",
+          "cifar10-cnn-relu",
+          "cifar10-fc-tanh",
+          "mnist-mlp",
+          "quadratic",
+          "shakespeare-transformer",
+      ]
+  )
   for name, preset in ALL:
     config = presets.get_experiment(name, preset)
     assert (config.name, config.preset) == (name, preset)
     assert config.description
-  assert presets.get_experiment("mnist-mlp") is presets.EXPERIMENTS[
-      "mnist-mlp"]["cpu"]
+  assert (
+      presets.get_experiment("mnist-mlp")
+      is presets.EXPERIMENTS["mnist-mlp"]["cpu"]
+  )
 
 
 def test_unknown_name_or_preset_lists_the_valid_ones():
@@ -39,7 +51,8 @@ def test_unknown_name_or_preset_lists_the_valid_ones():
 def test_config_round_trips_through_json(name, preset):
   config = presets.get_experiment(name, preset)
   restored = presets.ExperimentConfig.from_dict(
-      json.loads(json.dumps(config.to_dict())))
+      json.loads(json.dumps(config.to_dict()))
+  )
   assert restored == config
   assert restored.model_kwargs == config.model_kwargs
 
@@ -49,19 +62,27 @@ def test_replace_validates_and_names_the_field():
   assert config.replace(rhos=[0.0, 0.05]).rhos == (0.0, 0.05)
   assert config.replace(learning_rates=0.5).learning_rates == (0.5,)
   assert dataclasses.replace(config, num_steps=7).num_steps == 7
-  for field, value in [("rhos", (-0.1,)), ("learning_rates", (0.0,)),
-                       ("num_steps", 0), ("track_every", 0),
-                       ("num_examples", 0), ("batch_size", -1),
-                       ("momentum", 1.0), ("dataset", "imagenet"),
-                       ("model", "resnet"), ("loss", "hinge"),
-                       ("seeds", (-1,))]:
+  for field, value in [
+      ("rhos", (-0.1,)),
+      ("learning_rates", (0.0,)),
+      ("num_steps", 0),
+      ("track_every", 0),
+      ("num_examples", 0),
+      ("batch_size", -1),
+      ("momentum", 1.0),
+      ("dataset", "imagenet"),
+      ("model", "resnet"),
+      ("loss", "hinge"),
+      ("seeds", (-1,)),
+  ]:
     with pytest.raises(ValueError, match=f"`{field}`"):
       config.replace(**{field: value})
   with pytest.raises(ValueError, match="Unknown ExperimentConfig field.*lr"):
     config.replace(lr=0.1)
   with pytest.raises(ValueError, match="context_length"):
     presets.get_experiment("shakespeare-transformer").replace(
-        context_length=None)
+        context_length=None
+    )
 
 
 def test_config_is_frozen():
@@ -71,36 +92,65 @@ def test_config_is_frozen():
 
 def test_paper_presets_hold_the_published_settings():
   mnist = presets.get_experiment("mnist-mlp", "paper")
-  assert (mnist.dataset, mnist.num_examples, mnist.model) == ("mnist", None,
-                                                                "mlp")
+  assert (mnist.dataset, mnist.num_examples, mnist.model) == (
+      "mnist",
+      None,
+      "mlp",
+  )
   assert mnist.model_kwargs == {"hidden_sizes": (1000, 1000, 1000)}
   cifar = presets.get_experiment("cifar10-cnn", "paper")
-  assert (cifar.num_examples, cifar.model_kwargs) == (1000,
-                                                      {"channels": (16, 32)})
+  assert (cifar.num_examples, cifar.model_kwargs) == (
+      1000,
+      {"channels": (16, 32)},
+  )
   for config in (mnist, cifar):
     assert config.learning_rates == (0.01,)
     assert 0.0 in config.rhos and 0.1 in config.rhos
-    assert (config.loss, config.batch_size, config.momentum, config.eps,
-            config.normalize, config.standardize) == ("mse", None, 0.0, 1e-5,
-                                                      True, False)
+    assert (
+        config.loss,
+        config.batch_size,
+        config.momentum,
+        config.eps,
+        config.normalize,
+        config.standardize,
+    ) == ("mse", None, 0.0, 1e-5, True, False)
   lm = presets.get_experiment("shakespeare-transformer", "paper")
-  assert (lm.loss, lm.learning_rates, lm.batch_size, lm.context_length,
-          lm.momentum, lm.eps) == ("cross_entropy", (0.1,), 128, 64, 0.0, 1e-5)
-  assert lm.model_kwargs == {"key_size": 32, "model_size": 128,
-                             "num_heads": 8, "num_layers": 6}
+  assert (
+      lm.loss,
+      lm.learning_rates,
+      lm.batch_size,
+      lm.context_length,
+      lm.momentum,
+      lm.eps,
+  ) == ("cross_entropy", (0.1,), 128, 64, 0.0, 1e-5)
+  assert lm.model_kwargs == {
+      "key_size": 32,
+      "model_size": 128,
+      "num_heads": 8,
+      "num_layers": 6,
+  }
   cohen = presets.get_experiment("cifar10-fc-tanh", "paper")
-  assert (cohen.num_examples, cohen.model, cohen.loss, cohen.batch_size,
-          cohen.standardize) == (5000, "fc-tanh", "half_sse", None, True)
+  assert (
+      cohen.num_examples,
+      cohen.model,
+      cohen.loss,
+      cohen.batch_size,
+      cohen.standardize,
+  ) == (5000, "fc-tanh", "half_sse", None, True)
   assert cohen.learning_rates == (2 / 30, 2 / 50) and 0.0 in cohen.rhos
 
 
 def test_sweep_is_the_cartesian_product():
   config = presets.get_experiment("mnist-mlp").replace(
-      learning_rates=(0.5, 1.0), rhos=(0.0, 0.1), seeds=(3, 4))
+      learning_rates=(0.5, 1.0), rhos=(0.0, 0.1), seeds=(3, 4)
+  )
   lrs, rhos, seeds = runner.sweep(config)
   assert config.num_configs == 8 == len(lrs) == len(rhos) == len(seeds)
-  assert list(zip(lrs, rhos, seeds))[:3] == [(0.5, 0.0, 3), (0.5, 0.0, 4),
-                                             (0.5, 0.1, 3)]
+  assert list(zip(lrs, rhos, seeds))[:3] == [
+      (0.5, 0.0, 3),
+      (0.5, 0.0, 4),
+      (0.5, 0.1, 3),
+  ]
   assert len(set(zip(lrs, rhos, seeds))) == 8
 
 
@@ -112,14 +162,16 @@ def test_build_problem_of_each_cpu_preset(name):
   problem = runner.build_problem(config)
   inputs, targets = problem.data
   # One initialization per configuration; configurations of a seed share it.
-  assert all(x.shape[0] == config.num_configs
-             for x in jax.tree.leaves(problem.params))
+  assert all(
+      x.shape[0] == config.num_configs for x in jax.tree.leaves(problem.params)
+  )
   first = jax.tree.map(lambda x: x[0], problem.params)
   assert problem.num_params == models.count_params(first)
   seeds = runner.sweep(config)[2]
   for c, seed in enumerate(seeds):
-    same = jax.tree.map(lambda x: bool(jnp.all(x[c] == x[seeds.index(seed)])),
-                        problem.params)
+    same = jax.tree.map(
+        lambda x: bool(jnp.all(x[c] == x[seeds.index(seed)])), problem.params
+    )
     assert all(jax.tree.leaves(same))
   loss = problem.loss_fn(first, problem.data)
   assert loss.shape == () and np.isfinite(loss)
@@ -129,7 +181,7 @@ def test_build_problem_of_each_cpu_preset(name):
     assert 0 <= float(out["test_accuracy"]) <= 1
   if config.dataset == "quadratic":
     diagonal = np.array(config.model_kwargs["diagonal"])
-    assert np.allclose(loss, 0.5 * np.sum(diagonal * first ** 2))
+    assert np.allclose(loss, 0.5 * np.sum(diagonal * first**2))
   elif config.dataset == "shakespeare":
     assert inputs.shape == targets.shape == (8, config.context_length)
   else:
@@ -153,15 +205,17 @@ def test_cpu_presets_are_evidence_over_seeds():
 
 def test_seeds_are_distinct_initializations():
   config = presets.get_experiment("mnist-mlp").replace(
-      num_examples=8, num_test_examples=8, rhos=(0.0,), seeds=(0, 1))
+      num_examples=8, num_test_examples=8, rhos=(0.0,), seeds=(0, 1)
+  )
   params = runner.build_problem(config).params
   kernel = params["Dense_0"]["kernel"]
   assert not np.allclose(kernel[0], kernel[1])
 
 
 def test_test_data_use_the_training_statistics():
-  config = presets.get_experiment("mnist-mlp").replace(num_examples=100,
-                                                       num_test_examples=50)
+  config = presets.get_experiment("mnist-mlp").replace(
+      num_examples=100, num_test_examples=50
+  )
   inputs, targets = runner.load_test_data(config)
   train, _ = data.load_mnist(num_examples=100)
   images, labels = data.load_mnist("test", num_examples=50)
@@ -172,7 +226,8 @@ def test_test_data_use_the_training_statistics():
 
 def test_mnist_data_are_centred_paper_pixels():
   inputs, targets = runner.load_data(
-      presets.get_experiment("mnist-mlp").replace(num_examples=100))
+      presets.get_experiment("mnist-mlp").replace(num_examples=100)
+  )
   images, labels = data.load_mnist(num_examples=100)
   expected = images / 256.0 - (images / 256.0).mean(axis=0)
   np.testing.assert_allclose(inputs, expected, atol=1e-6)
@@ -182,13 +237,16 @@ def test_mnist_data_are_centred_paper_pixels():
 @pytest.mark.dataset("shakespeare")
 def test_text_crops_are_non_overlapping_windows():
   config = presets.get_experiment("shakespeare-transformer").replace(
-      num_examples=50, context_length=16)
+      num_examples=50, context_length=16
+  )
   inputs, targets = runner.load_data(config)
   np.testing.assert_array_equal(inputs[:, 1:], targets[:, :-1])
   text = data.load_shakespeare()
-  windows = {text[i:i + 17].tobytes() for i in range(0, len(text) - 16, 17)}
-  crops = [row.astype(np.uint8).tobytes()
-           for row in np.concatenate([inputs, targets[:, -1:]], axis=1)]
+  windows = {text[i : i + 17].tobytes() for i in range(0, len(text) - 16, 17)}
+  crops = [
+      row.astype(np.uint8).tobytes()
+      for row in np.concatenate([inputs, targets[:, -1:]], axis=1)
+  ]
   assert all(crop in windows for crop in crops)  # 16 + 1 from offset 0
   assert len(set(crops)) == 50
   again, _ = runner.load_data(config)
@@ -199,7 +257,8 @@ def test_text_crops_are_non_overlapping_windows():
 
 def test_initialization_depends_on_init_seed_and_seed():
   config = presets.get_experiment("mnist-mlp").replace(
-      num_examples=8, num_test_examples=8, rhos=(0.0,), seeds=(0,))
+      num_examples=8, num_test_examples=8, rhos=(0.0,), seeds=(0,)
+  )
   params = lambda cfg: runner.build_problem(cfg).params
   leaves = lambda p: np.concatenate([np.ravel(x) for x in jax.tree.leaves(p)])
   a = params(config)
@@ -207,6 +266,7 @@ def test_initialization_depends_on_init_seed_and_seed():
   # Seed s starts from fold_in(key(init_seed), s), whatever else is swept.
   swept = params(config.replace(seeds=(5, 0), rhos=(0.0, 0.1)))
   np.testing.assert_array_equal(
-      leaves(a), leaves(jax.tree.map(lambda x: x[1], swept)))
+      leaves(a), leaves(jax.tree.map(lambda x: x[1], swept))
+  )
   for other in (config.replace(seeds=(5,)), config.replace(init_seed=1)):
     assert not np.array_equal(leaves(a), leaves(params(other)))
