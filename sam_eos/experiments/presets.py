@@ -628,13 +628,31 @@ CLAIM_PRESETS = (
 # claim to hold for every seed.
 KNOWN_FAILURES: dict[str, dict[tuple[str, float, float], str]] = {
     "cifar10-cnn": {
-        (
-            "gd_sharpens",
-            0.01,
-            0.0,
-        ): "the sharpness at initialization is already about 2/eta; the "
-        "sharpening regime needs more images and steps than a CPU run "
-        "affords",
+        ("gd_sharpens", 0.01, 0.0): (
+            "the sharpness at initialization is already about 2/eta; the "
+            "sharpening regime needs more images and steps than a CPU run "
+            "affords"
+        ),
+    },
+    "shakespeare-transformer": {
+        ("gd_sharpens", 0.04, 0.0): (
+            "the minibatch sharpness of the transformer at initialization "
+            "spikes far above 2/eta (step 0), and for some seeds it starts "
+            "at the edge"
+        ),
+        ("gd_sharpens", 0.1, 0.0): (
+            "as at eta = 0.04: the initial minibatch sharpness is at or "
+            "above 2/eta"
+        ),
+        ("gd_at_edge", 0.1, 0.0): (
+            "at the paper's eta = 0.1 the sharpness of SGD's minibatch "
+            "sits above 2/eta: the edge 2/eta is a full-batch quantity, and "
+            "small batches are sharper than the full batch"
+        ),
+        ("gd_at_edge", 0.04, 0.0): (
+            "the same minibatch effect, weaker at eta = 0.04: seeds sit at "
+            "the upper end of the band, so the claim is not reliably shown"
+        ),
     },
 }
 
