@@ -302,7 +302,7 @@ def test_check_exit_code_follows_the_claims(quadratic_runs, tmp_path, capsys):
   assert cli.main(["check", quadratic_runs["sam"]]) == 0
   printed = capsys.readouterr().out
   assert "PASS  sam_at_sam_edge    config 0 (eta=0.01, rho=0.05" in printed
-  assert "4/4 claims hold (1 of them N/A)" in printed
+  assert "12/12 claims hold (3 of them N/A)" in printed
   assert (
       "SAM offset (eta=0.01, rho=0.05): median sharpness / SAM-edge 1.000"
       in printed
@@ -314,7 +314,7 @@ def test_check_exit_code_follows_the_claims(quadratic_runs, tmp_path, capsys):
       "FAIL  gd_at_edge         config 0 (eta=0.01, rho=0, seed=0): "
       "median sharpness / (2/eta) = 0.250"
   ) in printed
-  assert "FAIL  gd_at_edge         eta=0.01  rho=0     1 seeds" in printed
+  assert "FAIL  gd_at_edge         eta=0.01  rho=0     3 seeds" in printed
   assert cli.main(["check", str(tmp_path / "missing")]) == 2
 
 
