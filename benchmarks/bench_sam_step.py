@@ -1,6 +1,6 @@
 """Time per optimizer step: GD, ``se.sam``, ``optax.contrib.sam``, PyTorch SAM.
 
-Problem: the MNIST MLP of the cpu preset (784-256-256-10 ReLU, 269,322
+Problem: the benchmark MNIST MLP (784-256-256-10 ReLU, 269,322
 parameters, the first 2,000 training images, full batch, ``mean((f(x) -
 y)^2)``), SGD at eta = 1, rho = 0.1.
 

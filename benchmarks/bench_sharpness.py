@@ -1,6 +1,6 @@
 """Sharpness estimation: sam_eos's Lanczos against the floor and the peers.
 
-Problem: the MNIST MLP of the cpu preset (784-256-256-10 ReLU, 269,322
+Problem: the benchmark MNIST MLP (784-256-256-10 ReLU, 269,322
 parameters, the first 2,000 training images, ``mean((f(x) - y)^2)``) at
 mid-training points of full-batch GD (eta = 1 from a Glorot init; steps 100,
 150, 200), and a larger MLP (784-1024-1024-1024-10, 2,913,290 parameters,

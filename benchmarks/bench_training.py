@@ -1,7 +1,7 @@
 """Training loop: tracking overhead, scan vs Python loop, the authors' loop.
 
-Experiment: full-batch SAM (eta = 1, rho = 0.1) on the MNIST MLP of the cpu
-preset (784-256-256-10 ReLU, 269,322 parameters, first 2,000 training
+Experiment: full-batch SAM (eta = 1, rho = 0.1) on the benchmark MNIST MLP
+(784-256-256-10 ReLU, 269,322 parameters, first 2,000 training
 images, ``mean((f(x) - y)^2)``) from a Glorot init, 200 steps, measuring
 every 10 steps.
 

@@ -10,7 +10,7 @@ Examples:
   >>> from sam_eos import experiments as ex
   >>> config = ex.get_experiment("mnist-mlp", "cpu")
   >>> config.learning_rates, config.rhos
-  ((1.0,), (0.0, 0.1))
+  ((0.9,), (0.0, 0.1))
 
 References:
   Long & Bartlett, "Sharpness-Aware Minimization and the Edge of Stability",
