@@ -20,19 +20,10 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from sam_eos import checkpoint
+from sam_eos.loop import METRIC_NAMES
 
-HISTORY_COLUMNS = (
-    "step",
-    "loss",
-    "grad_norm",
-    "sharpness",
-    "lambda_min",
-    "gd_edge",
-    "sam_edge",
-    "grad_alignment",
-    "sam_grad_alignment",
-    "wall_time",
-)
+# The loop's recorded metrics, framed by the step and the wall time.
+HISTORY_COLUMNS = ("step",) + METRIC_NAMES + ("wall_time",)
 CONFIG_COLUMNS = ("config", "learning_rate", "rho", "seed")
 
 

@@ -289,7 +289,8 @@ def _check_eval(
         "dict of str -> real scalar, e.g. {'test_loss': ..., "
         f"'test_accuracy': ...}}; got {out}."
     )
-  return hist.columns(tuple(out))[len(hist.HISTORY_COLUMNS) :]
+  hist.columns(tuple(out))  # raises on a name clash
+  return tuple(out)
 
 
 def _check_loss(
