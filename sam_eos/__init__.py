@@ -9,7 +9,7 @@ References:
   arXiv:2309.12488, 2023.
 """
 
-from sam_eos.edges import gd_edge, sam_edge, usam_edge
+from sam_eos.edges import adam_edge, gd_edge, sam_edge, usam_edge
 from sam_eos.hessian import hessian_matvec, hvp
 from sam_eos.history import HISTORY_COLUMNS, read_csv
 from sam_eos.lanczos import LanczosResult, lanczos
@@ -36,6 +36,7 @@ __all__ = [
     "SAMState",
     "TrainResult",
     "TrainingDiverged",
+    "adam_edge",
     "data_mesh",
     "gd_edge",
     "hessian_eigenpairs",

@@ -9,6 +9,9 @@ becomes ``c = 2 * (1 + beta)``:
 * SAM:  ``eta * lam * (1 + rho * lam / ||g||) = c``  -> SAM-edge
 * USAM: ``eta * lam * (1 + rho * lam) = c``          -> USAM-edge
 
+For Adam with a frozen preconditioner, ``adam_edge`` gives the threshold on
+the preconditioned sharpness (Cohen et al. 2022).
+
 The quadratics are solved in the cancellation-free form
 ``lam = 2c / (eta * (1 + sqrt(1 + 4 * c * r / eta)))`` with ``r = rho / ||g||``
 (SAM) or ``r = rho`` (USAM), which is exact at ``r = 0`` and never subtracts
@@ -24,6 +27,7 @@ References:
 from __future__ import annotations
 
 import jax.numpy as jnp
+import numpy as np
 
 from sam_eos import _checks
 from sam_eos._types import ArrayLike
@@ -89,6 +93,16 @@ def sam_edge(
   equal to ``||g|| / (2 rho) (sqrt(1 + 8 rho / (eta ||g||)) - 1)`` when
   ``beta = 0``. It is ``gd_edge`` at ``rho = 0`` and tends to 0 as
   ``||g|| -> 0`` (exactly 0 at ``||g|| = 0``, never NaN).
+
+  Momentum (heavy-ball as in ``optax.sgd(eta, momentum=beta)``, the
+  perturbation along the raw gradient): with ``||g||`` held fixed this is the
+  exact linear stability threshold, and the 2-cycle along the top eigenvector
+  of a quadratic sits exactly on it (``||g|| = eta rho lam1^2 / (2 (1 + beta)
+  - eta lam1)``), as simulations confirm (tests/test_edges_momentum.py). With
+  ``beta >= 0.5`` SAM can also settle on other periodic orbits, on which
+  ``||g||`` varies from step to step and the top eigenvalue sits below the
+  edge (e.g. a ratio of 0.4-0.7 at ``beta = 0.9``): there the edge is an
+  upper bound, not a level SAM hovers at.
 
   Args:
     learning_rate: step size ``eta > 0``; scalar or array (broadcasts).
@@ -157,3 +171,48 @@ def usam_edge(
   _checks.check_positive("learning_rate", learning_rate)
   _checks.check_nonnegative("rho", rho)
   return _quadratic_edge(learning_rate, jnp.asarray(rho), _threshold(momentum))
+
+
+def adam_edge(learning_rate: ArrayLike, b1: ArrayLike) -> jnp.ndarray:
+  """Adaptive edge of stability of Adam/RMSProp, ``(2 + 2 b1) / (eta (1 - b1))``.
+
+  Freeze Adam's preconditioner ``P = diag(sqrt(v_hat) + eps)`` and its update
+  on a quadratic ``0.5 w^T H w`` is heavy-ball momentum on ``P^{-1} H`` in EMA
+  form, ``m <- b1 m + (1 - b1) g``, ``w <- w - eta P^{-1} m``: heavy-ball
+  with step ``eta (1 - b1)`` and momentum ``b1``. It is stable iff every
+  eigenvalue of ``P^{-1} H`` (equivalently of ``P^{-1/2} H P^{-1/2}``, see
+  ``se.preconditioned_sharpness``) is at most ``2 (1 + b1) / (eta (1 - b1))``:
+  ``38 / eta`` at ``b1 = 0.9`` and ``2 / eta`` at ``b1 = 0`` (RMSProp).
+  Cohen et al. (2022) observe full-batch Adam's preconditioned sharpness
+  rise to this value and hover there.
+
+  Args:
+    learning_rate: step size ``eta > 0``; scalar or array (broadcasts).
+    b1: Adam's first-moment decay in ``[0, 1)``.
+
+  Returns:
+    The largest preconditioned-Hessian eigenvalue at which frozen-
+    preconditioner Adam is stable on a quadratic.
+
+  Raises:
+    ValueError: for a concrete ``learning_rate <= 0`` or ``b1`` outside
+      ``[0, 1)``.
+
+  Examples:
+    >>> import sam_eos as se
+    >>> round(float(se.adam_edge(0.01, 0.9)), 2)  # 38 / eta
+    3800.0
+    >>> float(se.adam_edge(0.01, 0.0)) == float(se.gd_edge(0.01))
+    True
+
+  References:
+    Cohen et al., "Adaptive Gradient Methods at the Edge of Stability",
+    arXiv:2207.14484, 2022, Sec. 3 (the threshold ``(2 + 2 b1) / ((1 - b1)
+    eta)``).
+  """
+  _checks.check_positive("learning_rate", learning_rate)
+  arr = _checks.concrete_value(b1)
+  if arr is not None and not np.all((arr >= 0) & (arr < 1)):
+    raise ValueError(f"`b1` must lie in [0, 1), got {b1!r}.")
+  b1 = jnp.asarray(b1)
+  return (2.0 + 2.0 * b1) / (jnp.asarray(learning_rate) * (1.0 - b1))

@@ -103,3 +103,42 @@ def test_traced_and_vmapped_hyperparameters():
 def test_bad_input(call, match):
   with pytest.raises(ValueError, match=match):
     call()
+
+
+def test_adam_edge_closed_form_and_limits():
+  eta = np.array([1e-4, 1e-3, 0.01, 0.1])
+  for b1 in (0.0, 0.5, 0.9, 0.99):
+    chex.assert_trees_all_close(
+        se.adam_edge(eta, b1), (2 + 2 * b1) / (eta * (1 - b1)), rtol=1e-14
+    )
+  chex.assert_trees_all_close(se.adam_edge(0.1, 0.9), 380.0, rtol=1e-12)
+  # b1 = 0 (RMSProp) is GD's edge; EMA momentum is heavy-ball with step
+  # eta (1 - b1), so adam_edge = gd_edge(eta (1 - b1), momentum=b1).
+  chex.assert_trees_all_close(se.adam_edge(eta, 0.0), se.gd_edge(eta))
+  chex.assert_trees_all_close(
+      se.adam_edge(eta, 0.9), se.gd_edge(eta * 0.1, momentum=0.9), rtol=1e-12
+  )
+  assert jax.jit(se.adam_edge)(0.01, 0.9).shape == ()
+
+
+def test_adam_edge_stability_on_a_frozen_preconditioned_quadratic():
+  # Adam with P fixed: m <- b1 m + (1 - b1) g, w <- w - eta P^{-1} m.
+  eta, b1 = 0.01, 0.9
+  p = np.array([2.0, 0.5])
+  edge = float(se.adam_edge(eta, b1))
+  for factor, grows in ((0.99, False), (1.01, True)):
+    h = (
+        factor * edge * p * np.array([1.0, 0.3])
+    )  # P^{-1} H = diag(f edge, .3 f edge)
+    w, m = np.ones(2), np.zeros(2)
+    for _ in range(4000):
+      m = b1 * m + (1 - b1) * h * w
+      w = w - eta * m / p
+    assert (abs(w[0]) > 1.0) == grows, (factor, w)
+
+
+def test_adam_edge_bad_values():
+  with pytest.raises(ValueError, match="b1"):
+    se.adam_edge(0.1, 1.0)
+  with pytest.raises(ValueError, match="learning_rate"):
+    se.adam_edge(0.0, 0.9)
