@@ -14,6 +14,11 @@ from sam_eos.hessian import hessian_matvec, hvp
 from sam_eos.history import HISTORY_COLUMNS, read_csv
 from sam_eos.lanczos import LanczosResult, lanczos
 from sam_eos.parallel import data_mesh, masked_mean, pad_to_multiple
+from sam_eos.preconditioned import (
+    adam_preconditioner,
+    eps_floor_fraction,
+    preconditioned_sharpness,
+)
 from sam_eos.sam import SAMGrad, sam_gradient, sam_perturbation
 from sam_eos.spectrum import (
     Eigenpairs,
@@ -37,7 +42,9 @@ __all__ = [
     "TrainResult",
     "TrainingDiverged",
     "adam_edge",
+    "adam_preconditioner",
     "data_mesh",
+    "eps_floor_fraction",
     "gd_edge",
     "hessian_eigenpairs",
     "hessian_matvec",
@@ -46,6 +53,7 @@ __all__ = [
     "masked_mean",
     "pad_to_multiple",
     "power_iteration",
+    "preconditioned_sharpness",
     "read_csv",
     "sam",
     "sam_edge",
