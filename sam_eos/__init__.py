@@ -9,6 +9,7 @@ References:
   arXiv:2309.12488, 2023.
 """
 
+from sam_eos.density import hessian_trace, spectral_density
 from sam_eos.edges import adam_edge, gd_edge, sam_edge, usam_edge
 from sam_eos.hessian import hessian_matvec, hvp
 from sam_eos.history import HISTORY_COLUMNS, read_csv
@@ -48,6 +49,7 @@ __all__ = [
     "gd_edge",
     "hessian_eigenpairs",
     "hessian_matvec",
+    "hessian_trace",
     "hvp",
     "lanczos",
     "masked_mean",
@@ -60,6 +62,7 @@ __all__ = [
     "sam_gradient",
     "sam_perturbation",
     "sharpness",
+    "spectral_density",
     "train",
     "usam_edge",
 ]
