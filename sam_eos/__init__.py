@@ -28,12 +28,14 @@ from sam_eos.spectrum import (
     power_iteration,
     sharpness,
 )
+from sam_eos.stochastic import BatchEstimate, batch_sam_edge, batch_sharpness
 from sam_eos.train import TrainResult, TrainingDiverged, train
 from sam_eos.transform import SAMState, sam
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "BatchEstimate",
     "Eigenpairs",
     "HISTORY_COLUMNS",
     "LanczosResult",
@@ -44,6 +46,8 @@ __all__ = [
     "TrainingDiverged",
     "adam_edge",
     "adam_preconditioner",
+    "batch_sam_edge",
+    "batch_sharpness",
     "data_mesh",
     "eps_floor_fraction",
     "gd_edge",
