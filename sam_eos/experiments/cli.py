@@ -12,6 +12,10 @@ Commands::
   sam-eos plot DIR [DIR ...] [--out DIR] [--x step|wall_time]
   sam-eos list
   sam-eos check DIR
+  sam-eos map [NAME] [--preset cpu|paper] [--lr ETA ...] [--rho R ...]
+              [--seeds S ...] [--steps N] [--track-every N]
+              [--lanczos-iters N] [--num-examples N]
+              [--max-configs-per-program K] [--out DIR] [--no-progress]
 
 ``sam-eos run`` with no arguments trains ``mnist-mlp`` with its ``cpu`` preset
 (GD and SAM as one vmapped program) on the data bundled with the package and
@@ -22,6 +26,9 @@ writes ``runs/mnist-mlp-cpu/{config.json, metrics.csv, checkpoint.npz,
 devices, ``--config-shards K`` the configurations too (``se.data_mesh``);
 ``--distributed`` runs one process per host on one global mesh
 (``jax.distributed.initialize``); only process 0 writes files and figures.
+``sam-eos map`` trains a grid of (eta, rho) with GD at every eta, three or
+more seeds, as vmapped sweeps, and writes ``edge_map.{csv,png,md}`` (see
+``sam_eos.experiments.edge_map``) to ``runs/NAME-map``.
 
 Exit codes: 0 success; 1 every configuration diverged or data unavailable
 (``run``), or a claim failed or the run is incomplete (``check``); 2 bad
@@ -85,7 +92,7 @@ def _parser() -> (
       "2023): run the paper's experiments, plot and check them.",
   )
   commands = parser.add_subparsers(
-      dest="command", required=True, metavar="{run,plot,list,check}"
+      dest="command", required=True, metavar="{run,plot,list,check,map}"
   )
 
   run = commands.add_parser(
@@ -252,7 +259,99 @@ def _parser() -> (
       "fails or the run is incomplete.",
   )
   check.add_argument("run_dir", metavar="DIR", help="a run folder")
-  return parser, {"run": run, "plot": plot, "check": check}
+  return parser, {
+      "run": run,
+      "plot": plot,
+      "check": check,
+      "map": _map_parser(commands),
+  }
+
+
+def _map_parser(commands) -> argparse.ArgumentParser:
+  """``sam-eos map``: the grid's options (the preset fills the rest)."""
+  edge = commands.add_parser(
+      "map",
+      help="map where the SAM-edge holds over a grid of (eta, rho)",
+      description="Train a grid of learning rates x radii (plus GD at every "
+      "learning rate) x seeds as vmapped sweeps; write edge_map.csv (one row "
+      "per configuration and seed: median sharpness / SAM-edge over the "
+      "claim window with a bootstrap 90%% interval, median rho/||g|| and "
+      "rho*sharpness, GD's ratio, divergence), edge_map.png, edge_map.md "
+      "(the finding), metrics.csv and config.json. The grid is "
+      "--lr x --rho x --seeds; the defaults depend on the experiment "
+      "(mnist-mlp: 4 x 5 x 3, 500 steps).",
+  )
+  edge.add_argument(
+      "name",
+      nargs="?",
+      default="mnist-mlp",
+      choices=presets.list_experiments(),
+      metavar="NAME",
+      help="experiment (see `sam-eos list`); default mnist-mlp",
+  )
+  edge.add_argument(
+      "--preset",
+      default="cpu",
+      choices=presets.PRESETS,
+      help="the preset the map starts from (default cpu)",
+  )
+  edge.add_argument(
+      "--lr", type=_LR, nargs="+", metavar="ETA", help="the grid's step sizes"
+  )
+  edge.add_argument(
+      "--rho",
+      type=_RHO,
+      nargs="+",
+      metavar="R",
+      help="the grid's SAM radii (GD, rho 0, is always added)",
+  )
+  edge.add_argument(
+      "--seeds",
+      "--seed",
+      dest="seeds",
+      type=_SEED,
+      nargs="+",
+      metavar="S",
+      help="seeds, each its own initialization (default: the preset's)",
+  )
+  edge.add_argument(
+      "--steps", type=_POSITIVE, metavar="N", help="training steps"
+  )
+  edge.add_argument(
+      "--track-every",
+      type=_POSITIVE,
+      metavar="N",
+      help="measure sharpness every N steps",
+  )
+  edge.add_argument(
+      "--lanczos-iters",
+      type=_POSITIVE,
+      metavar="N",
+      help="Lanczos iterations per measurement",
+  )
+  edge.add_argument(
+      "--num-examples",
+      type=_POSITIVE,
+      metavar="N",
+      help="training examples (text crops for shakespeare)",
+  )
+  edge.add_argument(
+      "--batch-size", type=_POSITIVE, metavar="B", help="minibatch size"
+  )
+  edge.add_argument(
+      "--max-configs-per-program",
+      type=_POSITIVE,
+      metavar="K",
+      help="at most K configurations per vmapped program (default: as many "
+      "as fit a share of the device memory)",
+  )
+  edge.add_argument(
+      "--out", metavar="DIR", help="output folder (default runs/NAME-map)"
+  )
+  edge.add_argument(
+      "--no-progress", action="store_true", help="no progress bars"
+  )
+  return edge
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, object]:
@@ -514,6 +613,66 @@ def _check(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
   return EXIT_OK if passed else EXIT_FAILED
 
 
+def _map(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+  from sam_eos.experiments import data, edge_map  # pylint: disable=g-import-not-at-top
+
+  try:
+    config, note = edge_map.map_config(
+        args.name,
+        args.preset,
+        learning_rates=args.lr,
+        rhos=args.rho,
+        seeds=args.seeds,
+        num_steps=args.steps,
+        track_every=args.track_every,
+        num_lanczos_iters=args.lanczos_iters,
+        num_examples=args.num_examples,
+        batch_size=args.batch_size,
+    )
+  except ValueError as e:
+    parser.error(f"invalid settings: {e}")
+  if len(config.seeds) < 3:
+    print(
+        f"Warning: {len(config.seeds)} seed(s); the map's finding asks "
+        "every seed, use three or more.",
+        file=sys.stderr,
+    )
+  out_dir = args.out or os.path.join("runs", f"{args.name}-map")
+  _writable(parser, out_dir)
+  _print_config(config)
+  print(f"  {'map':18} {note}")
+  print(
+      f"  {'configurations':18} {config.num_configs} (learning_rates x rhos "
+      "x seeds, GD included)"
+  )
+  print(f"Writing to {out_dir}")
+  sys.stdout.flush()
+  try:
+    result = edge_map.run_map(
+        config,
+        out_dir,
+        note=note,
+        progress=not args.no_progress,
+        max_configs=args.max_configs_per_program,
+    )
+  except ValueError as e:
+    print(f"sam-eos map: error: {e}", file=sys.stderr)
+    return EXIT_USAGE
+  except data.DataUnavailableError as e:
+    print(f"sam-eos map: data unavailable: {e}", file=sys.stderr)
+    return EXIT_FAILED
+  print(
+      f"Trained {config.num_configs} configurations in "
+      f"{len(result.programs)} program(s) in {result.wall_time:.1f} s."
+  )
+  print()
+  print("\n".join(result.lines))
+  print()
+  files = ", ".join(edge_map.MAP_FILES)
+  print(f"Files: {out_dir}/{{{files}}}")
+  return EXIT_OK
+
+
 def main(argv: Sequence[str] | None = None) -> int:
   """Entry point of ``sam-eos``.
 
@@ -529,7 +688,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "list":
       return _list()
-    command = {"run": _run, "plot": _plot, "check": _check}[args.command]
+    command = {"run": _run, "plot": _plot, "check": _check, "map": _map}[
+        args.command
+    ]
     return command(commands[args.command], args)
   except SystemExit as e:  # argparse's usage errors and --help
     return e.code if isinstance(e.code, int) else EXIT_USAGE

@@ -80,6 +80,22 @@ GD_COLORS = ("#1f77b4", "#9467bd", "#17becf", "#393b79", "#2ca02c")
 SAM_COLORS = ("#d62728", "#ff7f0e", "#8c564b", "#e377c2", "#bcbd22")
 MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
 BAND_ALPHA = 0.18
+# Labelled ratios on the edge map's log y-axis.
+RATIO_TICKS = (
+    0.1,
+    0.2,
+    0.3,
+    0.5,
+    0.7,
+    0.85,
+    1.0,
+    1.15,
+    1.5,
+    2.0,
+    3.0,
+    5.0,
+    10.0,
+)
 Metrics = Mapping[str, np.ndarray]
 Runs = Sequence[tuple[str, Metrics]]
 
@@ -893,3 +909,122 @@ def plot_runs(
       "ratio.png": lambda p: plot_ratio(runs, p, **kwargs),
   }
   return [draw[name](os.path.join(out_dir, name)) for name in FIGURES]
+
+
+def _plain_log(ax) -> None:
+  """Log x and y; x labelled at 1, 2 and 5 times powers of ten (0.02, 5)."""
+  from matplotlib import ticker  # pylint: disable=g-import-not-at-top
+
+  def label(value: float, _) -> str:
+    if value <= 0:
+      return ""
+    mantissa = value / 10 ** np.floor(np.log10(value))
+    return f"{value:g}" if np.round(mantissa, 6) in (1.0, 2.0, 5.0) else ""
+
+  ax.set_xscale("log")
+  ax.set_yscale("log")
+  ax.xaxis.set_major_formatter(ticker.FuncFormatter(label))
+  ax.xaxis.set_minor_formatter(ticker.FuncFormatter(label))
+  ax.tick_params(which="minor", labelsize=7)
+
+
+def plot_edge_map(
+    rows: Sequence[Mapping[str, Any]],
+    path: str | os.PathLike,
+    *,
+    band: tuple[float, float] = SAM_RANGE,
+    title: str | None = None,
+) -> str:
+  """The SAM-edge map: sharpness / SAM-edge against ``rho/||g||``, ``rho*S``.
+
+  One point per SAM configuration and seed (``rho > 0``) of
+  ``edge_map.csv`` (``edge_map.map_rows``): its window median of
+  ``sharpness / sam_edge`` with the bootstrap 90% interval as an error bar,
+  against the window medians of ``rho / ||g||`` (left) and ``rho *
+  sharpness`` (right), log-log, one colour per step size ``eta``, the
+  accepted band shaded and a line at 1. Diverged configurations are not
+  placed (they have no window); the corner says how many.
+
+  Args:
+    rows: the map's rows (dicts with ``edge_map.MAP_COLUMNS``).
+    path: the PNG to write.
+    band: the accepted interval of the ratio (``claims.SAM_RANGE``).
+    title: figure title.
+
+  Returns:
+    ``path`` as a string.
+
+  References:
+    Long & Bartlett 2023 (the SAM-edge).
+  """
+  from matplotlib import colormaps  # pylint: disable=g-import-not-at-top
+
+  sam = [r for r in rows if r["rho"] > 0]
+  etas = sorted({r["learning_rate"] for r in sam})
+  cmap = colormaps["viridis"]
+  colors = {
+      eta: cmap(0.9 * i / max(len(etas) - 1, 1)) for i, eta in enumerate(etas)
+  }
+  fig, axes = _figure(2)
+  placed = [
+      r
+      for r in sam
+      if not r["diverged"]
+      and np.isfinite(r["median_ratio"])
+      and r["median_ratio"] > 0
+  ]
+  for ax, axis, name in zip(
+      axes,
+      ("median_rho_over_grad_norm", "median_rho_times_sharpness"),
+      ("rho / ||g||", "rho * sharpness"),
+  ):
+    ax.axhspan(
+        *band,
+        color=SAM_COLORS[0],
+        alpha=0.12,
+        lw=0,
+        zorder=0,
+        label=f"SAM-edge holds: {band[0]:g}-{band[1]:g}",
+    )
+    ax.axhline(1.0, color="0.2", lw=0.8, zorder=1)
+    for eta in etas:
+      mine = [r for r in placed if r["learning_rate"] == eta]
+      if not mine:
+        continue
+      x = np.array([r[axis] for r in mine])
+      y = np.array([r["median_ratio"] for r in mine])
+      low = np.array([r["ratio_low"] for r in mine])
+      high = np.array([r["ratio_high"] for r in mine])
+      ax.errorbar(
+          x,
+          y,
+          yerr=np.vstack(
+              [np.clip(y - low, 0, None), np.clip(high - y, 0, None)]
+          ),
+          fmt="o",
+          ms=4,
+          lw=0.8,
+          capsize=2,
+          color=colors[eta],
+          label=f"eta = {eta:g}",
+          zorder=3,
+      )
+    _plain_log(ax)
+    ax.set_xlabel(f"{name} (median over the claim window)")
+  from matplotlib import ticker  # pylint: disable=g-import-not-at-top
+
+  low, high = axes[0].get_ylim()
+  ticks = [t for t in RATIO_TICKS if low <= t <= high]
+  axes[0].yaxis.set_major_locator(ticker.FixedLocator(ticks))
+  axes[0].yaxis.set_minor_locator(ticker.NullLocator())
+  axes[0].yaxis.set_major_formatter(ticker.FormatStrFormatter("%g"))
+  axes[0].set_ylabel("sharpness / SAM-edge (median, 90% CI)")
+  diverged = [r for r in sam if r["diverged"]]
+  note = f"{len(placed)} of {len(sam)} SAM runs placed" + (
+      f"; {len(diverged)} diverged (not shown)" if diverged else ""
+  )
+  axes[1].text(
+      0.98, 0.02, note, transform=axes[1].transAxes, ha="right", fontsize=8
+  )
+  _legend(fig, axes)
+  return _save(fig, path, title)
