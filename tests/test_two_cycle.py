@@ -36,7 +36,9 @@ diagonal and a rotated (non-diagonal) Hessian:
    departs from 1 as ``k`` grows. The two positive roots merge, and the
    cycle disappears, at ``y = 3 / (2 - h)``: the cycle exists iff
    ``kappa rho^2 / lam_1 <= (2 - h)^3 / (27 h)``; the smaller root is the
-   stable one (``eta L''(a + rho) < 2``).
+   stable one (``eta L''(a + rho) < 2``). Past that radius SAM diverges:
+   at fixed ``eta`` and curvature, a growing ``rho`` first bends
+   ``S / sam_edge`` away from 1, then removes the cycle.
 
 References:
   Bartlett, Long & Bousquet, "The Dynamics of Sharpness-Aware
@@ -236,3 +238,20 @@ def test_quartic_cycle_exists_up_to_the_critical_curvature():
       / 4
   )
   assert ratio == pytest.approx(0.99277, abs=5e-5)
+
+
+@pytest.mark.parametrize("hessian", sorted(HESSIANS))
+@pytest.mark.parametrize("eta", [0.005, 0.01, 0.02])
+def test_past_the_critical_radius_sam_diverges(hessian, eta):
+  # kappa = 50, lam1 = 50: k = rho^2, so the cycle exists iff rho <= rho*.
+  hess, q = HESSIANS[hessian]
+  v1, kappa, h = q[:, 0], 50.0, eta * LAMS[0]
+  rho_star = np.sqrt(_critical_k(h))
+  start = q @ np.ones(4) * 0.05
+  below = _sam(hess, start, eta, 0.95 * rho_star, 4000, kappa=kappa, v1=v1)
+  x = _quartic_cycles(h, 0.95**2 * _critical_k(h))[0]
+  np.testing.assert_allclose(
+      np.abs(below[-1] @ v1), x * 0.95 * rho_star, rtol=1e-6
+  )
+  above = _sam(hess, start, eta, 1.05 * rho_star, 4000, kappa=kappa, v1=v1)
+  assert len(above) < 100  # stopped early: ||g|| > 1e12
