@@ -107,8 +107,54 @@ def global_norm(tree: PyTree) -> jax.Array:
   return (scale * jnp.sqrt(total)).astype(dtype)
 
 
+def _validate_variant(
+    params: PyTree | None,
+    grads: PyTree,
+    adaptive: bool,
+    adaptive_eta: ArrayLike,
+    eigenvector: PyTree | None,
+    eigen_weight: ArrayLike,
+) -> None:
+  """Checks the ASAM / Eigen-SAM options of ``sam_perturbation``."""
+  if adaptive and eigenvector is not None:
+    raise ValueError(
+        "`adaptive` (ASAM) and `eigenvector` (Eigen-SAM) cannot be combined; "
+        "choose one."
+    )
+  if adaptive:
+    if params is None:
+      raise ValueError(
+          "`adaptive=True` (ASAM) scales the perturbation by |w| + "
+          "adaptive_eta, so it needs `params`."
+      )
+    _checks.check_same_structure("grads", grads, "params", params)
+    _checks.check_nonnegative("adaptive_eta", adaptive_eta)
+  if eigenvector is not None:
+    _checks.check_same_structure("grads", grads, "eigenvector", eigenvector)
+    _checks.check_nonnegative("eigen_weight", eigen_weight)
+
+
+def _scaled(scale: jax.Array, tree: PyTree, like: PyTree) -> PyTree:
+  """``scale * tree`` in the dtypes of ``like``."""
+  return jax.tree.map(lambda x, g: (scale * x).astype(g.dtype), tree, like)
+
+
+def _safe_ratio(rho: ArrayLike, denom: jax.Array) -> jax.Array:
+  """``rho / denom``, or 0 (never NaN) when ``denom`` is 0."""
+  return jnp.where(denom > 0, rho / jnp.where(denom > 0, denom, 1.0), 0.0)
+
+
 def sam_perturbation(
-    grads: PyTree, rho: ArrayLike, *, normalize: bool = True, eps: float = 1e-12
+    grads: PyTree,
+    rho: ArrayLike,
+    *,
+    normalize: bool = True,
+    eps: float = 1e-12,
+    params: PyTree | None = None,
+    adaptive: bool = False,
+    adaptive_eta: ArrayLike = 0.01,
+    eigenvector: PyTree | None = None,
+    eigen_weight: ArrayLike = 0.0,
 ) -> PyTree:
   """The SAM ascent step ``rho * g / (||g|| + eps)`` (or ``rho * g``).
 
@@ -117,28 +163,101 @@ def sam_perturbation(
   overflow for large float16 gradients); the perturbation has the dtypes of
   ``grads``.
 
+  Variants (the defaults give plain SAM, bit for bit):
+
+  * ASAM (``adaptive=True``, Kwon et al. 2021, ``p = 2``): with the
+    elementwise ``T = |w| + adaptive_eta``,
+    ``e = rho T^2 g / (||T g|| + eps)`` (unnormalized: ``rho T^2 g``), the
+    worst case over the ellipsoid ``||T^{-1} e|| <= rho``, which makes the
+    perturbation invariant to rescaling the weights. Applied to every leaf
+    (Kwon et al.'s code leaves biases unscaled; pass ``params`` with ones in
+    place of biases and ``adaptive_eta = 0`` there to mimic that).
+  * Eigen-SAM-style (``eigenvector=v``, Luo et al. 2025): the direction
+    ``d = g / ||g|| + alpha s v / ||v||`` with ``alpha = eigen_weight`` and
+    ``s = sign(<g, v>)`` (+1 at 0), then ``e = rho d / ||d||`` (radius
+    ``rho``; unnormalized: ``e = rho ||g|| d``). With ``alpha = 0`` it is
+    SAM's perturbation up to rounding. ``v`` is typically the top Hessian
+    eigenvector the tracking already computes.
+
   Args:
     grads: gradient pytree ``g``.
     rho: radius ``rho >= 0`` (scalar, may be traced).
     normalize: divide by the global norm (SAM) or not (USAM).
-    eps: added to ``||g||`` in the normalization, ``>= 0``.
+    eps: added to ``||g||`` (``||T g||`` for ASAM) in the normalization,
+      ``>= 0``.
+    params: the iterate ``w``, a pytree like ``grads``; needed by ASAM only.
+    adaptive: ASAM's elementwise scaling.
+    adaptive_eta: ASAM's ``eta_a >= 0`` in ``T = |w| + eta_a``.
+    eigenvector: a pytree like ``grads`` (any non-zero norm), or None.
+    eigen_weight: ``alpha >= 0``, the weight of the eigenvector component.
 
   Returns:
     A pytree like ``grads``.
 
   Raises:
-    ValueError: for a concrete ``rho < 0`` or ``eps < 0``.
+    ValueError: for a concrete ``rho < 0``, ``eps < 0``, ``adaptive_eta <
+      0`` or ``eigen_weight < 0``; ``adaptive`` without ``params`` (the
+      message names ``params``); ``params`` or ``eigenvector`` unlike
+      ``grads``; ``adaptive`` together with ``eigenvector``.
 
   Examples:
     >>> import jax.numpy as jnp, sam_eos as se
     >>> se.sam_perturbation({"w": jnp.array([3.0, 4.0])}, 0.5)["w"]
     Array([0.3, 0.4], dtype=float32)
 
+    ASAM at ``w = (1, 0)``, ``eta_a = 0``: only the first weight can move,
+    ``e = 0.5 (1, 0) * (3, 4) / 3 = (0.5, 0)``:
+
+    >>> g = jnp.array([3.0, 4.0])
+    >>> se.sam_perturbation(g, 0.5, params=jnp.array([1.0, 0.0]),
+    ...                     adaptive=True, adaptive_eta=0.0, eps=0.0).tolist()
+    [0.5, 0.0]
+
+    Eigen-SAM-style with ``v = (0, 1)`` and weight 1: ``d = (0.6, 1.8)``:
+
+    >>> e = se.sam_perturbation(g, 0.5, eigenvector=jnp.array([0.0, 1.0]),
+    ...                         eigen_weight=1.0, eps=0.0)
+    >>> bool(jnp.allclose(e, 0.5 * jnp.array([0.6, 1.8]) / jnp.sqrt(3.6)))
+    True
+
   References:
-    Foret et al. 2021, Eq. (2); Long & Bartlett 2023, Eq. (1).
+    Foret et al. 2021, Eq. (2); Long & Bartlett 2023, Eq. (1); Kwon, Kim,
+    Park & Choi, "ASAM: Adaptive Sharpness-Aware Minimization for
+    Scale-Invariant Learning of Deep Neural Networks", ICML 2021, Eq. (11);
+    Luo et al., "Explicit Eigenvalue Regularization Improves
+    Sharpness-Aware Minimization", arXiv:2501.12666, 2025.
   """
   _checks.check_nonnegative("rho", rho)
   _checks.check_nonnegative("eps", eps)
+  _validate_variant(
+      params, grads, adaptive, adaptive_eta, eigenvector, eigen_weight
+  )
+  if adaptive:
+    t = jax.tree.map(
+        lambda w, g: jnp.abs(w).astype(g.dtype) + adaptive_eta, params, grads
+    )
+    tg = jax.tree.map(lambda a, g: a * g, t, grads)
+    direction = jax.tree.map(lambda a, x: a * x, t, tg)
+    if not normalize:
+      return _scaled(rho, direction, grads)
+    return _scaled(_safe_ratio(rho, global_norm(tg) + eps), direction, grads)
+  if eigenvector is not None:
+    norm = global_norm(grads)
+    unit_g = _scaled(_safe_ratio(1.0, norm + eps), grads, grads)
+    inner = sum(
+        jnp.vdot(g, v)
+        for g, v in zip(jax.tree.leaves(grads), jax.tree.leaves(eigenvector))
+    )
+    sign = jnp.where(inner >= 0, 1.0, -1.0)
+    v_scale = sign * eigen_weight * _safe_ratio(1.0, global_norm(eigenvector))
+    direction = jax.tree.map(
+        lambda u, v: u + v_scale * v.astype(u.dtype), unit_g, eigenvector
+    )
+    live = norm > 0  # a zero gradient gives a zero perturbation
+    if not normalize:
+      return _scaled(jnp.where(live, rho * norm, 0.0), direction, grads)
+    scale = jnp.where(live, _safe_ratio(rho, global_norm(direction)), 0.0)
+    return _scaled(scale, direction, grads)
   if not normalize:
     return optax.tree.scale(rho, grads)
   norm = global_norm(grads)
@@ -173,6 +292,10 @@ def perturbed_gradient(
     m_sharpness: int | None = None,
     group_sharding: jax.sharding.Sharding | None = None,
     has_aux: bool = False,
+    adaptive: bool = False,
+    adaptive_eta: ArrayLike = 0.01,
+    eigenvector: PyTree | None = None,
+    eigen_weight: ArrayLike = 0.0,
 ) -> PyTree:
   """The SAM gradient ``grad L(w + e)``, given the gradient ``g`` at ``w``.
 
@@ -216,6 +339,12 @@ def perturbed_gradient(
       groups are constrained to (e.g. one group per device along a
       ``"data"`` mesh axis), or None.
     has_aux: whether ``loss_fn`` returns ``(loss, aux)``; ``aux`` is dropped.
+    adaptive: ASAM's perturbation (see ``sam_perturbation``), scaled by
+      ``|w| + adaptive_eta`` at ``params``.
+    adaptive_eta: ASAM's ``eta_a >= 0``.
+    eigenvector: Eigen-SAM-style direction added to each ascent (see
+      ``sam_perturbation``), a pytree like ``params``, or None.
+    eigen_weight: its weight ``alpha >= 0``.
 
   Returns:
     The SAM gradient, a pytree like ``params``.
@@ -254,7 +383,17 @@ def perturbed_gradient(
     return gradient_fn(loss_fn, b, has_aux=has_aux)(w)
 
   def ascend(g: PyTree, b: Any) -> PyTree:
-    e = sam_perturbation(g, rho, normalize=normalize, eps=eps)
+    e = sam_perturbation(
+        g,
+        rho,
+        normalize=normalize,
+        eps=eps,
+        params=params,
+        adaptive=adaptive,
+        adaptive_eta=adaptive_eta,
+        eigenvector=eigenvector,
+        eigen_weight=eigen_weight,
+    )
     return grad(optax.apply_updates(params, e), b)
 
   if m_sharpness is None:
@@ -279,6 +418,10 @@ def sam_gradient(
     eps: float = 1e-12,
     m_sharpness: int | None = None,
     has_aux: bool = False,
+    adaptive: bool = False,
+    adaptive_eta: ArrayLike = 0.01,
+    eigenvector: PyTree | None = None,
+    eigen_weight: ArrayLike = 0.0,
 ) -> SAMGrad | tuple[SAMGrad, Any]:
   """Loss, gradient and SAM gradient of ``loss_fn`` at ``params``.
 
@@ -300,6 +443,12 @@ def sam_gradient(
     m_sharpness: None for SAM with the whole batch's gradient, or the
       number ``m`` of equal groups the batch's leading axis is split into.
     has_aux: whether ``loss_fn`` returns ``(loss, aux)``.
+    adaptive: ASAM (Kwon et al. 2021): the perturbation scaled elementwise by
+      ``|w| + adaptive_eta`` (see ``sam_perturbation``).
+    adaptive_eta: ASAM's ``eta_a >= 0``.
+    eigenvector: Eigen-SAM-style: a direction (e.g. the top Hessian
+      eigenvector) added to the perturbation with weight ``eigen_weight``.
+    eigen_weight: the weight ``alpha >= 0`` of ``eigenvector``.
 
   Returns:
     ``SAMGrad(loss, grads, grad_norm, sam_grads)``; with ``has_aux`` the pair
@@ -307,9 +456,10 @@ def sam_gradient(
     whole batch. With ``rho == 0``, ``sam_grads`` is ``grads`` exactly.
 
   Raises:
-    ValueError: for a concrete ``rho < 0`` or ``eps < 0``, or an
+    ValueError: for a concrete ``rho < 0`` or ``eps < 0``, an
       ``m_sharpness`` that is not a positive integer dividing the batch's
-      leading axis.
+      leading axis, or bad ASAM / Eigen-SAM options (as
+      ``sam_perturbation``).
 
   Examples:
     On ``L(w) = 0.5 * w^T diag(4, 1) w`` the SAM gradient at ``w`` is
@@ -339,6 +489,10 @@ def sam_gradient(
       eps=eps,
       m_sharpness=m_sharpness,
       has_aux=has_aux,
+      adaptive=adaptive,
+      adaptive_eta=adaptive_eta,
+      eigenvector=eigenvector,
+      eigen_weight=eigen_weight,
   )
   out = SAMGrad(
       loss=loss, grads=grads, grad_norm=global_norm(grads), sam_grads=sam_grads

@@ -13,6 +13,8 @@ References:
   Generalization", ICLR 2021.
   Long & Bartlett, "Sharpness-Aware Minimization and the Edge of Stability",
   arXiv:2309.12488, 2023, Eq. (1).
+  Kwon et al., "ASAM", ICML 2021; Luo et al., "Explicit Eigenvalue
+  Regularization Improves Sharpness-Aware Minimization", 2025 (Eigen-SAM).
 """
 
 from __future__ import annotations
@@ -53,6 +55,9 @@ def sam(
     *,
     normalize: bool = True,
     eps: float = 1e-12,
+    adaptive: bool = False,
+    adaptive_eta: ArrayLike = 0.01,
+    eigen_weight: ArrayLike = 0.0,
 ) -> optax.GradientTransformationExtraArgs:
   """Wraps ``base_optimizer`` so each update is one full SAM step.
 
@@ -79,6 +84,25 @@ def sam(
   is reproduced bit for bit (selected with ``jnp.where``, so ``rho`` may be
   traced).
 
+  Weight decay, inside or outside the perturbation: the order of the chain
+  says which.
+
+  * ``optax.chain(optax.add_decayed_weights(wd), se.sam(base, rho))``
+    (inside): the ascent is along ``g + wd w`` (the decay's gradient is part
+    of the objective SAM perturbs) and the base sees ``grad L(w + e) + wd
+    w``.
+  * ``se.sam(optax.chain(optax.add_decayed_weights(wd), base), rho)``
+    (outside): the ascent is along ``g`` alone and the base sees ``grad L(w
+    + e) + wd w``, the decay taken at the unperturbed ``w``.
+  * ``optax.adamw``-style decoupled decay inside ``base`` is outside too.
+
+  Variants: ``adaptive=True`` is ASAM (Kwon et al. 2021), the ascent
+  ``rho T^2 u / ||T u||`` with ``T = |w| + adaptive_eta``; ``eigen_weight >
+  0`` with ``update(..., eigenvector=v)`` is Eigen-SAM-style, the ascent
+  direction ``u / ||u|| + eigen_weight sign(<u, v>) v / ||v||`` rescaled to
+  radius ``rho`` (see ``se.sam_perturbation``). An update without
+  ``eigenvector`` is plain SAM.
+
   Cost: two evaluations of ``grad_fn`` per update (at ``params`` and at
   ``params + e``). Under ``jax.jit`` XLA usually merges ``grad_fn(params)``
   with the caller's identical computation of ``grads``.
@@ -99,11 +123,17 @@ def sam(
       ``optax.scale_by_schedule`` does.
     normalize: SAM (True) or unnormalized SAM (False).
     eps: added to ``||u||`` in the normalization, ``>= 0``.
+    adaptive: ASAM's elementwise scaling of the perturbation by ``|w| +
+      adaptive_eta``.
+    adaptive_eta: ASAM's ``eta_a >= 0``.
+    eigen_weight: weight ``alpha >= 0`` of the Eigen-SAM-style component
+      along the ``eigenvector`` passed to ``update``.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` whose ``update`` needs the
     keyword ``grad_fn: params -> grads`` (raw gradient on the same batch as
-    the incoming updates) and ``params``. Its state is a ``SAMState``;
+    the incoming updates) and ``params``, and takes an optional keyword
+    ``eigenvector`` (a pytree like ``params``, not passed on to the base). Its state is a ``SAMState``;
     ``grad_norm`` is ``||grad_fn(params)||``, the raw gradient norm at the
     iterate (not the norm of the incoming, possibly clipped, updates).
 
@@ -157,6 +187,8 @@ def sam(
         "rho", rho, what=" (float or 0-d array) or an optax schedule"
     )
   _checks.check_nonnegative("eps", eps)
+  _checks.check_nonnegative("adaptive_eta", adaptive_eta)
+  _checks.check_nonnegative("eigen_weight", eigen_weight)
   base = optax.with_extra_args_support(base_optimizer)
 
   def init_fn(params: PyTree) -> SAMState:
@@ -172,6 +204,7 @@ def sam(
       params: PyTree | None = None,
       *,
       grad_fn: Callable[[PyTree], PyTree] | None = None,
+      eigenvector: PyTree | None = None,
       **extra_args: Any,
   ) -> tuple[PyTree, SAMState]:
     if grad_fn is None:
@@ -191,7 +224,15 @@ def sam(
     grads = grad_fn(params)
     _checks.check_same_structure("updates", updates, "grad_fn(params)", grads)
     perturbation = sam_perturbation(
-        updates, rho_t, normalize=normalize, eps=eps
+        updates,
+        rho_t,
+        normalize=normalize,
+        eps=eps,
+        params=params,
+        adaptive=adaptive,
+        adaptive_eta=adaptive_eta,
+        eigenvector=eigenvector,
+        eigen_weight=eigen_weight,
     )
     sam_grads = grad_fn(optax.apply_updates(params, perturbation))
     _checks.check_same_structure(

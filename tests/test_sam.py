@@ -285,3 +285,168 @@ def test_perturbed_gradient_reuses_the_given_gradient():
       jax.grad(mlp_loss)(moved, batch),
       rtol=1e-12,
   )
+
+
+# ASAM and Eigen-SAM-style variants (sam_perturbation options).
+
+W = {"a": np.array([1.0, -2.0]), "b": np.array([[0.5]])}  # float64
+G = {"a": np.array([3.0, 1.0]), "b": np.array([[2.0]])}
+
+
+def flat(tree):
+  return np.concatenate([np.ravel(x) for x in jax.tree.leaves(tree)])
+
+
+@pytest.mark.parametrize("normalize", [True, False])
+def test_asam_closed_form(normalize):
+  rho, eta_a = 0.3, 0.1
+  t = np.abs(flat(W)) + eta_a
+  g = flat(G)
+  expected = rho * t**2 * g
+  if normalize:
+    expected = expected / np.linalg.norm(t * g)
+  out = se.sam_perturbation(
+      G,
+      rho,
+      params=W,
+      adaptive=True,
+      adaptive_eta=eta_a,
+      eps=0.0,
+      normalize=normalize,
+  )
+  chex.assert_trees_all_close(flat(out), expected, rtol=1e-14)
+  if normalize:  # on the ellipsoid ||T^{-1} e|| = rho
+    chex.assert_trees_all_close(np.linalg.norm(flat(out) / t), rho)
+
+
+def test_asam_is_scale_invariant_per_coordinate():
+  # With eta_a = 0, rescaling w_i -> c_i w_i and g_i -> g_i / c_i (what a
+  # reparametrization does to the gradient) rescales e_i -> c_i e_i: the
+  # perturbed model is the same.
+  c = {"a": jnp.array([2.0, 0.25]), "b": jnp.array([[10.0]])}
+  opts = dict(adaptive=True, adaptive_eta=0.0, eps=0.0)
+  e = se.sam_perturbation(G, 0.2, params=W, **opts)
+  e_scaled = se.sam_perturbation(
+      jax.tree.map(lambda g, s: g / s, G, c),
+      0.2,
+      params=jax.tree.map(lambda w, s: w * s, W, c),
+      **opts,
+  )
+  chex.assert_trees_all_close(
+      e_scaled, jax.tree.map(lambda x, s: x * s, e, c), rtol=1e-13
+  )
+
+
+def test_asam_needs_params_and_zero_gradient():
+  with pytest.raises(ValueError, match="`params`"):
+    se.sam_perturbation(G, 0.1, adaptive=True)
+  with pytest.raises(ValueError, match="adaptive_eta"):
+    se.sam_perturbation(G, 0.1, params=W, adaptive=True, adaptive_eta=-1.0)
+  with pytest.raises(ValueError, match="choose one"):
+    se.sam_perturbation(G, 0.1, params=W, adaptive=True, eigenvector=G)
+  zero = jax.tree.map(jnp.zeros_like, G)
+  out = se.sam_perturbation(zero, 0.1, params=W, adaptive=True, eps=0.0)
+  chex.assert_trees_all_equal(out, zero)
+
+
+@pytest.mark.parametrize("normalize", [True, False])
+def test_eigen_sam_closed_form_and_sign(normalize):
+  rho, alpha = 0.3, 0.7
+  v = {"a": np.array([0.0, -2.0]), "b": np.array([[0.5]])}  # <g, v> = -1
+  g, vf = flat(G), flat(v)
+  s = np.sign(g @ vf)
+  d = g / np.linalg.norm(g) + alpha * s * vf / np.linalg.norm(vf)
+  if normalize:
+    expected = rho * d / np.linalg.norm(d)
+  else:
+    expected = rho * np.linalg.norm(g) * d
+  for sign in (1.0, -1.0):  # the eigenvector's sign does not matter
+    out = se.sam_perturbation(
+        G,
+        rho,
+        eigenvector=jax.tree.map(lambda x: sign * x, v),
+        eigen_weight=alpha,
+        eps=0.0,
+        normalize=normalize,
+    )
+    chex.assert_trees_all_close(flat(out), expected, rtol=1e-14)
+
+
+def test_eigen_weight_zero_is_sam_and_zero_gradient_is_zero():
+  v = {"a": jnp.array([1.0, 0.0]), "b": jnp.array([[0.0]])}
+  chex.assert_trees_all_close(
+      se.sam_perturbation(G, 0.2, eigenvector=v, eigen_weight=0.0),
+      se.sam_perturbation(G, 0.2),
+      rtol=1e-12,  # the eigen path renormalizes: eps / ||g|| ~ 3e-13 apart
+  )
+  zero = jax.tree.map(jnp.zeros_like, G)
+  out = se.sam_perturbation(zero, 0.2, eigenvector=v, eigen_weight=1.0)
+  chex.assert_trees_all_equal(out, zero)
+  with pytest.raises(ValueError, match="eigenvector"):
+    se.sam_perturbation(G, 0.2, eigenvector={"a": jnp.ones(2)})
+  with pytest.raises(ValueError, match="eigen_weight"):
+    se.sam_perturbation(G, 0.2, eigenvector=v, eigen_weight=-0.5)
+
+
+def test_defaults_reproduce_plain_sam_bit_for_bit():
+  params, batch = mlp_problem()
+  grads = jax.grad(mlp_loss)(params, batch)
+  norm = np.sqrt(sum(np.sum(np.square(x)) for x in jax.tree.leaves(grads)))
+  for normalize in (True, False):
+    plain = se.sam_perturbation(grads, 0.1, normalize=normalize)
+    explicit = se.sam_perturbation(
+        grads,
+        0.1,
+        normalize=normalize,
+        params=params,
+        adaptive=False,
+        eigenvector=None,
+        eigen_weight=0.0,
+    )
+    chex.assert_trees_all_equal(plain, explicit)
+  chex.assert_trees_all_close(
+      se.sam_perturbation(grads, 0.1),
+      jax.tree.map(lambda g: 0.1 * g / (norm + 1e-12), grads),
+      rtol=1e-14,
+  )
+  out = se.sam_gradient(mlp_loss, params, batch, rho=0.1)
+  again = se.sam_gradient(
+      mlp_loss, params, batch, rho=0.1, adaptive=False, eigenvector=None
+  )
+  chex.assert_trees_all_equal(out, again)
+
+
+def test_sam_gradient_variants_closed_form_on_a_quadratic():
+  h = jnp.array([4.0, 1.0])
+  loss = lambda w, h: 0.5 * jnp.sum(h * w**2)
+  w = jnp.array([1.0, 2.0])
+  g = h * w  # (4, 2)
+  # ASAM: e = rho T^2 g / ||T g||, T = |w| + 0.1.
+  t = jnp.abs(w) + 0.1
+  e = 0.5 * t**2 * g / jnp.linalg.norm(t * g)
+  out = se.sam_gradient(
+      loss, w, h, rho=0.5, adaptive=True, adaptive_eta=0.1, eps=0.0
+  )
+  chex.assert_trees_all_close(out.sam_grads, h * (w + e), rtol=1e-14)
+  # Eigen-SAM-style along the top eigenvector e_1.
+  v = jnp.array([1.0, 0.0])
+  d = g / jnp.linalg.norm(g) + 2.0 * v
+  e = 0.5 * d / jnp.linalg.norm(d)
+  out = se.sam_gradient(
+      loss, w, h, rho=0.5, eigenvector=v, eigen_weight=2.0, eps=0.0
+  )
+  chex.assert_trees_all_close(out.sam_grads, h * (w + e), rtol=1e-14)
+  # m-sharpness groups use the same options (no batch dependence here).
+  batch_loss = lambda w, b: loss(w, h)
+  grouped = perturbed_gradient(
+      batch_loss,
+      w,
+      jnp.zeros((4, 1)),
+      g,
+      rho=0.5,
+      eps=0.0,
+      eigenvector=v,
+      eigen_weight=2.0,
+      m_sharpness=2,
+  )
+  chex.assert_trees_all_close(grouped, h * (w + e), rtol=1e-14)

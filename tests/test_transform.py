@@ -320,3 +320,85 @@ def test_schedule_returning_negative_rho_raises():
   w = jnp.array([1.0, 1.0])
   with pytest.raises(ValueError, match="rho"):
     one_update(opt, w)
+
+
+# Variants and weight decay inside/outside the perturbation.
+
+
+def test_variants_equal_sam_gradient():
+  with jax.enable_x64(True):
+    params, batch = problem(dtype=jnp.float64)
+    grad = jax.grad(mlp_loss)
+    v = jax.tree.map(
+        lambda p: jnp.cos(jnp.arange(p.size)).reshape(p.shape), params
+    )
+    cases = [
+        (dict(adaptive=True, adaptive_eta=0.05), {}, {}),
+        (
+            dict(eigen_weight=0.5),
+            {"eigenvector": v},
+            dict(eigenvector=v, eigen_weight=0.5),
+        ),
+    ]
+    for options, update_kw, pure_kw in cases:
+      pure_kw = pure_kw or options
+      opt = se.sam(optax.sgd(0.1), 0.05, **options)
+      updates, _ = opt.update(
+          grad(params, batch),
+          opt.init(params),
+          params,
+          grad_fn=lambda p: grad(p, batch),
+          **update_kw,
+      )
+      ref = se.sam_gradient(mlp_loss, params, batch, rho=0.05, **pure_kw)
+      chex.assert_trees_all_close(
+          updates,
+          jax.tree.map(lambda s: -0.1 * s, ref.sam_grads),
+          rtol=1e-12,
+      )
+
+
+def test_variant_defaults_and_no_eigenvector_are_plain_sam_bit_for_bit():
+  params, batch = problem()
+  plain, _ = run(se.sam(optax.sgd(0.1), 0.05), params, batch, 3)
+  weighted, _ = run(
+      se.sam(optax.sgd(0.1), 0.05, eigen_weight=0.5, adaptive_eta=0.3),
+      params,
+      batch,
+      3,
+  )
+  chex.assert_trees_all_equal(plain, weighted)
+  with pytest.raises(ValueError, match="adaptive_eta"):
+    se.sam(optax.sgd(0.1), 0.05, adaptive=True, adaptive_eta=-1.0)
+  with pytest.raises(ValueError, match="eigen_weight"):
+    se.sam(optax.sgd(0.1), 0.05, eigen_weight=-1.0)
+
+
+@pytest.mark.parametrize("rho", [0.0, 0.1])
+def test_weight_decay_inside_and_outside_the_perturbation(rho):
+  with jax.enable_x64(True):
+    w = jnp.array([1.0, 1.0])
+    g = H_DIAG * w  # (4, 1)
+    wd = 1.0
+    # Inside: ascent along u = g + wd w = (5, 2); base sees u + H e.
+    inside = optax.chain(
+        optax.add_decayed_weights(wd), se.sam(optax.sgd(0.1), rho, eps=0.0)
+    )
+    u = g + wd * w
+    expected_in = -0.1 * (u + rho * H_DIAG * u / jnp.linalg.norm(u))
+    # Outside: ascent along g alone; base sees grad L(w + e) + wd w.
+    outside = se.sam(
+        optax.chain(optax.add_decayed_weights(wd), optax.sgd(0.1)),
+        rho,
+        eps=0.0,
+    )
+    e = rho * g / jnp.linalg.norm(g)
+    expected_out = -0.1 * (H_DIAG * (w + e) + wd * w)
+    chex.assert_trees_all_close(
+        one_update(inside, w)[0], expected_in, rtol=1e-14
+    )
+    chex.assert_trees_all_close(
+        one_update(outside, w)[0], expected_out, rtol=1e-14
+    )
+    if rho > 0:  # the two orders differ
+      assert not np.allclose(expected_in, expected_out)
