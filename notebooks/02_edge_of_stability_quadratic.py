@@ -46,6 +46,10 @@
 #    form.
 # 4. In the `(lam, ||g||)` plane the run stops on the boundary of SAM's
 #    stability region.
+# 5. Where the exact 2-cycle exists and attracts (also for a rotated,
+#    non-diagonal Hessian), and where its prediction stops being exact: a
+#    quartic term bends `S / sam_edge` away from 1 and, past a critical
+#    radius, removes the cycle.
 #
 # Every simulation is run twice, with `se.train` and with a hand-written
 # `lax.scan`, and the two must agree.
@@ -366,3 +370,177 @@ for dtype_name, x64 in [("float32", False), ("float64", True)]:
   print(f"{dtype_name}: final w = {np.asarray(ws_small[-1])}, "
         f"SAM-edge = {edge_small:.4f}")
 assert abs(edge_small - lam1) < 1e-6 * lam1  # float64 reaches the top cycle
+# %% [markdown]
+# ## 5. Where the exact 2-cycle exists, and where it stops being exact
+#
+# The analysis above holds for any positive definite `H = Q diag(lam) Q^T`,
+# diagonal or not: in the eigen-coordinates `u = Q^T w`, one SAM step
+# multiplies `u_i` by `m_i(G) = 1 - eta lam_i (1 + rho lam_i / G)` with `G =
+# ||g||`, and the SAM-edge is the `lam` with `m(G) = -1`. From this:
+#
+# * **Existence.** The cycle `u_1 = +-a` needs `m_1(G) = -1` at `G = lam1 a`:
+#   `a = eta rho lam1 / (2 - eta lam1)`, so it exists iff `eta lam1 < 2`, and
+#   then `sam_edge(eta, rho, G) = lam1` exactly. Past GD's edge, `|m_1| >= |1 -
+#   eta lam1| > 1` at every `G`: SAM diverges.
+# * **Attraction.** Along `v1` the cycle's multiplier is `(1 - eta lam1)^2 <
+#   1`. Every other direction is multiplied by `m_i(G)`, and `|m_i(G)| < 1`
+#   iff `lam_i < sam_edge(eta, rho, G) = lam1`: always. So the top cycle
+#   attracts every start with a top component, as slowly as the largest
+#   `|m_i(G)|` (near 1 for small `eta lam_i`). The cycles along lower
+#   eigenvectors exist (`eta lam_k < 2`) but are saddles: at their `G_k` the
+#   edge is `lam_k < lam1`, so `m_1(G_k) < -1`.
+# * **How far `rho` reaches.** On the cycle `rho / ||g|| = (2 - eta lam1) /
+#   (eta lam1^2)`, whatever `rho`: on a quadratic the SAM-edge is exact at
+#   every `rho` and every `rho / ||g||`. It stops being exact where the
+#   Hessian changes over the perturbation of length `rho`. Add a quartic
+#   `kappa/4 (v1 . w)^4`: the symmetric cycle `+-a` solves `2a = eta (lam1
+#   (a + rho) + kappa (a + rho)^3)`, a cubic in `y = 1 + a/rho` with `h = eta
+#   lam1` and `k = kappa rho^2 / lam1`: `k h y^3 + (h - 2) y + 2 = 0`. There
+#   `S = lam1 + 3 kappa a^2` and `||g|| = lam1 a + kappa a^3`, and `S /
+#   sam_edge` departs from 1 as `k` grows. The cubic's two positive roots
+#   merge at `y = 3 / (2 - h)`: the cycle exists iff `k <= (2 - h)^3 / (27
+#   h)`, and past that radius SAM diverges.
+#
+# `tests/test_two_cycle.py` checks each statement in float64 against these
+# closed forms. Here `se.train` (float32, Lanczos sharpness) runs them on a
+# rotated Hessian with the same eigenvalues.
+
+# %%
+q_rot, r_rot = np.linalg.qr(np.random.default_rng(0).normal(size=(4, 4)))
+q_rot = q_rot * np.sign(np.diag(r_rot))  # a fixed rotation
+rot_hess = q_rot @ np.diag(np.asarray(hess_diag)) @ q_rot.T
+v1_rot = q_rot[:, 0]
+w0_rot = jnp.asarray(q_rot @ np.full(4, 0.05), jnp.float32)
+
+
+def quartic_loss(w, batch):
+  """1/2 w^T H w + kappa/4 (v1 . w)^4; the batch is one example (H, v1, kappa)."""
+  hess, v, kappa = batch[0][0], batch[1][0], batch[2][0]
+  return 0.5 * w @ hess @ w + 0.25 * kappa * (v @ w) ** 4
+
+
+def rotated_data(kappa):
+  return (jnp.asarray(rot_hess[None], jnp.float32),
+          jnp.asarray(v1_rot[None], jnp.float32),
+          jnp.full((1,), kappa, jnp.float32))
+
+
+print("off-diagonal part of H:", np.abs(rot_hess - np.diag(np.diag(rot_hess))).max())
+rot = se.train(quartic_loss, w0_rot, rotated_data(0.0), learning_rate=0.01,
+               rho=0.1, num_steps=3000, track_every=100, num_lanczos_iters=4,
+               progress=False).history
+print(f"rotated H: ||g|| = {rot['grad_norm'][-1]:.5f} (closed form "
+      f"{closed_form_grad_norm(0.01, 0.1):.5f}), SAM-edge = "
+      f"{rot['sam_edge'][-1]:.4f}, sharpness = {rot['sharpness'][-1]:.4f}")
+np.testing.assert_allclose(rot["grad_norm"][-1], closed_form_grad_norm(0.01, 0.1),
+                           rtol=1e-4)
+np.testing.assert_allclose(rot["sam_edge"][-1], lam1, rtol=1e-4)
+
+# %% [markdown]
+# Now the quartic with `kappa = 50`, so that `k = kappa rho^2 / lam1 =
+# rho^2`, at `eta = 0.01` (`h = 0.5`, critical radius `rho* = sqrt((2 -
+# h)^3 / (27 h)) = 0.5`). One vmapped `se.train` sweeps `rho` from below to
+# past `rho*`; the tracked sharpness over the SAM-edge at the last step is
+# compared with the closed form, and the radii past `rho*` must diverge.
+
+
+# %%
+def quartic_cycle(h, k):
+  """a / rho of the stable symmetric 2-cycle (the cubic's smaller root > 0)."""
+  roots = np.roots([k * h, 0.0, h - 2, 2.0])
+  y = np.sort(roots[np.abs(roots.imag) < 1e-9].real)
+  y = y[y > 1]
+  return y[0] - 1 if y.size else np.nan
+
+
+def quartic_ratio(h, k):
+  """S / sam_edge on that cycle (units of lam1 and rho drop out)."""
+  x = quartic_cycle(h, k)
+  grad = x + k * x ** 3  # ||g|| / (rho lam1)
+  return h * (1 + 3 * k * x ** 2) * (1 + np.sqrt(1 + 8 / (h * grad))) / 4
+
+
+def critical_k(h):
+  return (2 - h) ** 3 / (27 * h)
+
+
+kappa, eta_q = 50.0, 0.01
+h_q = eta_q * lam1
+rho_star = np.sqrt(critical_k(h_q) * lam1 / kappa)
+fractions = np.array([0.1, 0.3, 0.5, 0.7, 0.8, 0.9, 1.1, 1.3])
+quartic = se.train(quartic_loss, w0_rot, rotated_data(kappa), learning_rate=eta_q,
+                   rho=list(fractions * rho_star), num_steps=4000,
+                   track_every=100, num_lanczos_iters=4, progress=False)
+finite = quartic.diverged_at < 0
+ks = kappa * (fractions * rho_star) ** 2 / lam1
+predicted = np.array([quartic_ratio(h_q, k) for k in ks])
+measured = quartic.history["sharpness"][:, -1] / quartic.history["sam_edge"][:, -1]
+rho_over_g = fractions * rho_star / quartic.history["grad_norm"][:, -1]
+for f, p, m, r, d in zip(fractions, predicted, measured, rho_over_g,
+                         quartic.diverged_at):
+  print(f"rho = {f:.1f} rho*: S/edge closed form {p:.4f}, se.train {m:.4f}, "
+        f"rho/||g|| {r:.4f}" + (f"; diverged at step {d}" if d >= 0 else ""))
+assert np.array_equal(finite, fractions < 1)  # past rho*, no cycle: divergence
+np.testing.assert_allclose(measured[finite], predicted[finite], atol=2e-3)
+assert abs(predicted[fractions == 0.9][0] - 1) > 0.02  # no longer exact
+
+# %% [markdown]
+# Where is the prediction within the map's band, `S / sam_edge` in `[0.85,
+# 1.15]`? Left: the closed form over the plane of `h = eta lam1` and `k =
+# kappa rho^2 / lam1`; the cycle exists below the black curve. Right: the
+# same ratio against the dimensionless `rho lam1 / ||g||` on the cycle, one
+# curve per `h`, each from `k -> 0` (the quadratic, where the ratio is 1 and
+# `rho lam1 / ||g|| = (2 - h) / h`) up to the critical `k`. The printed
+# lines give, per `h`, how far the ratio moves before the cycle disappears.
+
+# %%
+h_grid = np.linspace(0.05, 1.95, 60 if SMALL else 150)
+k_grid = np.geomspace(1e-4, 10, 60 if SMALL else 150)
+ratio_grid = np.array([[quartic_ratio(h, k) if k <= critical_k(h) else np.nan
+                        for h in h_grid] for k in k_grid])
+fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
+levels = [0.85, 0.9, 0.95, 0.99, 1.01, 1.05, 1.1, 1.15]
+filled = axes[0].contourf(h_grid, k_grid, ratio_grid, levels=[0.3] + levels + [3],
+                          cmap="RdBu_r")
+axes[0].plot(h_grid, critical_k(h_grid), "k-", lw=2,
+             label="k = (2 - h)^3 / (27 h): the cycle disappears")
+axes[0].plot(np.full(finite.sum(), h_q), ks[finite], "ko", ms=4,
+             label="se.train sweep above")
+axes[0].plot(np.full((~finite).sum(), h_q), ks[~finite], "rx", ms=8,
+             label="se.train: diverged")
+axes[0].set(yscale="log", xlabel="h = eta lam1", ylabel="k = kappa rho^2 / lam1",
+            title="S / SAM-edge on the quartic's 2-cycle", ylim=(1e-4, 10))
+fig.colorbar(filled, ax=axes[0], label="S / SAM-edge")
+axes[0].legend(fontsize=7, loc="upper right")
+axes[1].axhspan(0.85, 1.15, color="C3", alpha=0.1, label="band 0.85-1.15")
+for h in (0.1, 0.25, 0.5, 1.0, 1.5):
+  k_path = critical_k(h) * np.geomspace(1e-4, 0.999, 200)
+  x_path = np.array([quartic_cycle(h, k) for k in k_path])
+  ratios = np.array([quartic_ratio(h, k) for k in k_path])
+  axes[1].plot(1 / (x_path + k_path * x_path ** 3), ratios, label=f"h = {h:g}")
+  print(f"h = eta lam1 = {h:g}: rho lam1/||g|| from {(2 - h) / h:.3g} (quadratic) "
+        f"to {1 / (x_path[-1] + k_path[-1] * x_path[-1] ** 3):.3g} at the critical k; "
+        f"S/edge within [{ratios.min():.3f}, {ratios.max():.3f}]")
+axes[1].plot(rho_over_g[finite] * lam1, measured[finite], "ko", ms=4,
+             label=f"se.train, h = {h_q:g}")
+axes[1].set(xscale="log", xlabel="rho lam1 / ||g|| on the cycle",
+            ylabel="S / SAM-edge", title="From the quadratic (k -> 0) to the critical k")
+axes[1].legend(fontsize=7)
+fig.tight_layout()
+fig.savefig(FIG_DIR / "02_edge_of_stability_quadratic-quartic.png", dpi=120)
+plt.show()
+below = (ratio_grid < 0.85) | (ratio_grid > 1.15)
+outside_h = h_grid[np.any(below, axis=0)]
+print(f"the ratio leaves [0.85, 1.15] before the cycle disappears only for "
+      f"h <= {outside_h.max():.3f}" if outside_h.size else
+      "the ratio stays within [0.85, 1.15] wherever the cycle exists")
+assert np.all(np.isfinite(ratio_grid[k_grid[:, None] < critical_k(h_grid)[None] * 0.99]))
+
+# %% [markdown]
+# So in this model the SAM-edge stays exact at every `rho` on a quadratic,
+# and with curvature that changes over the perturbation it is inexact by an
+# amount set by `k = kappa rho^2 / lam1`; it leaves the band only at small
+# `eta lam1`, which is where `rho lam1 / ||g||` on the cycle is large. At
+# larger `eta lam1` the cycle disappears, and SAM diverges (the tests check
+# three step sizes), before the ratio leaves the band. `sam-eos map`
+# measures the same ratio on a network.
