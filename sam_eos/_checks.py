@@ -90,9 +90,17 @@ def check_int(name: str, value: Any, minimum: int) -> int:
 
 
 def check_same_structure(
-    name_a: str, tree_a: Any, name_b: str, tree_b: Any
+    name_a: str, tree_a: Any, name_b: str, tree_b: Any, *, shapes: bool = True
 ) -> None:
-  """Raises ValueError unless two pytrees have equal structure and leaf shapes."""
+  """Raises ValueError unless two pytrees have equal structure (and shapes).
+
+  Args:
+    name_a: name of the reference argument.
+    tree_a: the reference pytree.
+    name_b: name of the checked argument (named in the message).
+    tree_b: the checked pytree.
+    shapes: also require equal leaf shapes.
+  """
   struct_a = jax.tree.structure(tree_a)
   struct_b = jax.tree.structure(tree_b)
   if struct_a != struct_b:
@@ -100,6 +108,8 @@ def check_same_structure(
         f"`{name_b}` must have the same pytree structure as `{name_a}`: "
         f"got {struct_b} vs {struct_a}."
     )
+  if not shapes:
+    return
   shapes_a = [np.shape(x) for x in jax.tree.leaves(tree_a)]
   shapes_b = [np.shape(x) for x in jax.tree.leaves(tree_b)]
   if shapes_a != shapes_b:

@@ -6,13 +6,21 @@ computes the loss and gradient at the iterate ``w_t`` and, every
 ``track_every`` steps (``lax.cond`` on an unbatched predicate, so it stays a
 real branch under ``vmap``), measures at ``w_t`` on the step's batch:
 
-* ``sharpness``: the top Hessian eigenvalue, by Lanczos warm-started from the
-  previous top eigenvector (kept in the carry), reusing the linearization
-  that produced the gradient (no extra gradient on tracked steps);
-* ``lambda_min``: the bottom Ritz value of the same Lanczos run (free). It is
-  an upper bound on the smallest Hessian eigenvalue, so ``|lambda_min| >
-  sharpness`` proves that the dominant eigenvalue ``|lambda|`` the authors
-  measure by power iteration is a negative one;
+* ``sharpness``: the top Hessian eigenvalue, by Lanczos (``sam_eos.krylov``)
+  warm-started from the previous top ``num_warm_vectors`` Ritz vectors (kept
+  in the carry; their Rayleigh-Ritz step finds the new top eigenvector even
+  when the top eigenvalues swap order), reusing the linearization that
+  produced the gradient (no extra gradient on tracked steps). With a
+  ``sharpness_tol`` it stops once the top pair's relative residual
+  ``||H y - theta y|| / |theta|`` is at most the tolerance, capped at
+  ``num_lanczos_iters`` products;
+* ``lanczos_iters`` (the Hessian-vector products used) and
+  ``sharpness_residual`` (the relative residual reached: some eigenvalue
+  lies within ``sharpness_residual * sharpness`` of ``sharpness``);
+* ``lambda_min``: the bottom Ritz value of the same Lanczos run (free, not
+  certified). It is an upper bound on the smallest Hessian eigenvalue, so
+  ``|lambda_min| > sharpness`` proves that the dominant eigenvalue
+  ``|lambda|`` the authors measure by power iteration is a negative one;
 * ``grad_norm``, ``loss``, ``gd_edge``, ``sam_edge`` (``usam_edge`` for
   unnormalized SAM), ``grad_alignment = |cos(g, v1)|`` and
   ``sam_grad_alignment = |cos(g_SAM, v1)|``;
@@ -21,7 +29,9 @@ real branch under ``vmap``), measures at ``w_t`` on the step's batch:
 
 It then takes the step ``w_{t+1} = w_t + base_update(grad L(w_t + e_t))``,
 the SAM gradient coming from ``sam.perturbed_gradient`` fed with the step's
-gradient (one more gradient per step; ``m_sharpness`` groups add their own).
+gradient (one more gradient per step; ``m_sharpness`` groups add their own;
+none with ``use_sam=False``). The edges and alignments are computed on
+tracked steps only.
 Steps with ``t >= end`` are skipped (``lax.cond``), so a partial last chunk
 reuses the same compiled program.
 
@@ -51,10 +61,10 @@ import jax.numpy as jnp
 import optax
 from jax.flatten_util import ravel_pytree
 
-from sam_eos import edges
+from sam_eos import edges, krylov
 from sam_eos._types import PyTree
 from sam_eos.hessian import flat_matvec, linearize_gradient
-from sam_eos.lanczos import lanczos
+from sam_eos.lanczos import working_dtype
 from sam_eos.sam import global_norm, perturbed_gradient
 
 METRIC_NAMES = (
@@ -66,6 +76,8 @@ METRIC_NAMES = (
     "sam_edge",
     "grad_alignment",
     "sam_grad_alignment",
+    "lanczos_iters",
+    "sharpness_residual",
 )
 
 
@@ -88,14 +100,16 @@ class TrainState(NamedTuple):
     params: the iterate ``w_t``.
     opt_state: state of the base optimizer.
     key: the run's PRNG key; step ``t`` uses ``fold_in(key, t)``.
-    eigvec: flat unit vector, the last top Hessian eigenvector (warm start).
+    eigvecs: ``(num_warm_vectors, n)`` flat unit vectors, the last top Ritz
+      vectors of the Hessian, top first (the warm start), in the working
+      dtype (float32 or wider).
     diverged_at: first diverged step (see the module docstring), -1 if none.
   """
 
   params: PyTree
   opt_state: optax.OptState
   key: jax.Array
-  eigvec: jax.Array
+  eigvecs: jax.Array
   diverged_at: jax.Array
 
 
@@ -122,7 +136,12 @@ class LoopConfig:
     loss_fn: ``loss_fn(params, batch) -> scalar``.
     batch_size: minibatch size drawn by key each step, or None for full batch.
     track_every: measure every ``track_every`` steps.
-    num_lanczos_iters: Lanczos iterations per measurement.
+    num_lanczos_iters: Lanczos iterations per measurement (the cap when
+      ``sharpness_tol`` is set).
+    sharpness_tol: relative residual at which a measurement stops, or None
+      for exactly ``num_lanczos_iters`` products.
+    num_warm_vectors: Ritz vectors carried between measurements as the
+      warm start (``<= num_lanczos_iters``).
     momentum: heavy-ball coefficient of the default SGD optimizer (static).
     normalize: normalized SAM (True) or unnormalized SAM (False).
     eps: added to ``||g||`` in the SAM normalization.
@@ -154,6 +173,8 @@ class LoopConfig:
   batch_size: int | None = None
   track_every: int = 10
   num_lanczos_iters: int = 20
+  sharpness_tol: float | None = None
+  num_warm_vectors: int = 1
   momentum: float = 0.0
   normalize: bool = True
   eps: float = 1e-12
@@ -190,7 +211,7 @@ def make_optimizer(
 def init_state(
     config: LoopConfig, params: PyTree, hparams: Hyperparams, key: jax.Array
 ) -> TrainState:
-  """Initial carry: optimizer state and a random unit start vector for Lanczos.
+  """Initial carry: optimizer state and random start vectors for Lanczos.
 
   Args:
     config: static settings.
@@ -202,7 +223,11 @@ def init_state(
     A ``TrainState`` at step 0.
   """
   flat, _ = ravel_pytree(params)
-  v0 = jax.random.normal(jax.random.split(key)[1], flat.shape, flat.dtype)
+  v0 = jax.random.normal(
+      jax.random.split(key)[1],
+      (config.num_warm_vectors, flat.size),
+      working_dtype(flat.dtype),
+  )
   opt_state = make_optimizer(config, hparams).init(params)
   if config.injected_learning_rate:
     injected = opt_state.hyperparams
@@ -218,7 +243,7 @@ def init_state(
       params=params,
       opt_state=opt_state,
       key=key,
-      eigvec=v0 / jnp.linalg.norm(v0),
+      eigvecs=v0 / jnp.linalg.norm(v0, axis=1, keepdims=True),
       diverged_at=jnp.array(-1, jnp.int32),
   )
 
@@ -304,25 +329,45 @@ def _all_finite(tree: PyTree) -> jax.Array:
   )
 
 
+class _Measurement(NamedTuple):
+  """What a tracked step measures at ``w_t`` (besides loss and gradient)."""
+
+  eigvecs: jax.Array
+  sharpness: jax.Array
+  lambda_min: jax.Array
+  lanczos_iters: jax.Array
+  residual: jax.Array
+
+
 def _measure(
-    config: LoopConfig, params: PyTree, batch: Any, eigvec: jax.Array
-) -> tuple[jax.Array, PyTree, jax.Array, jax.Array, jax.Array]:
-  """Loss, gradient, top eigenvector, top and bottom Ritz values at ``params``.
+    config: LoopConfig, params: PyTree, batch: Any, eigvecs: jax.Array
+) -> tuple[jax.Array, PyTree, _Measurement]:
+  """Loss, gradient and the Hessian's top Ritz pairs at ``params``.
 
   Linearizes ``value_and_grad`` once (``hessian.linearize_gradient``): its
   primal output is the step's loss and gradient and its tangent map the
-  Hessian-vector product fed to Lanczos, warm-started from ``eigvec``.
+  Hessian-vector product fed to Lanczos, warm-started from ``eigvecs``.
   """
   loss, grads, matvec = linearize_gradient(config.loss_fn, params, batch)
-  result = lanczos(
-      flat_matvec(matvec, params), eigvec, config.num_lanczos_iters
+  result = krylov.eigenpairs(
+      flat_matvec(matvec, params),
+      eigvecs,
+      config.num_lanczos_iters,
+      k=config.num_warm_vectors,
+      tol=config.sharpness_tol,
+      num_certified=1,
   )
+  top = result.values[0]
   return (
       loss,
       grads,
-      result.ritz_vectors[0],
-      result.ritz_values[0],
-      result.ritz_values[-1],
+      _Measurement(
+          eigvecs=result.vectors.astype(eigvecs.dtype),
+          sharpness=top,
+          lambda_min=result.bottom_values[0],
+          lanczos_iters=result.num_iters.astype(top.dtype),
+          residual=result.residuals[0] / jnp.abs(top),
+      ),
   )
 
 
@@ -335,6 +380,11 @@ def _evaluate(
   return {
       k: jnp.asarray(v) for k, v in config.eval_fn(params, eval_data).items()
   }
+
+
+def _nan_like(tree: PyTree) -> PyTree:
+  """A pytree of NaN arrays with the shapes and dtypes of ``tree``'s leaves."""
+  return jax.tree.map(lambda x: jnp.full(x.shape, jnp.nan, x.dtype), tree)
 
 
 def _train_step(
@@ -355,23 +405,18 @@ def _train_step(
   )
   tracked = step % config.track_every == 0
 
-  def with_tracking(params, eigvec):
-    return (
-        *_measure(config, params, batch, eigvec),
-        _evaluate(config, params, eval_data),
-    )
+  def with_tracking(params, eigvecs):
+    loss, grads, measured = _measure(config, params, batch, eigvecs)
+    return loss, grads, measured, _evaluate(config, params, eval_data)
 
-  def without_tracking(params, eigvec):
+  def without_tracking(params, eigvecs):
     loss, grads = jax.value_and_grad(config.loss_fn)(params, batch)
-    nan = jnp.full((), jnp.nan, eigvec.dtype)
-    evals = jax.tree.map(
-        lambda x: jnp.full(x.shape, jnp.nan, x.dtype),
-        jax.eval_shape(lambda p: _evaluate(config, p, eval_data), params),
-    )
-    return loss, grads, eigvec, nan, nan, evals
+    shapes = jax.eval_shape(lambda: with_tracking(params, eigvecs)[2:])
+    measured, evals = _nan_like(shapes)
+    return loss, grads, measured._replace(eigvecs=eigvecs), evals
 
-  loss, grads, eigvec, top_value, bottom_value, evals = jax.lax.cond(
-      tracked, with_tracking, without_tracking, state.params, state.eigvec
+  loss, grads, measured, evals = jax.lax.cond(
+      tracked, with_tracking, without_tracking, state.params, state.eigvecs
   )
   grad_norm = global_norm(grads)
   if config.use_sam:
@@ -398,25 +443,45 @@ def _train_step(
       jnp.isfinite(loss)
       & jnp.isfinite(grad_norm)
       & _all_finite(params)
-      & (~tracked | (jnp.isfinite(top_value) & jnp.isfinite(bottom_value)))
+      & (
+          ~tracked
+          | (
+              jnp.isfinite(measured.sharpness)
+              & jnp.isfinite(measured.lambda_min)
+          )
+      )
   )
   diverged_at = jnp.where(
       (state.diverged_at < 0) & ~finite, step, state.diverged_at
   ).astype(jnp.int32)
   stopped = diverged_at >= 0
   learning_rate, momentum = _step_hyperparams(config, hparams, opt_state)
-  gd_edge, sam_edge = _edges(
-      config, learning_rate, momentum, hparams.rho, grad_norm
+
+  def tracked_metrics():
+    gd_edge, sam_edge = _edges(
+        config, learning_rate, momentum, hparams.rho, grad_norm
+    )
+    top = measured.eigvecs[0]
+    return {
+        "gd_edge": gd_edge,
+        "sam_edge": sam_edge,
+        "grad_alignment": _abs_cos(ravel_pytree(grads)[0], top),
+        "sam_grad_alignment": _abs_cos(ravel_pytree(sam_grads)[0], top),
+    }
+
+  derived = jax.lax.cond(
+      tracked & ~stopped,
+      tracked_metrics,
+      lambda: _nan_like(jax.eval_shape(tracked_metrics)),
   )
   metrics = {
       "loss": loss,
       "grad_norm": grad_norm,
-      "sharpness": top_value,
-      "lambda_min": bottom_value,
-      "gd_edge": gd_edge,
-      "sam_edge": sam_edge,
-      "grad_alignment": _abs_cos(ravel_pytree(grads)[0], eigvec),
-      "sam_grad_alignment": _abs_cos(ravel_pytree(sam_grads)[0], eigvec),
+      "sharpness": measured.sharpness,
+      "lambda_min": measured.lambda_min,
+      **derived,
+      "lanczos_iters": measured.lanczos_iters,
+      "sharpness_residual": measured.residual,
       **evals,
   }
   dtype = jnp.result_type(float)
@@ -424,16 +489,16 @@ def _train_step(
       k: jnp.where(tracked & ~stopped, v, jnp.nan).astype(dtype)
       for k, v in metrics.items()
   }
-  params, opt_state, eigvec = jax.tree.map(
+  params, opt_state, eigvecs = jax.tree.map(
       lambda old, new: jnp.where(stopped, old, new),
-      (state.params, state.opt_state, state.eigvec),
-      (params, opt_state, eigvec),
+      (state.params, state.opt_state, state.eigvecs),
+      (params, opt_state, measured.eigvecs),
   )
   new_state = TrainState(
       params=params,
       opt_state=opt_state,
       key=state.key,
-      eigvec=eigvec,
+      eigvecs=eigvecs,
       diverged_at=diverged_at,
   )
   return new_state, (tracked, metrics)

@@ -2,7 +2,7 @@
 
 The sharpness ``S(w)`` is the largest eigenvalue of the Hessian ``H(w)`` of
 ``L(w) = loss_fn(w, batch)``. ``hessian_eigenpairs`` computes the top ``k``
-eigenpairs by Lanczos (``sam_eos.lanczos``) on exact forward-over-reverse
+eigenpairs by Lanczos (``sam_eos.krylov``) on exact forward-over-reverse
 Hessian-vector products (``sam_eos.hessian_matvec``, linearized once per
 point), with parameters flattened by ``ravel_pytree`` at the boundary; a warm
 start from the previous top eigenvector makes tracking along a training run
@@ -34,7 +34,8 @@ from sam_eos.hessian import (
     flat_matvec,
     hessian_matvec,
 )
-from sam_eos.lanczos import lanczos, working_dtype
+from sam_eos import krylov
+from sam_eos.lanczos import working_dtype
 
 
 class Eigenpairs(NamedTuple):
@@ -48,17 +49,18 @@ class Eigenpairs(NamedTuple):
       a leading axis ``k``;
       slice ``i`` is the unit-norm (in the flattened space) Ritz vector of
       ``values[i]``, sign arbitrary.
-    residuals: ``(k,)`` (working dtype) Lanczos estimates ``|beta_m s_i[m-1]|`` of
-      ``||H y_i - values[i] y_i||``, exact in exact arithmetic. In floating
-      point they can fall below the rounding level of the products (even to
-      0 after a breakdown); the attainable accuracy is about
-      ``eps * ||H||``, so read a residual below that as "converged to
-      working precision", not as an error bound.
+    residuals: ``(k,)`` (working dtype) residual norms
+      ``||H y_i - values[i] y_i||``, computed from the stored products. In
+      floating point they carry the rounding of those products, about
+      ``eps * ||H||``: read a residual below that as "converged to working
+      precision".
+    num_iters: int32 scalar, the number of Hessian-vector products used.
   """
 
   values: jax.Array
   vectors: PyTree
   residuals: jax.Array
+  num_iters: jax.Array
 
 
 class PowerIterationResult(NamedTuple):
@@ -77,20 +79,53 @@ class PowerIterationResult(NamedTuple):
   num_iters: jax.Array
 
 
-def _start_vector(
-    flat: jax.Array, key: jax.Array | None, init: PyTree | None
+def _start_block(
+    params: PyTree, key: jax.Array | None, init: PyTree | None
 ) -> jax.Array:
-  """Flat ``init`` if given and non-zero, else a normal vector from ``key``.
+  """The ``(b, n)`` start block: flat ``init`` rows, or one normal vector.
 
-  In the working dtype ``working_dtype(flat.dtype)`` (at least float32).
+  ``init`` is a vector pytree like ``params`` (``b = 1``) or a block whose
+  leaves carry a leading axis ``b`` (e.g. the ``vectors`` of an earlier
+  ``Eigenpairs``). All-zero rows (possible when traced) fall back to the
+  random vector drawn from ``key``. In the working dtype (float32 or wider).
   """
+  flat, _ = ravel_pytree(params)
   dtype = working_dtype(flat.dtype)
   key = jax.random.key(0) if key is None else key
   random = jax.random.normal(key, flat.shape, dtype)
   if init is None:
-    return random
-  warm = ravel_pytree(init)[0].astype(dtype)
-  return jnp.where(jnp.any(warm != 0), warm, random)
+    return random[None]
+  if _is_block(params, init):
+    block = jax.vmap(lambda v: ravel_pytree(v)[0])(init).astype(dtype)
+  else:
+    block = ravel_pytree(init)[0].astype(dtype)[None]
+  zero = ~jnp.any(block != 0, axis=1, keepdims=True)
+  return jnp.where(zero, random, block)
+
+
+def _is_block(params: PyTree, init: PyTree) -> bool:
+  """Whether every leaf of ``init`` is its ``params`` leaf with a leading axis.
+
+  Raises:
+    ValueError: if ``init`` is neither like ``params`` nor a block of such
+      vectors (message names ``init``).
+  """
+  _checks.check_same_structure("params", params, "init", init, shapes=False)
+  pairs = list(zip(jax.tree.leaves(params), jax.tree.leaves(init)))
+  if all(jnp.shape(i) == jnp.shape(p) for p, i in pairs):
+    return False
+  sizes = {jnp.shape(i)[0] for p, i in pairs if jnp.ndim(i) == jnp.ndim(p) + 1}
+  if len(sizes) == 1 and all(
+      jnp.shape(i)[1:] == jnp.shape(p) for p, i in pairs
+  ):
+    return True
+  raise ValueError(
+      "`init` must be a vector pytree like `params` (same leaf shapes) or a "
+      "block of b such vectors (every leaf with one leading axis b, e.g. "
+      "`Eigenpairs.vectors`), got leaf shapes "
+      f"{[jnp.shape(i) for _, i in pairs]} for params leaf shapes "
+      f"{[jnp.shape(p) for p, _ in pairs]}."
+  )
 
 
 def hessian_eigenpairs(
@@ -103,24 +138,36 @@ def hessian_eigenpairs(
     key: jax.Array | None = None,
     init: PyTree | None = None,
     has_aux: bool = False,
+    tol: ArrayLike | None = None,
+    which: str = "top",
 ) -> Eigenpairs:
   """The ``k`` largest (algebraic) eigenvalues of the Hessian and their vectors.
 
-  Runs ``m = min(num_iters, n)`` Lanczos steps (full reorthogonalization) on
+  Runs Lanczos with full reorthogonalization (``sam_eos.krylov``) on
   ``H(w)``, ``n`` the number of parameters, each step one exact
   Hessian-vector product, and returns the top ``k`` Ritz pairs
   ``(theta_i, y_i)``, ``theta_1 >= ... >= theta_k``. Ordering is by algebraic
   value: on a Hessian with eigenvalues ``{-5, -1}`` the top value is ``-1``.
-  The residual ``||H y_i - theta_i y_i|| <= r_i`` also bounds the error,
-  ``min_j |lambda_j - theta_i| <= r_i``. ``m = n`` gives the exact spectrum.
+  The residual ``r_i = ||H y_i - theta_i y_i||`` is computed exactly from the
+  stored products and bounds the error: ``min_j |lambda_j - theta_i| <=
+  r_i``. ``n`` steps give the exact spectrum.
 
-  Start vector: ``init`` (a warm start, typically the previous top
-  eigenvector; if it is exactly an eigenvector one step is exact), else a
-  standard normal vector drawn from ``key``. An all-zero ``init`` (possible
-  when traced) falls back to the random start.
+  Accuracy: with ``tol=None`` it runs ``m = min(num_iters, n)`` steps. With
+  a ``tol`` it stops at the first step where every returned pair has
+  ``r_i <= tol * |theta_i|`` (a certified relative accuracy), ``num_iters``
+  being the cap; ``Eigenpairs.num_iters`` says how many products were used.
 
-  Dtypes: each Hessian-vector product runs in the parameters' dtype; Lanczos
-  (basis, norms, the tridiagonal ``eigh``) runs in float32 or wider, so
+  Start: ``init`` (a warm start), else a standard normal vector drawn from
+  ``key``. ``init`` is a vector pytree like ``params`` (typically the
+  previous top eigenvector; if it is exactly an eigenvector one step is
+  exact) or a block of ``b`` of them (leaves with a leading axis ``b``, e.g.
+  the ``vectors`` of an earlier call): the first ``b`` steps then take the
+  Rayleigh-Ritz pairs of the block, which finds the new top eigenvector even
+  when the top eigenvalues have swapped order since the block was computed.
+  All-zero rows (possible when traced) fall back to the random start.
+
+  Dtypes: each Hessian-vector product runs in the parameters' dtype; the
+  basis, norms and the projected ``eigh`` run in float32 or wider, so
   bfloat16 and float16 parameters work. ``values`` and ``residuals`` come
   back in that working dtype (float32 for low-precision parameters),
   ``vectors`` in the parameters' dtypes.
@@ -130,21 +177,32 @@ def hessian_eigenpairs(
       ``has_aux``).
     params: parameter pytree ``w`` (``n`` entries in all).
     batch: passed unchanged to ``loss_fn``.
-    k: number of eigenpairs, ``1 <= k <= min(num_iters, n)``.
-    num_iters: Lanczos steps ``>= k``; capped at ``n`` (``n`` steps already
-      give every eigenvalue).
+    k: number of eigenpairs (at each end for ``which="both"``),
+      ``1 <= k <= min(num_iters, n)``.
+    num_iters: Lanczos steps ``>= k`` (the cap when ``tol`` is given);
+      capped at ``n`` (``n`` steps already give every eigenvalue).
     key: PRNG key of the random start; ``None`` means ``jax.random.key(0)``.
-    init: optional warm-start pytree like ``params``.
+    init: optional warm start: a pytree like ``params``, or a block of
+      ``b <= num_iters`` such vectors stacked on a leading axis.
     has_aux: whether ``loss_fn`` returns ``(loss, aux)``; ``aux`` is ignored.
+    tol: relative residual bound at which to stop (a positive scalar, may
+      be traced), or None for exactly ``num_iters`` steps.
+    which: ``"top"`` for the ``k`` largest pairs, ``"both"`` for the ``k``
+      largest and the ``k`` smallest (all certified by ``tol``).
 
   Returns:
-    ``Eigenpairs(values (k,), vectors (pytree, leaves (k, ...)), residuals
-    (k,))``.
+    ``Eigenpairs(values, vectors, residuals, num_iters)``: ``values (k,)``
+    descending (``(2k,)`` for ``"both"``: the top ``k`` then the bottom
+    ``k``, the whole array descending), ``vectors`` a pytree whose leaves
+    carry the same leading axis, ``residuals`` alike, ``num_iters`` the
+    number of Hessian-vector products used.
 
   Raises:
     ValueError: if ``k`` or ``num_iters`` is not an integer ``>= 1``, if
-      ``k > num_iters`` or ``k > n`` (message names ``k``), or if ``init``
-      differs from ``params`` in structure or leaf shapes (names ``init``).
+      ``k > num_iters`` or ``k > n`` (message names ``k``), if ``init`` is
+      neither like ``params`` nor a block of such vectors, or holds more
+      than ``num_iters`` vectors (names ``init``), if ``tol`` is not
+      positive or ``which`` is unknown (names them).
 
   Examples:
     On ``L(w) = 0.5 sum_i h_i w_i^2`` the Hessian is ``diag(h)``:
@@ -160,6 +218,9 @@ def hessian_eigenpairs(
     [0.0, 0.0, 1.0, 0.0]
     >>> [round(float(x), 3) for x in jnp.sort(h)[::-1][:2]]
     [3.0, 1.0]
+    >>> both = se.hessian_eigenpairs(loss, params, h, num_iters=4, which="both")
+    >>> [round(float(x), 3) for x in both.values]
+    [3.0, -4.0]
 
   References:
     Lanczos 1950; Parlett 1998; Pearlmutter 1994; matfree (Kraemer et al.)
@@ -169,24 +230,39 @@ def hessian_eigenpairs(
   num_iters = _checks.check_int("num_iters", num_iters, 1)
   if k > num_iters:
     raise ValueError(f"`k` ({k}) must be <= `num_iters` ({num_iters}).")
-  if init is not None:
-    _checks.check_same_structure("params", params, "init", init)
   flat, unravel = ravel_pytree(params)
   if k > flat.size:
     raise ValueError(
         f"`k` ({k}) must be <= the number of parameters " f"({flat.size})."
     )
+  max_iters = min(num_iters, flat.size)
+  start = _start_block(params, key, init)
+  if start.shape[0] > max_iters:
+    raise ValueError(
+        f"`init` holds {start.shape[0]} start vectors, more than the "
+        f"{max_iters} Lanczos steps allowed (`num_iters`, capped at the "
+        "number of parameters): pass fewer vectors or raise `num_iters`."
+    )
   matvec = flat_matvec(
       hessian_matvec(loss_fn, params, batch, has_aux=has_aux), params
   )
-  result = lanczos(
-      matvec, _start_vector(flat, key, init), min(num_iters, flat.size)
+  result = krylov.eigenpairs(
+      matvec, start, max_iters, k=k, tol=tol, which=which
   )
-  vectors = result.ritz_vectors[:k].astype(flat.dtype)
+  values, vectors, residuals = (
+      result.values,
+      result.vectors,
+      result.residuals,
+  )
+  if which == "both":
+    values = jnp.concatenate([values, result.bottom_values[::-1]])
+    vectors = jnp.concatenate([vectors, result.bottom_vectors[::-1]])
+    residuals = jnp.concatenate([residuals, result.bottom_residuals[::-1]])
   return Eigenpairs(
-      values=result.ritz_values[:k],
-      vectors=jax.vmap(unravel)(vectors),
-      residuals=result.residuals[:k],
+      values=values,
+      vectors=jax.vmap(unravel)(vectors.astype(flat.dtype)),
+      residuals=residuals,
+      num_iters=result.num_iters,
   )
 
 
@@ -199,11 +275,13 @@ def sharpness(
     key: jax.Array | None = None,
     init: PyTree | None = None,
     has_aux: bool = False,
+    tol: ArrayLike | None = None,
 ) -> jax.Array:
   """The sharpness ``S(w) = lambda_max(H(w))``, the top Hessian eigenvalue.
 
   ``hessian_eigenpairs(...).values[0]`` with ``k = 1``: the largest
-  algebraic eigenvalue by Lanczos on exact Hessian-vector products.
+  algebraic eigenvalue by Lanczos on exact Hessian-vector products, to a
+  certified relative residual ``tol`` if one is given.
 
   Args:
     loss_fn: ``loss_fn(params, batch) -> scalar`` (or ``(scalar, aux)`` if
@@ -212,8 +290,10 @@ def sharpness(
     batch: passed unchanged to ``loss_fn``.
     num_iters: Lanczos steps ``>= 1`` (capped at the number of parameters).
     key: PRNG key of the random start; ``None`` means ``jax.random.key(0)``.
-    init: optional warm-start pytree like ``params``.
+    init: optional warm start, a pytree like ``params`` or a block of them.
     has_aux: whether ``loss_fn`` returns ``(loss, aux)``.
+    tol: relative residual bound at which Lanczos stops (``num_iters`` then
+      being the cap), or None for exactly ``num_iters`` steps.
 
   Returns:
     Scalar top eigenvalue.
@@ -245,6 +325,7 @@ def sharpness(
       key=key,
       init=init,
       has_aux=has_aux,
+      tol=tol,
   ).values[0]
 
 
@@ -359,7 +440,7 @@ def power_iteration(
   def matvec(v: jax.Array) -> jax.Array:
     return ravel_pytree(fd_matvec(unravel_wide(v)))[0].astype(dtype)
 
-  v0 = _start_vector(flat, key, None)
+  v0 = _start_block(params, key, None)[0]
 
   def cond(state: tuple[jax.Array, ...]) -> jax.Array:
     step, _, _, done = state

@@ -23,7 +23,7 @@ def _x64():
 eigenpairs = jax.jit(
     se.hessian_eigenpairs,
     static_argnums=0,
-    static_argnames=("k", "num_iters", "has_aux"),
+    static_argnames=("k", "num_iters", "has_aux", "which"),
 )
 sharpness = jax.jit(
     se.sharpness, static_argnums=0, static_argnames=("num_iters", "has_aux")
@@ -124,6 +124,46 @@ def test_warm_start_with_exact_eigenvector_takes_one_iteration():
   np.testing.assert_allclose(out.residuals[0], 0.0, atol=1e-10)
   cold = eigenpairs(mlp_loss, params, batch, num_iters=1)
   assert abs(cold.values[0] - values[0]) > 1e-3 * abs(values[0])
+
+
+def test_tolerance_certifies_the_top_pairs():
+  params, batch = mlp_problem(seed=3)
+  values, _ = dense_eigh(mlp_loss, params, batch)
+  n = ravel_pytree(params)[0].size
+  for tol in (1e-2, 1e-5):
+    out = eigenpairs(mlp_loss, params, batch, k=2, num_iters=n, tol=tol)
+    assert int(out.num_iters) < n
+    np.testing.assert_array_less(out.residuals, tol * np.abs(out.values))
+    for value, residual in zip(out.values, out.residuals):
+      assert np.min(np.abs(values - value)) <= residual * (1 + 1e-9)
+  fixed = eigenpairs(mlp_loss, params, batch, num_iters=7)
+  assert int(fixed.num_iters) == 7
+
+
+def test_both_ends_match_dense():
+  params, batch = mlp_problem(seed=4)
+  values, vectors = dense_eigh(mlp_loss, params, batch)
+  n = ravel_pytree(params)[0].size
+  out = eigenpairs(mlp_loss, params, batch, k=2, num_iters=n, which="both")
+  want = np.concatenate([values[:2], values[-2:]])
+  np.testing.assert_allclose(out.values, want, rtol=1e-10, atol=1e-12)
+  rows = flat_rows(out.vectors)
+  dense_rows = np.concatenate([vectors[:, :2], vectors[:, -2:]], axis=1).T
+  np.testing.assert_allclose(
+      np.abs(np.sum(rows * dense_rows, axis=1)), 1.0, atol=1e-8
+  )
+
+
+def test_block_init_takes_the_rayleigh_ritz_step_first():
+  # A block holding the top two eigenvectors in swapped order gives both,
+  # in order, after two products.
+  params, batch = mlp_problem(seed=5)
+  values, vectors = dense_eigh(mlp_loss, params, batch)
+  unravel = ravel_pytree(params)[1]
+  block = jax.vmap(unravel)(jnp.asarray(vectors[:, [1, 0]].T))
+  out = eigenpairs(mlp_loss, params, batch, k=2, init=block, tol=1e-8)
+  assert int(out.num_iters) == 2
+  np.testing.assert_allclose(out.values, values[:2], rtol=1e-10)
 
 
 def test_largest_algebraic_not_largest_magnitude():
@@ -250,6 +290,7 @@ def test_no_recompilation_under_jit():
     ],
 )
 def test_eigenpairs_bad_arguments(kwargs, name):
+  """Also see the cases below the decorator's list."""
   params, batch = mlp_problem()
   with pytest.raises(ValueError, match=f"`{name}`"):
     se.hessian_eigenpairs(mlp_loss, params, batch, **kwargs)
@@ -264,6 +305,7 @@ def test_eigenpairs_bad_arguments(kwargs, name):
     ],
 )
 def test_power_iteration_bad_arguments(kwargs, name):
+  """``tol`` here is the power iteration's relative change."""
   params, batch = mlp_problem()
   with pytest.raises(ValueError, match=f"`{name}`"):
     se.power_iteration(mlp_loss, params, batch, **kwargs)
@@ -288,3 +330,28 @@ def test_power_iteration_default_key_is_a_fixed_start():
   doc = se.power_iteration.__doc__
   assert "fresh" not in doc.split("Args:")[0] or "key" in doc.split("Args:")[0]
   assert "same start" in doc
+
+
+@pytest.mark.parametrize(
+    "kwargs, name",
+    [
+        (dict(tol=-1.0), "tol"),
+        (dict(which="bottom"), "which"),
+        (dict(num_iters=2, init="block3"), "init"),
+        (dict(init="bad_block"), "init"),
+    ],
+)
+def test_accuracy_and_block_arguments_are_checked(kwargs, name):
+  params, batch = mlp_problem()
+  blocks = {
+      "block3": jax.tree.map(lambda x: jnp.ones((3,) + x.shape), params),
+      "bad_block": {
+          "w1": jnp.ones((2, 3, 4)),
+          "b1": jnp.ones((3, 4)),
+          "w2": jnp.ones((2, 4, 2)),
+      },
+  }
+  if "init" in kwargs:
+    kwargs = dict(kwargs, init=blocks[kwargs["init"]])
+  with pytest.raises(ValueError, match=f"`{name}`"):
+    se.hessian_eigenpairs(mlp_loss, params, batch, **kwargs)

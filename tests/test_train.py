@@ -174,9 +174,11 @@ def test_tracking_matches_dense_reference_on_mlp(x64):
       num_steps=30,
       track_every=3,
       num_lanczos_iters=12,
+      sharpness_tol=None,
       progress=False,
   )
   hist = result.history
+  np.testing.assert_array_equal(hist["lanczos_iters"], 12)
   sam_gradient = jax.jit(lambda w: se.sam_gradient(mlp_loss, w, data, rho=rho))
   _, unravel = jax.flatten_util.ravel_pytree(params)
   hessian = jax.jit(jax.hessian(lambda v: mlp_loss(unravel(v), data)))
@@ -345,6 +347,7 @@ def test_minibatch_is_drawn_by_key(x64):
       key=7,
       track_every=1,
       num_lanczos_iters=30,
+      sharpness_tol=None,
       progress=False,
   )
   batch = loop.sample_batch(data, jax.random.fold_in(jax.random.key(7), 0), 5)
@@ -512,6 +515,7 @@ def test_lambda_min_is_the_bottom_eigenvalue(x64):
       num_steps=3,
       track_every=1,
       num_lanczos_iters=n,
+      sharpness_tol=None,
       progress=False,
   )
   flat, unravel = jax.flatten_util.ravel_pytree(params)
@@ -826,3 +830,118 @@ def test_raw_uint32_key_data_is_one_key():
   result = se.train(mlp_loss, params, data, key=raw, **ok)
   reference = se.train(mlp_loss, params, data, key=5, **ok)
   chex.assert_trees_all_equal(result.history["loss"], reference.history["loss"])
+
+
+def test_default_tolerance_is_certified_against_dense_reference(x64):
+  # Every tracked row's sharpness lies within its recorded relative residual
+  # of the dense top eigenvalue, the residual meets the tolerance whenever
+  # the cap was not reached, and warm starts need fewer products than the
+  # cold first check.
+  params, data = mlp_problem(num_examples=20, dtype=jnp.float64)
+  tol = 1e-4
+  result = se.train(
+      mlp_loss,
+      params,
+      data,
+      learning_rate=0.5,
+      rho=0.05,
+      num_steps=40,
+      track_every=4,
+      num_lanczos_iters=32,
+      sharpness_tol=tol,
+      num_warm_vectors=3,
+      progress=False,
+  )
+  hist = result.history
+  _, unravel = jax.flatten_util.ravel_pytree(params)
+  hessian = jax.jit(jax.hessian(lambda v, d: mlp_loss(unravel(v), d)))
+  step = jax.jit(lambda w: se.sam_gradient(mlp_loss, w, data, rho=0.05))
+  w = params
+  for t in range(40):
+    if t % 4 == 0:
+      i = t // 4
+      flat = jax.flatten_util.ravel_pytree(w)[0]
+      top = np.linalg.eigvalsh(np.asarray(hessian(flat, data)))[-1]
+      bound = hist["sharpness_residual"][i] * abs(hist["sharpness"][i])
+      assert abs(hist["sharpness"][i] - top) <= bound * (1 + 1e-8) + 1e-12
+      assert hist["sharpness"][i] <= top * (1 + 1e-12)  # a Rayleigh quotient
+    w = jax.tree.map(lambda p, g: p - 0.5 * g, w, step(w).sam_grads)
+  iters = hist["lanczos_iters"]
+  assert np.all(iters < 32)
+  assert np.all(hist["sharpness_residual"] <= tol)
+  assert np.median(iters[1:]) < iters[0]
+  assert np.all(iters >= 3)  # the three carried vectors come first
+
+
+def test_fixed_iterations_without_tolerance(x64):
+  params, data = mlp_problem(dtype=jnp.float64)
+  result = se.train(
+      mlp_loss,
+      params,
+      data,
+      learning_rate=0.1,
+      num_steps=6,
+      track_every=2,
+      num_lanczos_iters=7,
+      sharpness_tol=None,
+      progress=False,
+  )
+  np.testing.assert_array_equal(result.history["lanczos_iters"], 7)
+  assert np.all(result.history["sharpness_residual"] > 0)
+
+
+def test_mixed_sweep_rows_equal_separate_runs(x64):
+  # GD rows of a GD+SAM sweep run without the SAM gradient, in their own
+  # program; every row must equal the same configuration run alone.
+  params, data = mlp_problem(dtype=jnp.float64)
+  kwargs = dict(num_steps=12, track_every=3, progress=False)
+  sweep = se.train(
+      mlp_loss,
+      params,
+      data,
+      learning_rate=[0.1, 0.2, 0.1],
+      rho=[0.05, 0.0, 0.0],
+      key=[0, 1, 2],
+      **kwargs,
+  )
+  for c, (lr, rho, seed) in enumerate(
+      [(0.1, 0.05, 0), (0.2, 0.0, 1), (0.1, 0.0, 2)]
+  ):
+    alone = se.train(
+        mlp_loss,
+        params,
+        data,
+        learning_rate=lr,
+        rho=rho,
+        key=seed,
+        **kwargs,
+    )
+    for name in ("loss", "grad_norm", "sharpness", "sam_edge"):
+      chex.assert_trees_all_close(
+          sweep.history[name][c], alone.history[name], rtol=1e-12
+      )
+    chex.assert_trees_all_close(
+        jax.tree.map(lambda x: x[c], sweep.params), alone.params, rtol=1e-12
+    )
+
+
+@pytest.mark.parametrize(
+    "kwargs, name",
+    [
+        (dict(sharpness_tol=0.0), "sharpness_tol"),
+        (dict(sharpness_tol=-1e-3), "sharpness_tol"),
+        (dict(num_warm_vectors=0), "num_warm_vectors"),
+    ],
+)
+def test_tracking_accuracy_arguments_are_checked(kwargs, name):
+  params, data = mlp_problem()
+  with pytest.raises(ValueError, match=name):
+    se.train(
+        mlp_loss,
+        params,
+        data,
+        learning_rate=0.1,
+        num_steps=2,
+        progress=False,
+        **kwargs,
+    )

@@ -1,0 +1,363 @@
+"""Extreme eigenpairs by Lanczos with a block warm start and certified stopping.
+
+The solver behind ``hessian_eigenpairs`` and the training loop's tracking.
+It grows an orthonormal basis ``Q`` (rows ``q_0, q_1, ...``) of a subspace,
+stores the products ``P = [A q_0; A q_1; ...]`` and, after every product,
+performs the Rayleigh-Ritz step on ``span(Q)``: the eigenpairs
+``(theta_i, s_i)`` of the projected matrix ``M = Q A Q^T`` give Ritz pairs
+``(theta_i, y_i = Q^T s_i)`` whose residuals are computed *exactly* from the
+stored products,
+
+  ``r_i = A y_i - theta_i y_i = P^T s_i - theta_i Q^T s_i``,
+
+with no extra product. By the Bauer-Fike theorem for symmetric ``A`` some
+eigenvalue lies within ``||r_i||`` of ``theta_i``, and ``theta_1 <=
+lambda_max`` always (a Rayleigh quotient), so the iteration can stop as soon
+as ``||r_i|| <= tol * |theta_i|`` for the pairs asked for: it pays only for
+the accuracy requested. The number of products is returned with the result.
+
+How the basis grows (``b`` start vectors, ``b >= 1``):
+
+* steps ``0 .. b-1`` take the start vectors in turn (orthonormalized), so
+  after ``b`` products the Ritz pairs are the Rayleigh-Ritz pairs of the
+  start block. Carrying the previous top ``b`` Ritz vectors between checks
+  along a training run finds the new top eigenvector even when the top
+  eigenvalues swap order (the previous top vector can then be almost
+  orthogonal to the new one, while the span of the previous top few is not);
+* every later step expands with the residual ``r_i`` of the certified pair
+  (see ``num_certified`` and ``which``) that is furthest from convergence
+  (largest ``||r_i|| / |theta_i|``), as Davidson's method does without a
+  preconditioner. With ``b = 1`` every Ritz residual is parallel to the next
+  Lanczos vector, so this *is* Lanczos from the start vector (``M`` is the
+  tridiagonal ``T`` up to rounding), whichever pair is chosen. With ``b > 1``
+  expanding with ``A q_j`` instead would drag in ``A`` times the other start
+  vectors at every step (a slowly growing block Krylov space); the residual
+  keeps the expansion on the pairs asked for.
+
+Every new vector is reorthogonalized against the whole basis (classical
+Gram-Schmidt twice), as in ``sam_eos.lanczos``; a vector lost to rounding (a
+breakdown, or a start vector dependent on the others) is replaced by a fixed
+pseudo-random direction orthogonal to the basis, so no NaN appears.
+
+Shapes are static: the basis and products are preallocated for ``max_iters``
+rows and the iteration is a ``lax.while_loop``; under ``vmap`` it runs until
+every member has converged (each member's result is frozen when it stops).
+
+References:
+  Lanczos 1950; Parlett, "The Symmetric Eigenvalue Problem", SIAM 1998,
+  Ch. 11 (Rayleigh-Ritz, residual bounds) and Ch. 13.
+  Stewart, "A Krylov-Schur Algorithm for Large Eigenproblems", SIAM J.
+  Matrix Anal. Appl. 23, 2001, and Wu & Simon, "Thick-Restart Lanczos
+  Method for Large Symmetric Eigenvalue Problems", SIAM J. Matrix Anal.
+  Appl. 22, 2000: restarting Krylov methods from a few Ritz vectors, the
+  idea behind the block warm start.
+  Davidson, "The iterative calculation of a few of the lowest eigenvalues
+  and corresponding eigenvectors of large real-symmetric matrices", J.
+  Comput. Phys. 17, 1975, and Knyazev, "Toward the Optimal Preconditioned
+  Eigensolver: LOBPCG", SIAM J. Sci. Comput. 23, 2001: residual expansion of
+  a Ritz subspace.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from sam_eos import _checks
+from sam_eos.lanczos import (
+    Matvec,
+    _check_matvec,
+    _dot,
+    _orthogonalize,
+    _restart_base,
+    _restart_direction,
+    _safe_normalize,
+    working_dtype,
+)
+
+WHICH = ("top", "both")
+
+
+class KrylovResult(NamedTuple):
+  """Extreme Ritz pairs after ``num_iters`` products with ``A``.
+
+  Attributes:
+    values: ``(k,)`` the largest Ritz values, descending.
+    vectors: ``(k, n)`` their unit Ritz vectors (sign arbitrary).
+    residuals: ``(k,)`` exact residual norms ``||A y_i - theta_i y_i||``
+      (up to rounding in the stored products, about ``eps ||A||``).
+    bottom_values: ``(k,)`` the smallest Ritz values, ascending. Each is an
+      upper bound on the matching smallest eigenvalue of ``A``.
+    bottom_vectors: ``(k, n)`` their unit Ritz vectors.
+    bottom_residuals: ``(k,)`` their residual norms.
+    num_iters: int32 scalar, the number of products with ``A`` used.
+  """
+
+  values: jax.Array
+  vectors: jax.Array
+  residuals: jax.Array
+  bottom_values: jax.Array
+  bottom_vectors: jax.Array
+  bottom_residuals: jax.Array
+  num_iters: jax.Array
+
+
+class _State(NamedTuple):
+  """The ``while_loop`` carry; rows ``>= size`` of the arrays are unused."""
+
+  size: jax.Array
+  basis: jax.Array
+  products: jax.Array
+  coeffs: jax.Array
+  converged: jax.Array
+
+
+def _projected(coeffs: jax.Array, size: jax.Array) -> jax.Array:
+  """``M = Q A Q^T`` on the first ``size`` rows, padded below its spectrum.
+
+  Row ``j`` of ``coeffs`` holds ``Q A q_j``; only entries ``i <= j`` were
+  computed against a filled row, so ``M`` is built from the lower triangle.
+  Inactive diagonal entries are set below ``-||M||_F``, under every active
+  eigenvalue, so ``eigh`` puts the ``size`` active Ritz values first (in
+  descending order) with eigenvectors that vanish on the padding.
+  """
+  m = coeffs.shape[0]
+  active = jnp.arange(m) < size
+  mask = active[:, None] & active[None, :]
+  lower = jnp.tril(coeffs)
+  matrix = jnp.where(mask, lower + lower.T - jnp.diag(jnp.diag(lower)), 0)
+  low = -(jnp.linalg.norm(matrix) + 1)
+  return matrix + jnp.diag(jnp.where(active, 0, low))
+
+
+def _ritz(
+    state: _State,
+) -> tuple[jax.Array, jax.Array]:
+  """All Ritz values (descending, active ones first) and their ``s_i``."""
+  values, vectors = jnp.linalg.eigh(_projected(state.coeffs, state.size))
+  values, vectors = values[::-1], vectors[:, ::-1]
+  active = jnp.arange(values.shape[0]) < state.size
+  return values, jnp.where(active[:, None], vectors, 0)
+
+
+def _pairs(
+    state: _State, values: jax.Array, coords: jax.Array, index: jax.Array
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+  """Ritz values, unit vectors, residual vectors and norms at ``index``.
+
+  Args:
+    state: the solver state.
+    values: ``(m,)`` Ritz values.
+    coords: ``(m, m)`` their coordinates ``s_i`` (columns).
+    index: ``(p,)`` int indices of the pairs.
+
+  Returns:
+    ``(theta (p,), y (p, n), r (p, n), ||r|| (p,))``.
+  """
+  theta = values[index]
+  s = coords[:, index].T
+  vectors = _dot(s, state.basis)
+  residual = _dot(s, state.products) - theta[:, None] * vectors
+  return theta, vectors, residual, jnp.linalg.norm(residual, axis=1)
+
+
+def _bottom_index(size: jax.Array, k: int) -> jax.Array:
+  """Indices of the ``k`` smallest active Ritz values, smallest first."""
+  return jnp.maximum(size - 1 - jnp.arange(k), 0)
+
+
+def _next_vector(
+    state: _State,
+    candidate: jax.Array,
+    base: jax.Array,
+    rounding: float,
+) -> jax.Array:
+  """``candidate`` orthonormalized against the basis, or a restart direction."""
+  vector, _ = _orthogonalize(state.basis, candidate)
+  norm = jnp.linalg.norm(vector)
+  lost = norm <= 10 * rounding * jnp.linalg.norm(candidate)
+  return jax.lax.cond(
+      lost,
+      lambda: _restart_direction(state.basis, base, state.size),
+      lambda: _safe_normalize(vector, norm),
+  )
+
+
+def _validate(
+    start: jax.Array, max_iters: int, k: int, which: str, tol: float | None
+) -> tuple[int, int]:
+  """Checks the arguments of ``eigenpairs``; returns ``max_iters`` and ``k``."""
+  if start.ndim != 2:
+    raise ValueError(
+        "`start` must be a 1-D vector (n,) or a 2-D block (b, n) of start "
+        f"vectors, got shape {start.shape}."
+    )
+  num_start, size = start.shape
+  max_iters = _checks.check_int("max_iters", max_iters, 1)
+  k = _checks.check_int("k", k, 1)
+  if max_iters > size:
+    raise ValueError(
+        f"`max_iters` ({max_iters}) must be <= the dimension ({size})."
+    )
+  if num_start > max_iters:
+    raise ValueError(
+        f"`start` has {num_start} vectors but `max_iters` is {max_iters}: "
+        "pass at most `max_iters` start vectors or raise `max_iters`."
+    )
+  if k > max_iters:
+    raise ValueError(f"`k` ({k}) must be <= `max_iters` ({max_iters}).")
+  if which not in WHICH:
+    raise ValueError(f"`which` must be one of {WHICH}, got {which!r}.")
+  if tol is not None:
+    _checks.check_positive("tol", tol)
+  concrete = _checks.concrete_value(start)
+  if concrete is not None and not np.all(np.isfinite(concrete)):
+    raise ValueError(
+        "`start` must be finite: it contains NaN or inf (e.g. a warm start "
+        "from a diverged run); pass a fresh random start instead."
+    )
+  return max_iters, k
+
+
+def eigenpairs(
+    matvec: Matvec,
+    start: jax.Array,
+    max_iters: int,
+    *,
+    k: int = 1,
+    tol: float | jax.Array | None = None,
+    which: str = "top",
+    num_certified: int | None = None,
+) -> KrylovResult:
+  """The ``k`` largest (and smallest) eigenpairs of a symmetric operator.
+
+  Runs the block-started Lanczos iteration of the module docstring for at
+  most ``max_iters`` products with ``A``, stopping early once every certified
+  pair meets ``||A y_i - theta_i y_i|| <= tol * |theta_i|`` (but never before
+  the ``b`` start vectors and ``k`` pairs are in the basis). With
+  ``tol=None`` it runs all ``max_iters`` products.
+
+  The certificate bounds the distance from ``theta_i`` to *some* eigenvalue
+  of ``A``; like every Krylov method it cannot see an eigenvector that has no
+  component in the start vectors (a random start has one almost surely).
+
+  Args:
+    matvec: ``x -> A x`` for a symmetric ``A``, ``(n,) -> (n,)`` real.
+    start: ``(n,)`` start vector or ``(b, n)`` block of start vectors (e.g.
+      the previous top ``b`` Ritz vectors); need not be orthonormal. A zero
+      or dependent row is replaced by a fixed pseudo-random direction.
+    max_iters: the cap on products (basis size), ``b <= max_iters <= n``.
+    k: number of top (and bottom) pairs returned, ``<= max_iters``.
+    tol: relative residual bound, or None for a fixed ``max_iters``
+      products. May be a traced scalar.
+    which: ``"top"`` certifies the top pairs only; ``"both"`` also the
+      bottom ones.
+    num_certified: how many of the ``k`` pairs (at each end) must meet
+      ``tol``; default ``k``. The training loop carries ``k`` vectors but
+      certifies only the top one.
+
+  Returns:
+    ``KrylovResult``, in the working dtype ``promote_types(start.dtype,
+    float32)``.
+
+  Raises:
+    ValueError: if ``start`` is not 1-D or 2-D or is concretely non-finite,
+      if ``max_iters``, ``k`` or ``num_certified`` is out of range, if
+      ``which`` is unknown or ``tol`` is not positive (each message names
+      the argument), or if ``matvec`` does not map ``(n,)`` to ``(n,)``.
+
+  Examples:
+    The top eigenvalue of ``diag(10, 5, 4, ..., 1)`` to a relative
+    residual of ``1e-4``, in fewer than ``n`` products:
+
+    >>> import jax.numpy as jnp, sam_eos.krylov as krylov
+    >>> d = jnp.array([10.0, 5.0, 4.0, 3.0, 2.5, 2.0, 1.5, 1.0])
+    >>> out = krylov.eigenpairs(lambda x: d * x, jnp.ones(8), 8, tol=1e-4)
+    >>> round(float(out.values[0]), 3), int(out.num_iters) < 8
+    (10.0, True)
+    >>> bool(out.residuals[0] <= 1e-4 * out.values[0])
+    True
+
+  References:
+    Parlett 1998, Ch. 11 and 13; Stewart 2001; Wu & Simon 2000.
+  """
+  start = jnp.asarray(start)
+  if not jnp.issubdtype(start.dtype, jnp.floating):
+    start = start.astype(jnp.result_type(float))
+  if start.ndim == 1:
+    start = start[None]
+  max_iters, k = _validate(start, max_iters, k, which, tol)
+  num_certified = k if num_certified is None else num_certified
+  num_certified = _checks.check_int("num_certified", num_certified, 1)
+  if num_certified > k:
+    raise ValueError(f"`num_certified` ({num_certified}) must be <= `k` ({k}).")
+  num_start, size = start.shape
+  dtype = working_dtype(start.dtype)
+  product_dtype = _check_matvec(matvec, size, dtype)
+  rounding = max(
+      float(jnp.finfo(dtype).eps), float(jnp.finfo(product_dtype).eps)
+  )
+  start = start.astype(dtype)
+  base = _restart_base(size, dtype)
+  first = jnp.linalg.norm(start[0])
+  q0 = jnp.where(
+      first > 0,
+      start[0] / jnp.where(first > 0, first, 1),
+      base / jnp.linalg.norm(base),
+  )
+  zeros = jnp.zeros((max_iters, size), dtype)
+  state = _State(
+      size=jnp.array(0, jnp.int32),
+      basis=zeros.at[0].set(q0),
+      products=zeros,
+      coeffs=jnp.zeros((max_iters, max_iters), dtype),
+      converged=jnp.array(False),
+  )
+  certified = jnp.arange(num_certified)
+
+  def body(state: _State) -> _State:
+    j = state.size
+    product = jnp.asarray(matvec(state.basis[j]), dtype)
+    _, coeffs = _orthogonalize(state.basis, product)
+    state = state._replace(
+        size=j + 1,
+        products=state.products.at[j].set(product),
+        coeffs=state.coeffs.at[j].set(coeffs),
+    )
+    values, coords = _ritz(state)
+    index = certified
+    if which == "both":
+      index = jnp.concatenate([index, _bottom_index(j + 1, num_certified)])
+    theta, _, residual, norms = _pairs(state, values, coords, index)
+    scale = jnp.abs(theta)
+    ok = jnp.array(False) if tol is None else jnp.all(norms <= tol * scale)
+    relative = norms / jnp.where(scale > 0, scale, 1)
+    candidate = jnp.where(
+        j + 1 < num_start,
+        start[jnp.minimum(j + 1, num_start - 1)],
+        residual[jnp.argmax(relative)],
+    )
+    basis = state.basis.at[j + 1].set(
+        _next_vector(state, candidate, base, rounding), mode="drop"
+    )
+    enough = j + 1 >= max(num_start, k)
+    return state._replace(basis=basis, converged=enough & ok)
+
+  state = jax.lax.while_loop(
+      lambda s: (s.size < max_iters) & ~s.converged, body, state
+  )
+  values, coords = _ritz(state)
+  top = _pairs(state, values, coords, jnp.arange(k))
+  bottom = _pairs(state, values, coords, _bottom_index(state.size, k))
+  return KrylovResult(
+      values=top[0],
+      vectors=top[1],
+      residuals=top[3],
+      bottom_values=bottom[0],
+      bottom_vectors=bottom[1],
+      bottom_residuals=bottom[3],
+      num_iters=state.size,
+  )
