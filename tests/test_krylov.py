@@ -103,7 +103,9 @@ def test_block_start_finds_the_top_after_an_order_swap():
   assert int(alone.num_iters) == 1
   chex.assert_trees_all_close(alone.values[0], 9.0, rtol=1e-10)
   assert int(block.num_iters) == 3
-  chex.assert_trees_all_close(block.values, jnp.array([10.0, 9.0, 8.0]), rtol=1e-10)
+  chex.assert_trees_all_close(
+      block.values, jnp.array([10.0, 9.0, 8.0]), rtol=1e-10
+  )
 
 
 def test_warm_start_needs_fewer_products_than_cold():
