@@ -971,7 +971,7 @@ def train(
     track_every: int = 10,
     num_lanczos_iters: int = 20,
     sharpness_tol: float | None = 1e-3,
-    num_warm_vectors: int = 1,
+    num_warm_vectors: int = 3,
     key: Any = None,
     out_dir: str | os.PathLike | None = None,
     progress: bool = True,
@@ -1066,9 +1066,10 @@ def train(
       default ``1e-3`` is stricter than the authors' power-iteration
       protocol (relative change ``1e-3`` between iterates, about 3% error).
     num_warm_vectors: top Ritz vectors carried from one measurement to the
-      next (a Rayleigh-Ritz step on them starts each measurement; 1 is the
-      classic warm start from the previous top eigenvector). Capped at
-      ``num_lanczos_iters``.
+      next (a Rayleigh-Ritz step on them starts each measurement, costing
+      that many products; 1 is the classic warm start from the previous top
+      eigenvector, which misses a new top eigenvector when the top two swap
+      order). Capped at ``num_lanczos_iters``.
     key: int seed, list (or signed integer array) of seeds, or PRNG
       key(s): typed keys, or ``uint32`` raw key data whose trailing axis is
       one key's data (as ``jax.random.PRNGKey``); default seed 0.

@@ -7,8 +7,9 @@ baseline is registered under a name with two presets:
   released JAX code, ``google-deepmind/sam_edge``), with a ``rho`` grid and
   three seeds of our choice. They need an accelerator and have not been run
   yet: per step, every configuration of the vmapped sweep computes two
-  gradients, plus ``num_lanczos_iters`` Hessian-vector products (about two
-  gradients each) every ``track_every`` steps; no time is claimed for them.
+  gradients, plus up to ``num_lanczos_iters`` Hessian-vector products (about
+  two gradients each; as many as the ``sharpness_tol`` needs) every
+  ``track_every`` steps; no time is claimed for them.
 - ``cpu``: a shrunk version (fewer examples, a smaller network, another step
   size where needed) in the regime the paper is about where a 2-core CPU
   allows it: GD starts below ``2/eta`` and sharpens to it. Every cpu preset
@@ -98,7 +99,11 @@ class ExperimentConfig:
     num_steps: total training steps.
     track_every: measure sharpness, edges and alignments every this many
       steps.
-    num_lanczos_iters: warm-started Lanczos iterations per measurement.
+    num_lanczos_iters: the cap on warm-started Lanczos iterations
+      (Hessian-vector products) per measurement.
+    sharpness_tol: relative residual at which a measurement stops (``se.train``'s
+      ``sharpness_tol``), None for exactly ``num_lanczos_iters``.
+    num_warm_vectors: top Ritz vectors carried between measurements.
     batch_size: minibatch size (drawn in-graph by key), None for full batch.
     momentum: heavy-ball momentum (0 in the paper).
     eps: added to ``||g||`` in SAM's normalization (paper: 1e-5).
@@ -131,6 +136,8 @@ class ExperimentConfig:
   track_every: int
   num_lanczos_iters: int
   seeds: tuple[int, ...] = (0,)
+  sharpness_tol: float | None = 1e-3
+  num_warm_vectors: int = 3
   batch_size: int | None = None
   momentum: float = 0.0
   eps: float = 1e-5
@@ -193,6 +200,7 @@ class ExperimentConfig:
         ("num_steps", 1),
         ("track_every", 1),
         ("num_lanczos_iters", 1),
+        ("num_warm_vectors", 1),
         ("init_seed", 0),
     ):
       if not _is_int(getattr(self, field), minimum):
@@ -211,6 +219,11 @@ class ExperimentConfig:
         raise ValueError(
             f"`{field}` must be None or an integer >= 1, got " f"{value!r}."
         )
+    if self.sharpness_tol is not None and not self.sharpness_tol > 0:
+      raise ValueError(
+          "`sharpness_tol` must be None or positive, got "
+          f"{self.sharpness_tol!r}."
+      )
     if not 0 <= self.momentum < 1:
       raise ValueError(f"`momentum` must lie in [0, 1), got {self.momentum}.")
     if self.eps < 0:
@@ -332,7 +345,7 @@ CNN_RELU_CPU = ExperimentConfig(
     standardize=True,
     num_steps=400,
     track_every=6,
-    num_lanczos_iters=8,
+    num_lanczos_iters=30,
     momentum=0.0,
     eps=1e-5,
     batch_size=None,
@@ -379,7 +392,7 @@ EXPERIMENTS: dict[str, dict[str, ExperimentConfig]] = {
             seeds=(0, 1, 2),
             num_steps=20_000,
             track_every=100,
-            num_lanczos_iters=20,
+            num_lanczos_iters=30,
             num_test_examples=10_000,
             **_IMAGE,
         ),
@@ -400,7 +413,7 @@ EXPERIMENTS: dict[str, dict[str, ExperimentConfig]] = {
             seeds=(0, 1, 2),
             num_steps=1_500,
             track_every=25,
-            num_lanczos_iters=10,
+            num_lanczos_iters=30,
             num_test_examples=1_000,
             **_IMAGE,
         ),
@@ -422,7 +435,7 @@ EXPERIMENTS: dict[str, dict[str, ExperimentConfig]] = {
             seeds=(0, 1, 2),
             num_steps=20_000,
             track_every=100,
-            num_lanczos_iters=20,
+            num_lanczos_iters=30,
             num_test_examples=1_000,
             **_IMAGE,
         ),
@@ -445,7 +458,7 @@ EXPERIMENTS: dict[str, dict[str, ExperimentConfig]] = {
             seeds=(0, 1, 2),
             num_steps=200,
             track_every=3,
-            num_lanczos_iters=8,
+            num_lanczos_iters=30,
             num_test_examples=256,
             **_IMAGE,
         ),
@@ -477,7 +490,7 @@ EXPERIMENTS: dict[str, dict[str, ExperimentConfig]] = {
             context_length=64,
             num_steps=20_000,
             track_every=100,
-            num_lanczos_iters=20,
+            num_lanczos_iters=30,
             eps=1e-5,
             num_test_examples=None,
         ),
@@ -506,7 +519,7 @@ EXPERIMENTS: dict[str, dict[str, ExperimentConfig]] = {
             context_length=32,
             num_steps=600,
             track_every=10,
-            num_lanczos_iters=10,
+            num_lanczos_iters=30,
             eps=1e-5,
             num_test_examples=512,
         ),
@@ -533,7 +546,7 @@ EXPERIMENTS: dict[str, dict[str, ExperimentConfig]] = {
             standardize=True,
             num_steps=10_000,
             track_every=50,
-            num_lanczos_iters=20,
+            num_lanczos_iters=30,
             momentum=0.0,
             eps=1e-5,
             batch_size=None,
@@ -558,7 +571,7 @@ EXPERIMENTS: dict[str, dict[str, ExperimentConfig]] = {
             standardize=True,
             num_steps=4_000,
             track_every=50,
-            num_lanczos_iters=10,
+            num_lanczos_iters=30,
             momentum=0.0,
             eps=1e-5,
             batch_size=None,
@@ -583,7 +596,7 @@ EXPERIMENTS: dict[str, dict[str, ExperimentConfig]] = {
             standardize=True,
             num_steps=10_000,
             track_every=50,
-            num_lanczos_iters=20,
+            num_lanczos_iters=30,
             momentum=0.0,
             eps=1e-5,
             batch_size=None,

@@ -416,6 +416,8 @@ def run_experiment(
         batch_size=config.batch_size,
         track_every=config.track_every,
         num_lanczos_iters=config.num_lanczos_iters,
+        sharpness_tol=config.sharpness_tol,
+        num_warm_vectors=config.num_warm_vectors,
         eps=config.eps,
         out_dir=out_dir,
         progress=progress,

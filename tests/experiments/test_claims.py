@@ -55,6 +55,8 @@ def synthetic_metrics(
       "sam_edge": gd_edge if sam_edge is None else np.asarray(sam_edge, float),
       "grad_alignment": np.full((num_configs, num_rows), alignment),
       "sam_grad_alignment": np.full((num_configs, num_rows), 0.9),
+      "lanczos_iters": np.full((num_configs, num_rows), 7.0),
+      "sharpness_residual": np.full((num_configs, num_rows), 1e-4),
       "wall_time": np.tile(np.linspace(0, 3, num_rows), (num_configs, 1)),
   }
   path = os.path.join(tmp_path, "metrics.csv")
