@@ -29,6 +29,7 @@ from sam_eos.spectrum import (
     sharpness,
 )
 from sam_eos.stochastic import BatchEstimate, batch_sam_edge, batch_sharpness
+from sam_eos.tracker import SharpnessTracker, TrackerMetrics, TrackerState
 from sam_eos.train import TrainResult, TrainingDiverged, train
 from sam_eos.transform import SAMState, sam
 
@@ -42,6 +43,9 @@ __all__ = [
     "PowerIterationResult",
     "SAMGrad",
     "SAMState",
+    "SharpnessTracker",
+    "TrackerMetrics",
+    "TrackerState",
     "TrainResult",
     "TrainingDiverged",
     "adam_edge",
