@@ -14,6 +14,7 @@ from sam_eos.edges import adam_edge, gd_edge, sam_edge, usam_edge
 from sam_eos.hessian import hessian_matvec, hvp
 from sam_eos.history import HISTORY_COLUMNS, read_csv
 from sam_eos.lanczos import LanczosResult, lanczos
+from sam_eos.nnx import NNXLoss, nnx_loss, nnx_merge
 from sam_eos.parallel import data_mesh, masked_mean, pad_to_multiple
 from sam_eos.preconditioned import (
     adam_preconditioner,
@@ -40,6 +41,7 @@ __all__ = [
     "Eigenpairs",
     "HISTORY_COLUMNS",
     "LanczosResult",
+    "NNXLoss",
     "PowerIterationResult",
     "SAMGrad",
     "SAMState",
@@ -61,6 +63,8 @@ __all__ = [
     "hvp",
     "lanczos",
     "masked_mean",
+    "nnx_loss",
+    "nnx_merge",
     "pad_to_multiple",
     "power_iteration",
     "preconditioned_sharpness",
