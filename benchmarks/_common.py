@@ -319,6 +319,40 @@ def time_compiled(
   return _stats(times, 0.0), out
 
 
+@dataclasses.dataclass(frozen=True)
+class Samples:
+  """Repeated measurements of one quantity (seconds, or a ratio).
+
+  Attributes:
+    values: one value per repeat.
+  """
+
+  values: tuple[float, ...]
+
+  @property
+  def median(self) -> float:
+    return statistics.median(self.values)
+
+  @property
+  def low(self) -> float:
+    return min(self.values)
+
+  @property
+  def high(self) -> float:
+    return max(self.values)
+
+  @property
+  def spread(self) -> float:
+    """``(max - min) / median``: 0 for one repeat."""
+    med = self.median
+    return (self.high - self.low) / med if med else 0.0
+
+
+def fmt_spread(samples: Samples) -> str:
+  """``±x%`` over ``n`` repeats (half the max-min range, over the median)."""
+  return f"±{samples.spread / 2:.0%} (n={len(samples.values)})"
+
+
 def log(message: str) -> None:
   """Progress on stderr (tables go to stdout)."""
   print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
@@ -411,25 +445,75 @@ def cpu_model() -> str:
   return platform.processor() or "unknown"
 
 
+VERSIONED = (
+    "jax",
+    "jaxlib",
+    "numpy",
+    "scipy",
+    "optax",
+    "torch",
+    "matfree",
+    "pyhessian",
+    "matplotlib",
+)
+
+
+def git_commit() -> str:
+  """The commit the benchmarks run from.
+
+  ``git rev-parse HEAD`` in the repository (with ``+dirty`` when tracked
+  files differ from it), else ``$SAM_EOS_COMMIT`` (set it when running from
+  a ``git archive`` snapshot, which has no ``.git``), else ``unknown``.
+  """
+  import subprocess  # pylint: disable=g-import-not-at-top
+
+  try:
+    head = subprocess.run(
+        ["git", "rev-parse", "HEAD"],
+        cwd=REPO_ROOT,
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
+    dirty = subprocess.run(
+        ["git", "status", "--porcelain", "--untracked-files=no", "--", "."],
+        cwd=REPO_ROOT,
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
+    return head + ("+dirty" if dirty else "")
+  except (OSError, subprocess.CalledProcessError):
+    return os.environ.get("SAM_EOS_COMMIT", "unknown")
+
+
+def load_average() -> tuple[float, float, float]:
+  """The 1, 5 and 15 minute load averages (NaN where unavailable)."""
+  if hasattr(os, "getloadavg"):
+    return tuple(os.getloadavg())
+  return (float("nan"),) * 3
+
+
+def fmt_load(load: Sequence[float]) -> str:
+  """``a / b / c``."""
+  return " / ".join(f"{x:.2f}" for x in load)
+
+
 def environment() -> dict[str, str]:
-  """Machine, software and load at the time of the call."""
-  load = os.getloadavg() if hasattr(os, "getloadavg") else (float("nan"),) * 3
+  """Machine and software at the time of the call (load: see run_all)."""
   env = {
+      "commit": git_commit(),
       "date": datetime.datetime.now(datetime.timezone.utc).strftime(
           "%Y-%m-%d %H:%M UTC"
       ),
       "cpu": cpu_model(),
       "cores": str(os.cpu_count()),
       "python": platform.python_version(),
-      "jax": jax.__version__,
       "device": f"{jax.devices()[0].platform} ({jax.devices()[0].device_kind}"
       f", {jax.device_count()} device(s))",
-      "load average (1/5/15 min)": " / ".join(f"{x:.2f}" for x in load),
   }
-  for name in ("optax", "scipy", "torch", "matfree", "pyhessian"):
-    version = package_version(name)
-    if version:
-      env[name] = version
+  for name in VERSIONED:
+    env[name] = package_version(name) or "not installed"
   return env
 
 

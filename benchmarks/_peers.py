@@ -30,7 +30,10 @@ the jitted ones are returned as functions for the caller to compile once.
   ``_pyhessian_reimplementation``), on a PyTorch copy of the same MLP and
   data, double-backward HVPs, ``maxIter=100``, ``tol=1e-3``.
 
-No code was copied from these projects; they are cited for the protocols.
+Every estimator accepts a start vector (the authors' and PyHessian's random
+starts are replaced by it on request), so that a comparison gives every
+method the same start. No code was copied from these projects; they are
+cited for the protocols.
 """
 
 from __future__ import annotations
@@ -100,8 +103,14 @@ def authors_power_iteration(
     *,
     tol: float = AUTHORS_TOL,
     max_iters: int = AUTHORS_MAX_ITERS,
+    start: PyTree | None = None,
 ) -> AuthorsEstimate:
-  """The authors' check: host loop, fresh jit, finite-difference HVPs."""
+  """The authors' check: host loop, fresh jit, finite-difference HVPs.
+
+  ``start`` (a pytree like ``params``) replaces their random start drawn
+  from ``key``, so that every method of a comparison starts from the same
+  vector; it is scaled to unit norm as theirs is.
+  """
   grad = jax.grad(loss_fn)
   eps = AUTHORS_FD_STEP
 
@@ -119,7 +128,11 @@ def authors_power_iteration(
   # A new jit object closing over (params, batch) at every check, exactly as
   # their `curvature_and_direction_with_start` defines `@jit def iteration`.
   step = jax.jit(iteration)
-  v = _random_direction(key, params)
+  if start is None:
+    v = _random_direction(key, params)
+  else:
+    norm = _tree_norm(start)
+    v = jax.tree.map(lambda x: x / (norm + AUTHORS_NORMALIZING_EPS), start)
   last_norm, current_norm, t = None, 1.0, 0
   while (
       last_norm is None
@@ -294,8 +307,69 @@ def _counting_pyhessian_products() -> Iterator[list[int]]:
     module.hessian_vector_product = original
 
 
+def torch_vector(flat: Any, params: dict[str, PyTree]) -> list[Any]:
+  """A flat JAX vector over ``params`` as tensors in ``torch_mlp`` order.
+
+  ``ravel_pytree`` orders ``{"layer_i": {"b", "w"}}`` as ``b, w`` per layer;
+  ``torch.nn.Linear`` holds ``weight = w^T`` then ``bias``.
+  """
+  import torch  # pylint: disable=g-import-not-at-top
+
+  _, unravel = ravel_pytree(params)
+  tree = unravel(jnp.asarray(flat, jnp.float32))
+  out = []
+  for i in range(len(tree)):
+    w = np.asarray(tree[f"layer_{i}"]["w"], np.float32)
+    b = np.asarray(tree[f"layer_{i}"]["b"], np.float32)
+    out += [torch.from_numpy(w.T.copy()), torch.from_numpy(b.copy())]
+  return out
+
+
+class _TorchWithStart:
+  """Stands in for ``torch`` in ``pyhessian.hessian``: ``randn`` returns the
+  given start vector's pieces in order (PyHessian draws its start with one
+  ``torch.randn(p.size())`` per parameter tensor); all else is ``torch``."""
+
+  def __init__(self, pieces: list[Any]):
+    import torch  # pylint: disable=g-import-not-at-top
+
+    self._torch = torch
+    self._pieces = list(pieces)
+
+  def randn(self, *size, **kwargs):
+    if self._pieces:
+      piece = self._pieces.pop(0)
+      if tuple(piece.shape) != tuple(self._torch.Size(*size)):
+        raise ValueError("start vector pieces do not match the parameters")
+      return piece.clone()
+    return self._torch.randn(*size, **kwargs)
+
+  def __getattr__(self, name: str) -> Any:
+    return getattr(self._torch, name)
+
+
+@contextlib.contextmanager
+def _pyhessian_start(pieces: list[Any] | None) -> Iterator[None]:
+  """PyHessian's random start replaced by ``pieces`` (None: unchanged)."""
+  if pieces is None:
+    yield
+    return
+  module = importlib.import_module("pyhessian.hessian")
+  original = module.torch
+  module.torch = _TorchWithStart(pieces)
+  try:
+    yield
+  finally:
+    module.torch = original
+
+
 def _pyhessian_reimplementation(
-    model: Any, data: tuple[Any, Any], *, tol: float, max_iters: int
+    model: Any,
+    data: tuple[Any, Any],
+    *,
+    tol: float,
+    max_iters: int,
+    start: list[Any] | None = None,
 ) -> tuple[float, int]:
   """PyHessian's ``eigenvalues(top_n=1)`` re-implemented (when not installed).
 
@@ -314,7 +388,9 @@ def _pyhessian_reimplementation(
     norm = float(torch.sqrt(sum(torch.sum(v * v) for v in vs)))
     return [v / (norm + 1e-6) for v in vs]
 
-  v = normalize([torch.randn_like(p) for p in params])
+  v = normalize(
+      [torch.randn_like(p) for p in params] if start is None else start
+  )
   eigenvalue = None
   for it in range(1, max_iters + 1):
     hv = torch.autograd.grad(grads, params, grad_outputs=v, retain_graph=True)
@@ -335,22 +411,25 @@ def pyhessian_power_iteration(
     *,
     tol: float = 1e-3,
     max_iters: int = 100,
+    start: list[Any] | None = None,
 ) -> tuple[float, int]:
   """PyHessian's top eigenvalue on a PyTorch model; ``(value, HVPs)``.
 
   The ``hessian`` object is built inside (its constructor runs the forward
   and ``create_graph`` backward pass), as a check during training would.
+  ``start`` (tensors in ``model.parameters()`` order, see ``torch_vector``)
+  replaces its random start.
   """
   import torch  # pylint: disable=g-import-not-at-top
 
   torch.manual_seed(seed)
   if not uses_pyhessian_package():
     return _pyhessian_reimplementation(
-        model, data, tol=tol, max_iters=max_iters
+        model, data, tol=tol, max_iters=max_iters, start=start
     )
   from pyhessian import hessian  # pylint: disable=g-import-not-at-top
 
-  with _counting_pyhessian_products() as count:
+  with _counting_pyhessian_products() as count, _pyhessian_start(start):
     computer = hessian(model, torch.nn.MSELoss(), data=data, cuda=False)
     values, _ = computer.eigenvalues(maxIter=max_iters, tol=tol, top_n=1)
   model.zero_grad(set_to_none=True)

@@ -78,7 +78,7 @@ def run(quick: bool = False) -> list[dict[str, float]]:
   Returns:
     One row per device count.
   """
-  num_examples, width, num_steps = (64, 32, 10) if quick else (4096, 512, 100)
+  num_examples, width, num_steps = (64, 32, 10) if quick else (2048, 512, 60)
   rows, reference = [], None
   for n in DEVICE_COUNTS:
     env = dict(
