@@ -29,7 +29,11 @@
 # 4. look at what `out_dir` holds (`config.json`, `metrics.csv`, a
 #    checkpoint), read the metrics back with `se.read_csv`, and resume a run;
 # 5. compute the top three Hessian eigenpairs of the final parameters with
-#    `se.hessian_eigenpairs`.
+#    `se.hessian_eigenpairs`;
+# 6. track the same quantities in a training loop of your own, with
+#    `se.SharpnessTracker` in a hand-written jitted optax step;
+# 7. train a flax NNX model with BatchNorm under minibatch SAM, through
+#    `se.nnx_loss`, and track its sharpness.
 #
 # What to look for: GD's sharpness rises to `2/eta` and hovers there (Cohen
 # et al. 2021); SAM's stays far below, close to its SAM-edge (Long & Bartlett
@@ -53,6 +57,7 @@ import tempfile
 import time
 
 import flax.linen as nn
+from flax import nnx
 import jax
 import jax.numpy as jnp
 import matplotlib.pyplot as plt
@@ -289,6 +294,203 @@ for c, rho in enumerate(rhos):
     gd_top = values[0]
   else:
     assert values[0] < gd_top  # SAM ends flatter than GD
+
+# %% [markdown]
+# ## Your own training loop: `se.SharpnessTracker`
+#
+# If you keep your own jitted `train_step`, build a tracker once and call its
+# `update` inside the step. Like an optax transform it is a pair of pure
+# functions: `tracker.init(params)` makes a small state (the warm-start block
+# of the last three top Ritz vectors and a step counter), and
+# `tracker.update(state, params, batch, learning_rate=..., rho=...,
+# grad_norm=..., step=...)` measures at `params` on `batch` every
+# `track_every` steps (a `lax.cond`: other steps cost nothing and return NaN
+# metrics). Each measurement is warm-started Lanczos on exact Hessian-vector
+# products, stopped once the top pair's relative residual is below `tol`
+# (`sharpness_residual` says what was reached; `lanczos_iters` how many
+# products it took). Pass the gradient norm your step computed at `params`
+# on the same batch, or let the tracker compute it.
+#
+# Here: the same SAM run as above (`eta = 1`, `rho = 0.05`, full batch, same
+# initialization), written by hand with `se.sam_gradient` and `optax.sgd`.
+
+# %%
+rho = rhos[1]
+tracker = se.SharpnessTracker(loss_fn, track_every=10, tol=1e-3, max_iters=30)
+optimizer = optax.sgd(eta)
+
+
+@jax.jit
+def train_step(params, opt_state, tracker_state, batch, step):
+  out = se.sam_gradient(loss_fn, params, batch, rho=rho)
+  tracker_state, metrics = tracker.update(
+      tracker_state, params, batch, learning_rate=eta, rho=rho,
+      grad_norm=out.grad_norm, step=step)
+  updates, opt_state = optimizer.update(out.sam_grads, opt_state, params)
+  return (optax.apply_updates(params, updates), opt_state, tracker_state,
+          metrics)
+
+
+start = time.perf_counter()
+own_params, opt_state = params, optimizer.init(params)
+tracker_state = tracker.init(params)
+rows = []
+for t in range(NUM_STEPS):
+  own_params, opt_state, tracker_state, m = train_step(
+      own_params, opt_state, tracker_state, data, t)
+  if m.tracked:
+    rows.append(jax.device_get(m))
+own = {name: np.array([getattr(r, name) for r in rows])
+       for name in se.TrackerMetrics._fields}
+print(f"{NUM_STEPS} steps in {time.perf_counter() - start:.1f} s, "
+      f"{len(rows)} measurements; median Hessian-vector products per "
+      f"measurement {np.median(own['lanczos_iters'][1:]):.0f} "
+      f"(first, cold: {own['lanczos_iters'][0]:.0f}); "
+      f"largest relative residual {own['sharpness_residual'].max():.1e}")
+
+# %% [markdown]
+# The hand-written loop computes the same iterates as `se.train` (same
+# initialization, same full batch), so early on the tracked sharpness agrees
+# with `result.history` (later the two runs part by rounding: the dynamics
+# at the edge amplify tiny differences). Over the second half, SAM again
+# sits near its SAM-edge.
+
+# %%
+np.testing.assert_array_equal(own["step"], hist["step"][1])
+np.testing.assert_allclose(own["sharpness"][:3], hist["sharpness"][1, :3],
+                           rtol=1e-2)
+np.testing.assert_allclose(
+    own["sam_edge"], se.sam_edge(eta, rho, own["grad_norm"]), rtol=1e-5)
+late = own["step"] >= NUM_STEPS // 2
+own_ratio = own["sharpness"][late] / own["sam_edge"][late]
+print(f"hand-written loop: sharpness / SAM-edge median "
+      f"{np.median(own_ratio):.3f} (se.train: {np.median(sam_ratio):.3f})")
+assert 0.7 < np.median(own_ratio) < 1.4
+assert np.all(own["sharpness_residual"] <= 1e-3)
+
+fig, ax = plt.subplots(figsize=(6, 4))
+ax.plot(own["step"], own["sharpness"], label="tracker: sharpness")
+ax.plot(own["step"], own["sam_edge"], ":", label="tracker: SAM-edge")
+ax.plot(steps, hist["sharpness"][1], lw=0.8, alpha=0.6,
+        label="se.train: sharpness")
+ax.axhline(2 / eta, color="k", ls="--", label="2 / eta")
+ax.set(xlabel="step", ylabel="top Hessian eigenvalue",
+       title=f"SAM (rho = {rho}) in a hand-written loop")
+ax.legend(fontsize=8)
+fig.tight_layout()
+fig.savefig(FIG_DIR / "06_tracking_your_own_model-tracker.png", dpi=120)
+plt.show()
+
+# %% [markdown]
+# ## A flax NNX model with BatchNorm, under minibatch SAM
+#
+# `se.nnx_loss(model, loss)` splits an NNX model with `nnx.split(model,
+# nnx.Param, ...)` into a pure `loss_fn(params, batch, model_state) -> (loss,
+# new_model_state)`, its parameters and the rest of its state (here the
+# BatchNorm running averages). Call it on the model in training mode
+# (`model.train()`), where BatchNorm normalizes with the batch's own
+# statistics and updates its running averages.
+#
+# What is measured: the sharpness is the top eigenvalue of the Hessian of
+# `w -> loss_fn(w, batch, model_state)[0]`, the training-mode loss on the
+# step's batch, differentiated through the batch statistics, with the
+# running averages (which this loss does not use) held fixed. It is the
+# curvature of the loss that the step descends, the one the SAM-edge
+# analysis is about; it is not the curvature of the network in inference
+# mode. The SAM ascent and the gradient norm use the same batch and state.
+#
+# Each step draws a minibatch of 64 examples, takes a SAM step
+# (`se.sam_gradient(..., has_aux=True)` returns the new BatchNorm state at
+# `w` as its `aux`) and tracks every 10 steps with the state it started
+# from. `se.nnx_merge` gives the trained model back.
+
+
+# %%
+class BatchNormMLP(nnx.Module):
+  def __init__(self, width, rngs):
+    self.dense1 = nnx.Linear(784, width, rngs=rngs)
+    self.norm = nnx.BatchNorm(width, rngs=rngs)
+    self.dense2 = nnx.Linear(width, 10, rngs=rngs)
+
+  def __call__(self, x):
+    return self.dense2(nnx.relu(self.norm(self.dense1(x))))
+
+
+def mse(model, batch):
+  x, y = batch
+  return jnp.mean((model(x) - y) ** 2)
+
+
+bn_model = BatchNormMLP(WIDTH, nnx.Rngs(0))
+bn_model.train()
+bn_loss_fn, bn_params, bn_state = se.nnx_loss(bn_model, mse)
+bn_eta, bn_rho, batch_size = 0.5, 0.05, 64
+bn_tracker = se.SharpnessTracker(bn_loss_fn, track_every=10, tol=1e-3,
+                                 max_iters=30, has_aux=True)
+bn_optimizer = optax.sgd(bn_eta)
+
+
+@jax.jit
+def bn_step(params, model_state, opt_state, tracker_state, step):
+  idx = jax.random.choice(jax.random.fold_in(key, step), len(data[0]),
+                          (batch_size,), replace=False)
+  batch = jax.tree.map(lambda a: a[idx], data)
+  out, new_state = se.sam_gradient(
+      lambda p, b: bn_loss_fn(p, b, model_state), params, batch, rho=bn_rho,
+      has_aux=True)
+  tracker_state, metrics = bn_tracker.update(
+      tracker_state, params, batch, learning_rate=bn_eta, rho=bn_rho,
+      grad_norm=out.grad_norm, step=step, model_state=model_state)
+  updates, opt_state = bn_optimizer.update(out.sam_grads, opt_state, params)
+  return (optax.apply_updates(params, updates), new_state, opt_state,
+          tracker_state, metrics)
+
+
+start = time.perf_counter()
+p, s = bn_params, bn_state
+opt_state, tracker_state = bn_optimizer.init(p), bn_tracker.init(p)
+bn_rows = []
+for t in range(NUM_STEPS):
+  p, s, opt_state, tracker_state, m = bn_step(p, s, opt_state, tracker_state, t)
+  if m.tracked:
+    bn_rows.append(jax.device_get(m))
+bn = {name: np.array([getattr(r, name) for r in bn_rows])
+      for name in se.TrackerMetrics._fields}
+print(f"{NUM_STEPS} minibatch SAM steps in {time.perf_counter() - start:.1f} s")
+
+trained = se.nnx_merge(bn_loss_fn, p, s)  # the trained nnx.Module
+trained.eval()  # inference: BatchNorm uses its running averages
+accuracy = float(jnp.mean(jnp.argmax(trained(data[0]), -1)
+                          == jnp.argmax(data[1], -1)))
+moved = float(jnp.abs(s["norm"]["mean"] - bn_state["norm"]["mean"]).max())
+bn_late = bn["step"] >= NUM_STEPS // 2
+bn_ratio = bn["sharpness"][bn_late] / bn["sam_edge"][bn_late]
+print(f"training accuracy (eval mode) {accuracy:.3f}; running means moved by "
+      f"up to {moved:.3f}")
+print(f"second half: sharpness median {np.median(bn['sharpness'][bn_late]):.3f}"
+      f", SAM-edge median {np.median(bn['sam_edge'][bn_late]):.3f}, "
+      f"ratio median {np.median(bn_ratio):.3f} (2/eta = {2 / bn_eta})")
+assert np.all(np.isfinite(bn["sharpness"])) and moved > 0
+assert accuracy > 0.5
+
+fig, ax = plt.subplots(figsize=(6, 4))
+ax.plot(bn["step"], bn["sharpness"], label="sharpness (batch, train mode)")
+ax.plot(bn["step"], bn["sam_edge"], ":", label="SAM-edge")
+ax.axhline(2 / bn_eta, color="k", ls="--", label="2 / eta")
+ax.set(xlabel="step", ylabel="top Hessian eigenvalue",
+       title="NNX MLP with BatchNorm, minibatch SAM")
+ax.legend(fontsize=8)
+fig.tight_layout()
+fig.savefig(FIG_DIR / "06_tracking_your_own_model-nnx.png", dpi=120)
+plt.show()
+
+# %% [markdown]
+# At initialization the BatchNorm network is far sharper than `2/eta`; the
+# first steps throw it out of that region (sharpness falls below `2/eta`
+# within ten steps), and from then on the minibatch sharpness follows the
+# minibatch SAM-edge (at the test size, 128 examples and 200 steps, the
+# ratio's median over the second half was 0.975; the printout above gives
+# this run's).
 
 # %% [markdown]
 # The run folder lives in a temporary directory; pass your own `out_dir` to
