@@ -35,8 +35,16 @@ tracked steps only.
 Steps with ``t >= end`` are skipped (``lax.cond``), so a partial last chunk
 reuses the same compiled program.
 
+Model state (e.g. BatchNorm statistics): the loss is ``loss_fn(w, batch,
+s_t) -> (loss, s_{t+1})``. The gradient, the Hessian (tracking) and the SAM
+ascent all use the step's batch and the state ``s_t`` the step starts from,
+in the same (training) mode; the carried state becomes the one returned by
+the gradient at ``w_t`` (the perturbed point's is dropped), and ``eval_fn``
+sees ``s_t`` with ``w_t``.
+
 Divergence: step ``t`` diverges when its loss or gradient norm, its tracked
-sharpness or ``lambda_min``, or the new iterate ``w_{t+1}`` is not finite.
+sharpness or ``lambda_min``, its new model state, or the new iterate
+``w_{t+1}`` is not finite.
 The first such step is recorded in ``TrainState.diverged_at``; from then on
 the configuration is stopped: its params, optimizer state and eigenvector
 stay at their last finite values (``w_t``) and its metrics are NaN, so in a
@@ -63,7 +71,7 @@ from jax.flatten_util import ravel_pytree
 
 from sam_eos import edges, krylov
 from sam_eos._types import PyTree
-from sam_eos.hessian import flat_matvec, linearize_gradient
+from sam_eos.hessian import flat_matvec
 from sam_eos.lanczos import working_dtype
 from sam_eos.sam import global_norm, perturbed_gradient
 
@@ -104,6 +112,8 @@ class TrainState(NamedTuple):
       vectors of the Hessian, top first (the warm start), in the working
       dtype (float32 or wider).
     diverged_at: first diverged step (see the module docstring), -1 if none.
+    model_state: the model's mutable state at ``w_t`` (e.g. BatchNorm
+      running statistics), ``()`` for a stateless model.
   """
 
   params: PyTree
@@ -111,6 +121,7 @@ class TrainState(NamedTuple):
   key: jax.Array
   eigvecs: jax.Array
   diverged_at: jax.Array
+  model_state: PyTree = ()
 
 
 class ChunkOutput(NamedTuple):
@@ -133,7 +144,8 @@ class LoopConfig:
   """Static (compile-time) settings of the core.
 
   Attributes:
-    loss_fn: ``loss_fn(params, batch) -> scalar``.
+    loss_fn: ``loss_fn(params, batch, model_state) -> (loss, new_state)``
+      (``sam_eos.train`` wraps a stateless loss into this form).
     batch_size: minibatch size drawn by key each step, or None for full batch.
     track_every: measure every ``track_every`` steps.
     num_lanczos_iters: Lanczos iterations per measurement (the cap when
@@ -157,8 +169,10 @@ class LoopConfig:
     batch_sharding: sharding of a drawn minibatch (data parallelism), or
       None.
     group_sharding: sharding of the ``(m, B/m, ...)`` groups, or None.
-    eval_fn: ``eval_fn(params, eval_data) -> dict`` of real scalars,
+    eval_fn: ``eval_fn(params, eval_data) -> dict`` of real scalars (with
+      ``eval_model_state``: ``eval_fn(params, eval_data, model_state)``),
       evaluated at tracked steps, or None.
+    eval_model_state: whether ``eval_fn`` takes the model state.
     num_examples: minibatches are drawn from the first ``num_examples``
       rows of the data (the real examples; the rest is padding), or from
       all rows if None.
@@ -169,7 +183,7 @@ class LoopConfig:
       if injected) that the optimizer's state holds after each update.
   """
 
-  loss_fn: Callable[[PyTree, Any], jax.Array]
+  loss_fn: Callable[[PyTree, Any, PyTree], tuple[jax.Array, PyTree]]
   batch_size: int | None = None
   track_every: int = 10
   num_lanczos_iters: int = 20
@@ -186,6 +200,7 @@ class LoopConfig:
   eval_fn: Callable[[PyTree, Any], dict[str, jax.Array]] | None = None
   num_examples: int | None = None
   injected_learning_rate: bool = False
+  eval_model_state: bool = False
 
 
 def make_optimizer(
@@ -209,7 +224,11 @@ def make_optimizer(
 
 
 def init_state(
-    config: LoopConfig, params: PyTree, hparams: Hyperparams, key: jax.Array
+    config: LoopConfig,
+    params: PyTree,
+    hparams: Hyperparams,
+    key: jax.Array,
+    model_state: PyTree = (),
 ) -> TrainState:
   """Initial carry: optimizer state and random start vectors for Lanczos.
 
@@ -218,6 +237,7 @@ def init_state(
     params: initial parameters ``w_0``.
     hparams: hyperparameters.
     key: the run's PRNG key.
+    model_state: the model's initial mutable state (``()`` if none).
 
   Returns:
     A ``TrainState`` at step 0.
@@ -245,6 +265,7 @@ def init_state(
       key=key,
       eigvecs=v0 / jnp.linalg.norm(v0, axis=1, keepdims=True),
       diverged_at=jnp.array(-1, jnp.int32),
+      model_state=model_state,
   )
 
 
@@ -323,10 +344,13 @@ def _edges(
 
 
 def _all_finite(tree: PyTree) -> jax.Array:
-  """Whether every entry of every leaf of ``tree`` is finite."""
-  return jnp.all(
-      jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)])
-  )
+  """Whether every entry of every floating leaf of ``tree`` is finite."""
+  checks = [
+      jnp.all(jnp.isfinite(x))
+      for x in jax.tree.leaves(tree)
+      if jnp.issubdtype(jnp.result_type(x), jnp.inexact)
+  ]
+  return jnp.all(jnp.stack(checks)) if checks else jnp.array(True)
 
 
 class _Measurement(NamedTuple):
@@ -339,18 +363,36 @@ class _Measurement(NamedTuple):
   residual: jax.Array
 
 
-def _measure(
-    config: LoopConfig, params: PyTree, batch: Any, eigvecs: jax.Array
-) -> tuple[jax.Array, PyTree, _Measurement]:
-  """Loss, gradient and the Hessian's top Ritz pairs at ``params``.
+def _gradient(
+    config: LoopConfig, params: PyTree, batch: Any, model_state: PyTree
+) -> tuple[jax.Array, PyTree, PyTree]:
+  """Loss, gradient and the new model state at ``params`` (no tracking)."""
+  (loss, new_state), grads = jax.value_and_grad(config.loss_fn, has_aux=True)(
+      params, batch, model_state
+  )
+  return loss, grads, new_state
 
-  Linearizes ``value_and_grad`` once (``hessian.linearize_gradient``): its
-  primal output is the step's loss and gradient and its tangent map the
-  Hessian-vector product fed to Lanczos, warm-started from ``eigvecs``.
+
+def _measure(
+    config: LoopConfig,
+    params: PyTree,
+    batch: Any,
+    model_state: PyTree,
+    eigvecs: jax.Array,
+) -> tuple[jax.Array, PyTree, PyTree, _Measurement]:
+  """Loss, gradient, new model state and the Hessian's top Ritz pairs.
+
+  Linearizes ``value_and_grad`` once (as ``hessian.linearize_gradient``
+  does): its primal output is the step's loss, gradient and new model state,
+  and its tangent map the Hessian-vector product (of the loss with the model
+  state held at ``model_state``) fed to Lanczos, warm-started from
+  ``eigvecs``.
   """
-  loss, grads, matvec = linearize_gradient(config.loss_fn, params, batch)
+  (loss, grads, new_state), linear = jax.linearize(
+      lambda w: _gradient(config, w, batch, model_state), params
+  )
   result = krylov.eigenpairs(
-      flat_matvec(matvec, params),
+      flat_matvec(lambda v: linear(v)[1], params),
       eigvecs,
       config.num_lanczos_iters,
       k=config.num_warm_vectors,
@@ -361,6 +403,7 @@ def _measure(
   return (
       loss,
       grads,
+      new_state,
       _Measurement(
           eigvecs=result.vectors.astype(eigvecs.dtype),
           sharpness=top,
@@ -372,13 +415,15 @@ def _measure(
 
 
 def _evaluate(
-    config: LoopConfig, params: PyTree, eval_data: Any
+    config: LoopConfig, params: PyTree, eval_data: Any, model_state: PyTree
 ) -> dict[str, jax.Array]:
-  """``eval_fn(params, eval_data)`` as a dict of arrays (empty without one)."""
+  """``eval_fn``'s dict of arrays at ``params`` (empty without one)."""
   if config.eval_fn is None:
     return {}
+  args = (model_state,) if config.eval_model_state else ()
   return {
-      k: jnp.asarray(v) for k, v in config.eval_fn(params, eval_data).items()
+      k: jnp.asarray(v)
+      for k, v in config.eval_fn(params, eval_data, *args).items()
   }
 
 
@@ -404,24 +449,25 @@ def _train_step(
       config.num_examples,
   )
   tracked = step % config.track_every == 0
+  model_state = state.model_state
 
   def with_tracking(params, eigvecs):
-    loss, grads, measured = _measure(config, params, batch, eigvecs)
-    return loss, grads, measured, _evaluate(config, params, eval_data)
+    *out, measured = _measure(config, params, batch, model_state, eigvecs)
+    return (*out, measured, _evaluate(config, params, eval_data, model_state))
 
   def without_tracking(params, eigvecs):
-    loss, grads = jax.value_and_grad(config.loss_fn)(params, batch)
-    shapes = jax.eval_shape(lambda: with_tracking(params, eigvecs)[2:])
+    out = _gradient(config, params, batch, model_state)
+    shapes = jax.eval_shape(lambda: with_tracking(params, eigvecs)[3:])
     measured, evals = _nan_like(shapes)
-    return loss, grads, measured._replace(eigvecs=eigvecs), evals
+    return (*out, measured._replace(eigvecs=eigvecs), evals)
 
-  loss, grads, measured, evals = jax.lax.cond(
+  loss, grads, new_model_state, measured, evals = jax.lax.cond(
       tracked, with_tracking, without_tracking, state.params, state.eigvecs
   )
   grad_norm = global_norm(grads)
   if config.use_sam:
     sam_grads = perturbed_gradient(
-        config.loss_fn,
+        lambda p, b: config.loss_fn(p, b, model_state)[0],
         state.params,
         batch,
         grads,
@@ -443,6 +489,7 @@ def _train_step(
       jnp.isfinite(loss)
       & jnp.isfinite(grad_norm)
       & _all_finite(params)
+      & _all_finite(new_model_state)
       & (
           ~tracked
           | (
@@ -489,10 +536,10 @@ def _train_step(
       k: jnp.where(tracked & ~stopped, v, jnp.nan).astype(dtype)
       for k, v in metrics.items()
   }
-  params, opt_state, eigvecs = jax.tree.map(
+  params, opt_state, eigvecs, new_model_state = jax.tree.map(
       lambda old, new: jnp.where(stopped, old, new),
-      (state.params, state.opt_state, state.eigvecs),
-      (params, opt_state, measured.eigvecs),
+      (state.params, state.opt_state, state.eigvecs, state.model_state),
+      (params, opt_state, measured.eigvecs, new_model_state),
   )
   new_state = TrainState(
       params=params,
@@ -500,6 +547,7 @@ def _train_step(
       key=state.key,
       eigvecs=eigvecs,
       diverged_at=diverged_at,
+      model_state=new_model_state,
   )
   return new_state, (tracked, metrics)
 

@@ -54,11 +54,15 @@ class TrainResult(NamedTuple):
     diverged_at: the step at which each configuration diverged, -1 for a
       finite one: an int array ``(configs,)`` for a sweep, an int (always
       -1, since a single diverged run raises) otherwise.
+    model_state: the final model state (leading config axis for a sweep;
+      a diverged configuration's is its last finite one), None if ``train``
+      was given no ``model_state``.
   """
 
   params: PyTree
   history: dict[str, np.ndarray]
   diverged_at: np.ndarray | int = -1
+  model_state: PyTree = None
 
 
 class TrainingDiverged(FloatingPointError):
@@ -239,13 +243,15 @@ def _injected_learning_rate(
   return injected
 
 
-def _config_params(params: PyTree, num_configs: int) -> PyTree:
-  """Shape structs of one configuration's params from stacked ``params``."""
+def _config_params(
+    params: PyTree, num_configs: int, name: str = "params"
+) -> PyTree:
+  """Shape structs of one configuration's ``params`` (or ``name``) from a stack."""
   leaves = jax.tree.leaves(params)
   sizes = {np.shape(x)[0] if np.ndim(x) else None for x in leaves}
   if not leaves or sizes != {num_configs}:
     raise ValueError(
-        "With `per_config_params=True`, every leaf of `params` needs a leading "
+        f"With `per_config_params=True`, every leaf of `{name}` needs a leading "
         f"axis of the {num_configs} configurations; got leading sizes "
         f"{sorted(map(str, sizes))}. Stack one initialization per "
         "configuration, e.g. jax.vmap(init)(keys)."
@@ -257,9 +263,15 @@ def _config_params(params: PyTree, num_configs: int) -> PyTree:
 
 
 def _check_eval(
-    eval_fn: Callable | None, params: PyTree, eval_data: Any
+    eval_fn: Callable | None,
+    params: PyTree,
+    eval_data: Any,
+    model_state: PyTree | None = None,
 ) -> tuple[str, ...]:
-  """Validates ``eval_fn(params, eval_data)``; returns its keys, in order."""
+  """Validates ``eval_fn(params, eval_data[, model_state])``; returns its keys.
+
+  The keys come in ``eval_fn``'s order; ``model_state`` is passed when given.
+  """
   if eval_fn is None:
     if eval_data is not None:
       raise ValueError(
@@ -268,11 +280,14 @@ def _check_eval(
       )
     return ()
   try:
-    out = jax.eval_shape(eval_fn, params, eval_data)
+    args = () if model_state is None else (model_state,)
+    out = jax.eval_shape(eval_fn, params, eval_data, *args)
   except Exception as e:  # noqa: BLE001 - re-raised with the argument named
+    call = "(params, eval_data" + (
+        ")" if model_state is None else ", model_state)"
+    )
     raise ValueError(
-        f"`eval_fn(params, eval_data)` failed on the given params "
-        f"and `eval_data`: {e}"
+        f"`eval_fn{call}` failed on the given params and `eval_data`: {e}"
     ) from e
   if (
       not isinstance(out, dict)
@@ -294,10 +309,35 @@ def _check_eval(
   return tuple(out)
 
 
+def _stateful_loss(
+    loss_fn: Callable, has_aux: bool, with_state: bool
+) -> Callable[[PyTree, Any, PyTree], tuple[jax.Array, PyTree]]:
+  """``loss_fn`` as ``(params, batch, model_state) -> (loss, new_state)``.
+
+  A stateless loss (``loss_fn(params, batch) -> loss``, or ``(loss, aux)``
+  with ``has_aux``, ``aux`` dropped) passes its state ``()`` through.
+  """
+  if with_state:
+    return loss_fn
+  if has_aux:
+    return lambda p, b, s: (loss_fn(p, b)[0], s)
+  return lambda p, b, s: (loss_fn(p, b), s)
+
+
 def _check_loss(
-    loss_fn: Callable, params: PyTree, data: PyTree, batch_size: int | None
+    loss_fn: Callable,
+    params: PyTree,
+    data: PyTree,
+    batch_size: int | None,
+    has_aux: bool,
+    model_state: PyTree | None,
 ) -> None:
-  """Raises ValueError unless ``loss_fn(params, batch)`` is a real scalar."""
+  """Raises ValueError unless ``loss_fn`` returns what ``train`` was told.
+
+  A real scalar from ``loss_fn(params, batch)``; ``(scalar, aux)`` with
+  ``has_aux``; ``(scalar, new_state)`` with ``new_state`` like
+  ``model_state`` from ``loss_fn(params, batch, model_state)``.
+  """
   batch = (
       data
       if batch_size is None
@@ -306,22 +346,59 @@ def _check_loss(
           data,
       )
   )
+  with_state = model_state is not None
+  if with_state and has_aux:
+    raise ValueError(
+        "`has_aux=True` cannot be combined with `model_state`: the second "
+        "output of `loss_fn` is then the new model state. Drop the aux "
+        "output or carry it in the model state."
+    )
+  call = "(params, batch, model_state)" if with_state else "(params, batch)"
+  args = (model_state,) if with_state else ()
   try:
-    out = jax.eval_shape(loss_fn, params, batch)
+    out = jax.eval_shape(loss_fn, params, batch, *args)
   except Exception as e:  # noqa: BLE001 - re-raised with the argument named
     raise ValueError(
-        f"`loss_fn(params, batch)` failed on the given params and a "
-        f"batch of `data`: {e}"
+        f"`loss_fn{call}` failed on the given params and a batch of "
+        f"`data`: {e}"
     ) from e
+  if with_state or has_aux:
+    what = "(loss, new_model_state)" if with_state else "(loss, aux)"
+    if not isinstance(out, tuple) or len(out) != 2:
+      raise ValueError(
+          f"`loss_fn{call}` must return a pair {what} "
+          f"({'with `model_state`' if with_state else 'with `has_aux=True`'});"
+          f" got {out}."
+      )
+    out, new_state = out
+    if with_state and _struct(new_state) != _struct(model_state):
+      raise ValueError(
+          f"`loss_fn{call}` must return a new model state like "
+          f"`model_state` (same structure, shapes and dtypes); got "
+          f"{new_state} for {_struct(model_state)}."
+      )
   if (
       not isinstance(out, jax.ShapeDtypeStruct)
       or out.shape != ()
       or not jnp.issubdtype(out.dtype, jnp.floating)
   ):
-    raise ValueError(
-        "`loss_fn(params, batch)` must return a real scalar loss; got "
-        f"{out}. Reduce it with a mean, and drop any aux output."
+    hint = (
+        " With an aux output pass `has_aux=True`; with a mutable model "
+        "state pass `model_state=`."
+        if not (with_state or has_aux)
+        else ""
     )
+    raise ValueError(
+        f"`loss_fn{call}` must return a real scalar loss; got {out}. "
+        f"Reduce it with a mean.{hint}"
+    )
+
+
+def _struct(tree: PyTree) -> PyTree:
+  """``tree`` as shape/dtype structs, for comparing pytrees of arrays."""
+  return jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(jnp.shape(x), jnp.result_type(x)), tree
+  )
 
 
 def _check_mesh(
@@ -551,6 +628,8 @@ def _validate(
     eval_fn: Callable | None,
     per_config_params: bool,
     metadata: dict[str, Any] | None,
+    has_aux: bool,
+    model_state: PyTree | None,
 ) -> _Settings:
   """Checks every argument of ``train`` and builds its ``_Settings``.
 
@@ -577,8 +656,12 @@ def _validate(
   _checks.check_momentum(momentum)
   _checks.check_nonnegative("eps", eps)
   lrs, rhos, keys, seeds, sweep = _broadcast_configs(learning_rate, rho, key)
+  if not isinstance(has_aux, (bool, np.bool_)):
+    raise ValueError(f"`has_aux` must be a bool, got {has_aux!r}.")
   if per_config_params:
     params = _config_params(params, len(lrs))
+    if model_state is not None and jax.tree.leaves(model_state):
+      model_state = _config_params(model_state, len(lrs), "model_state")
   num_params = sum(int(np.prod(np.shape(x))) for x in jax.tree.leaves(params))
   _checks.check_positive("learning_rate", lrs)
   _checks.check_nonnegative("rho", rhos)
@@ -586,8 +669,8 @@ def _validate(
     chunk_size = _default_chunk(num_steps, track_every)
   chunk_size = _checks.check_int("chunk_size", chunk_size, 1)
   num_examples = _check_data(data, batch_size)
-  _check_loss(loss_fn, params, data, batch_size)
-  eval_columns = _check_eval(eval_fn, params, eval_data)
+  _check_loss(loss_fn, params, data, batch_size, has_aux, model_state)
+  eval_columns = _check_eval(eval_fn, params, eval_data, model_state)
   m_sharpness = _check_m_sharpness(m_sharpness, batch_size, num_examples)
   injected = optimizer is not None and _injected_learning_rate(
       optimizer, params, lrs, momentum
@@ -598,7 +681,7 @@ def _validate(
         mesh, len(lrs), batch_size, m_sharpness
     )
   config = loop.LoopConfig(
-      loss_fn=loss_fn,
+      loss_fn=_stateful_loss(loss_fn, has_aux, model_state is not None),
       batch_size=batch_size,
       track_every=track_every,
       # As in hessian_eigenpairs: n steps already give the exact spectrum.
@@ -618,6 +701,7 @@ def _validate(
       eval_fn=eval_fn,
       num_examples=None if batch_size is None else num_examples,
       injected_learning_rate=injected,
+      eval_model_state=model_state is not None,
   )
   dtype = jnp.result_type(float)
   hparams = loop.Hyperparams(
@@ -677,6 +761,7 @@ def _signature(
     data: PyTree,
     eval_data: Any,
     opt_state: optax.OptState,
+    model_state: PyTree | None = None,
 ) -> dict[str, Any]:
   """The settings a checkpoint must share with the run that resumes it.
 
@@ -703,22 +788,29 @@ def _signature(
       params=_fingerprint(params),
       data=_fingerprint(data),
       eval_data=_fingerprint(eval_data),
+      model_state=_fingerprint(model_state),
   )
   return json.loads(json.dumps(signature))
 
 
 def _initial_state(
-    settings: _Settings, params: PyTree, per_config_params: bool
+    settings: _Settings,
+    params: PyTree,
+    per_config_params: bool,
+    model_state: PyTree | None,
 ) -> loop.TrainState:
   """The vmapped carry at step 0 (a copy: the chunks donate it)."""
+  per_config = 0 if per_config_params else None
   vinit = jax.vmap(
-      lambda p, h, k: loop.init_state(settings.config, p, h, k),
-      in_axes=(0 if per_config_params else None, 0, 0),
+      lambda p, h, k, m: loop.init_state(settings.config, p, h, k, m),
+      in_axes=(per_config, 0, 0, per_config),
   )
-  state = vinit(params, settings.hparams, settings.keys)
-  if per_config_params:  # the chunks donate the state: keep the caller's params
+  model_state = () if model_state is None else model_state
+  state = vinit(params, settings.hparams, settings.keys, model_state)
+  if per_config_params:  # the chunks donate the state: keep the caller's
+    copy = lambda tree: jax.tree.map(lambda x: jnp.array(x, copy=True), tree)
     state = state._replace(
-        params=jax.tree.map(lambda x: jnp.array(x, copy=True), state.params)
+        params=copy(state.params), model_state=copy(state.model_state)
     )
   return state
 
@@ -972,6 +1064,8 @@ def train(
     num_lanczos_iters: int = 20,
     sharpness_tol: float | None = 1e-3,
     num_warm_vectors: int = 3,
+    has_aux: bool = False,
+    model_state: PyTree | None = None,
     key: Any = None,
     out_dir: str | os.PathLike | None = None,
     progress: bool = True,
@@ -1028,7 +1122,9 @@ def train(
   choices in ``metadata`` and compare them yourself (``sam-eos run`` does).
 
   Args:
-    loss_fn: ``loss_fn(params, batch) -> scalar``.
+    loss_fn: ``loss_fn(params, batch) -> scalar``; ``-> (scalar, aux)``
+      with ``has_aux``; ``loss_fn(params, batch, model_state) -> (scalar,
+      new_model_state)`` with a ``model_state``.
     params: initial parameter pytree.
     data: pytree of arrays with a shared leading example axis ``N``; the
       batch passed to ``loss_fn`` is ``data`` itself (full batch) or a
@@ -1105,14 +1201,29 @@ def train(
       scalars (e.g. ``{"test_loss": ..., "test_accuracy": ...}``), evaluated
       at every tracked step inside the compiled chunk; each key becomes a
       history column (names must not clash with ``se.HISTORY_COLUMNS``).
+      With a ``model_state`` it is called as ``eval_fn(params, eval_data,
+      model_state)`` (e.g. BatchNorm in inference mode with the running
+      statistics).
     eval_data: the pytree passed to ``eval_fn`` (e.g. held-out examples),
       an argument of the compiled program, not a captured constant.
     per_config_params: ``params`` holds one initialization per
       configuration, stacked along a leading axis of size ``C`` (e.g. one
-      per seed); otherwise every configuration starts from ``params``.
+      per seed); otherwise every configuration starts from ``params``. A
+      ``model_state`` is then stacked the same way.
+    has_aux: ``loss_fn`` returns ``(loss, aux)``; ``aux`` is ignored.
+    model_state: the model's mutable state (e.g. flax's ``batch_stats``),
+      or None for a stateless model. It is carried through the compiled
+      loop: step ``t`` calls ``loss_fn(w_t, batch, s_t) -> (L, s_{t+1})``,
+      and the gradient, the SAM ascent and the tracked Hessian all use that
+      batch and the state ``s_t`` the step starts from, in the mode
+      ``loss_fn`` runs the model in (training mode for BatchNorm: batch
+      statistics, so the sharpness is that of the training-mode loss on the
+      step's batch, a function of ``w`` only through this batch's
+      statistics). The perturbed point's new state is dropped. The state is
+      checkpointed and resumed, and returned in ``TrainResult.model_state``.
 
   Returns:
-    ``TrainResult(params, history, diverged_at)``.
+    ``TrainResult(params, history, diverged_at, model_state)``.
 
   Raises:
     ValueError: for invalid arguments (named in the message: e.g. a
@@ -1157,6 +1268,8 @@ def train(
       num_lanczos_iters=num_lanczos_iters,
       sharpness_tol=sharpness_tol,
       num_warm_vectors=num_warm_vectors,
+      has_aux=has_aux,
+      model_state=model_state,
       key=key,
       mesh=mesh,
       chunk_size=chunk_size,
@@ -1166,12 +1279,18 @@ def train(
       per_config_params=per_config_params,
       metadata=metadata,
   )
-  state = _initial_state(settings, params, per_config_params)
+  state = _initial_state(settings, params, per_config_params, model_state)
   signature = (
       None
       if out_dir is None
       else _signature(
-          settings, per_config_params, params, data, eval_data, state.opt_state
+          settings,
+          per_config_params,
+          params,
+          data,
+          eval_data,
+          state.opt_state,
+          model_state,
       )
   )
   hparams, place, spmd_axis = settings.hparams, lambda s: s, None
@@ -1217,12 +1336,18 @@ def train(
         bar.close()
   diverged_at = parallel.to_host(run.state.diverged_at).astype(np.int64)
   _warn_diverged(settings, diverged_at)
+  final_state = None if model_state is None else run.state.model_state
   if settings.sweep:
     return TrainResult(
-        params=run.state.params, history=run.history, diverged_at=diverged_at
+        params=run.state.params,
+        history=run.history,
+        diverged_at=diverged_at,
+        model_state=final_state,
     )
+  first = lambda tree: jax.tree.map(lambda x: x[0], tree)
   return TrainResult(
-      params=jax.tree.map(lambda x: x[0], run.state.params),
+      params=first(run.state.params),
       history=_squeeze(run.history, False),
       diverged_at=int(diverged_at[0]),
+      model_state=None if final_state is None else first(final_state),
   )

@@ -266,11 +266,13 @@ def test_train_with_large_low_precision_gradients(dtype):
       history["grad_norm"][0], np.linalg.norm(quad_hess * w0), rtol=eps(dtype)
   )
   np.testing.assert_allclose(history["sharpness"], 4.0, rtol=2 * eps(dtype))
-  # |cos(g, v1)| with g = (1200, 100) (exact in both dtypes), v1 = e1.
+  # |cos(g, v1)| with g = (1200, 100) (exact in both dtypes), v1 = e1. The
+  # Ritz vector comes from products in the low dtype: its angle to e1 is
+  # about eps * lambda_max / gap = (4/3) eps, and d|cos|/dangle = 0.083 here.
   np.testing.assert_allclose(
       history["grad_alignment"][0],
       1200 / np.linalg.norm([1200, 100]),
-      rtol=1e-5,
+      rtol=0.1 * eps(dtype),
   )
   # float64 SAM from the same start; the iterates round once per step.
   w = w0

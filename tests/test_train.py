@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+import flax.linen as nn
 
 import sam_eos as se
 from sam_eos import checkpoint, loop
@@ -175,6 +176,7 @@ def test_tracking_matches_dense_reference_on_mlp(x64):
       track_every=3,
       num_lanczos_iters=12,
       sharpness_tol=None,
+      num_warm_vectors=1,
       progress=False,
   )
   hist = result.history
@@ -945,3 +947,179 @@ def test_tracking_accuracy_arguments_are_checked(kwargs, name):
         progress=False,
         **kwargs,
     )
+
+
+class _BatchNormNet(nn.Module):
+  """Dense -> BatchNorm -> tanh -> Dense, the smallest stateful model."""
+
+  @nn.compact
+  def __call__(self, x, train=True):
+    x = nn.Dense(6)(x)
+    x = nn.BatchNorm(use_running_average=not train, momentum=0.9)(x)
+    return nn.Dense(2)(jnp.tanh(x))
+
+
+def batchnorm_problem():
+  net = _BatchNormNet()
+  params, data = mlp_problem(num_examples=16, dtype=jnp.float64)
+  variables = net.init(jax.random.key(3), data[0])
+  to64 = lambda t: jax.tree.map(lambda a: a.astype(jnp.float64), t)
+
+  def loss_fn(p, batch, state):
+    out, updates = net.apply(
+        {"params": p, "batch_stats": state}, batch[0], mutable=["batch_stats"]
+    )
+    return jnp.mean((out - batch[1]) ** 2), updates["batch_stats"]
+
+  def eval_fn(p, batch, state):
+    out = net.apply({"params": p, "batch_stats": state}, batch[0], train=False)
+    return {"test_loss": jnp.mean((out - batch[1]) ** 2)}
+
+  return (
+      loss_fn,
+      eval_fn,
+      to64(variables["params"]),
+      to64(variables["batch_stats"]),
+      data,
+  )
+
+
+def test_batchnorm_state_is_carried_and_matches_a_hand_loop(x64):
+  loss_fn, eval_fn, params, stats, data = batchnorm_problem()
+  eta, rho = 0.1, 0.05
+  result = se.train(
+      loss_fn,
+      params,
+      data,
+      learning_rate=eta,
+      rho=rho,
+      num_steps=12,
+      track_every=4,
+      model_state=stats,
+      eval_fn=eval_fn,
+      eval_data=data,
+      progress=False,
+  )
+  w, s = params, stats
+  grad = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))
+  for t in range(12):
+    (loss, new_s), g = grad(w, data, s)
+    scalar = lambda p, b: loss_fn(p, b, s)[0]
+    if t % 4 == 0:
+      i = t // 4
+      flat, unravel = jax.flatten_util.ravel_pytree(w)
+      hess = jax.hessian(lambda f: scalar(unravel(f), data))(flat)
+      top = np.linalg.eigvalsh(np.asarray(hess))[-1]
+      bound = result.history["sharpness_residual"][i] * top
+      assert abs(result.history["sharpness"][i] - top) <= bound * 1.001
+      chex.assert_trees_all_close(result.history["loss"][i], loss, rtol=1e-10)
+      chex.assert_trees_all_close(
+          result.history["test_loss"][i],
+          eval_fn(w, data, s)["test_loss"],
+          rtol=1e-10,
+      )
+    sam = se.sam_gradient(scalar, w, data, rho=rho)
+    w = jax.tree.map(lambda p, u: p - eta * u, w, sam.sam_grads)
+    s = new_s
+  chex.assert_trees_all_close(result.params, w, rtol=1e-9, atol=1e-12)
+  chex.assert_trees_all_close(result.model_state, s, rtol=1e-9, atol=1e-12)
+  assert not jax.tree.all(jax.tree.map(jnp.array_equal, s, stats))
+
+
+def test_model_state_is_checkpointed_and_resumed(tmp_path, x64):
+  loss_fn, _, params, stats, data = batchnorm_problem()
+  kwargs = dict(
+      learning_rate=[0.1, 0.2], rho=0.05, track_every=3, progress=False
+  )
+  straight = se.train(
+      loss_fn, params, data, num_steps=10, model_state=stats, **kwargs
+  )
+  out = str(tmp_path / "run")
+  se.train(
+      loss_fn,
+      params,
+      data,
+      num_steps=5,
+      model_state=stats,
+      out_dir=out,
+      chunk_size=5,
+      **kwargs,
+  )
+  resumed = se.train(
+      loss_fn,
+      params,
+      data,
+      num_steps=10,
+      model_state=stats,
+      out_dir=out,
+      chunk_size=5,
+      **kwargs,
+  )
+  chex.assert_trees_all_close(resumed.model_state, straight.model_state)
+  chex.assert_trees_all_close(resumed.params, straight.params)
+  other = jax.tree.map(lambda a: a + 1, stats)
+  with pytest.raises(ValueError, match="model_state"):
+    se.train(
+        loss_fn,
+        params,
+        data,
+        num_steps=10,
+        model_state=other,
+        out_dir=out,
+        **kwargs,
+    )
+
+
+def test_has_aux_drops_the_aux_output(x64):
+  params, data = mlp_problem(dtype=jnp.float64)
+  with_aux = lambda p, b: (mlp_loss(p, b), {"logits": b[0]})
+  kwargs = dict(
+      learning_rate=0.1, rho=0.05, num_steps=6, track_every=2, progress=False
+  )
+  plain = se.train(mlp_loss, params, data, **kwargs)
+  aux = se.train(with_aux, params, data, has_aux=True, **kwargs)
+  for name in ("loss", "sharpness", "grad_norm"):
+    chex.assert_trees_all_close(aux.history[name], plain.history[name])
+  assert aux.model_state is None
+
+
+@pytest.mark.parametrize(
+    "case, name",
+    [
+        ("aux_without_flag", "has_aux"),
+        ("aux_and_state", "has_aux"),
+        ("scalar_with_state", "new_model_state"),
+        ("other_state", "model_state"),
+        ("bad_flag", "has_aux"),
+    ],
+)
+def test_model_state_and_aux_errors_name_the_fix(case, name, x64):
+  loss_fn, _, params, stats, data = batchnorm_problem()
+  kwargs = dict(learning_rate=0.1, num_steps=2, progress=False)
+  calls = {
+      "aux_without_flag": lambda: se.train(
+          lambda p, b: loss_fn(p, b, stats), params, data, **kwargs
+      ),
+      "aux_and_state": lambda: se.train(
+          loss_fn, params, data, has_aux=True, model_state=stats, **kwargs
+      ),
+      "scalar_with_state": lambda: se.train(
+          lambda p, b, s: loss_fn(p, b, s)[0],
+          params,
+          data,
+          model_state=stats,
+          **kwargs,
+      ),
+      "other_state": lambda: se.train(
+          lambda p, b, s: (loss_fn(p, b, stats)[0], {"x": jnp.zeros(2)}),
+          params,
+          data,
+          model_state=stats,
+          **kwargs,
+      ),
+      "bad_flag": lambda: se.train(
+          mlp_loss, *mlp_problem(), has_aux="yes", **kwargs
+      ),
+  }
+  with pytest.raises(ValueError, match=name):
+    calls[case]()
