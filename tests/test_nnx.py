@@ -74,7 +74,7 @@ def test_sharpness_with_fixed_state_matches_dense_hessian():
     loss_fn, params, state = se.nnx_loss(model, mse)
     fixed = lambda p, b: loss_fn(p, b, state)[0]
     flat, unravel = ravel_pytree(params)
-    dense = jax.hessian(lambda f: fixed(unravel(f), batch))(flat)
+    dense = jax.jit(jax.hessian(lambda f: fixed(unravel(f), batch)))(flat)
     eigs = np.linalg.eigvalsh(np.asarray(dense))
     out = jax.jit(
         lambda p: se.hessian_eigenpairs(
@@ -86,13 +86,11 @@ def test_sharpness_with_fixed_state_matches_dense_hessian():
     tracker = se.SharpnessTracker(
         loss_fn, track_every=1, tol=1e-8, has_aux=True
     )
-    _, m = tracker.update(
-        tracker.init(params),
-        params,
-        batch,
-        learning_rate=0.1,
-        model_state=state,
-    )
+    _, m = jax.jit(
+        lambda p, st: tracker.update(
+            tracker.init(p), p, batch, learning_rate=0.1, model_state=st
+        )
+    )(params, state)
     np.testing.assert_allclose(m.sharpness, eigs[-1], rtol=1e-7)
 
 

@@ -197,9 +197,11 @@ def test_model_state_is_held_fixed():
         stateful, track_every=1, tol=1e-8, has_aux=True
     )
     state = tracker.init(params)
-    _, m = tracker.update(
-        state, params, batch, learning_rate=0.1, model_state=jnp.array(3.0)
-    )
+    _, m = jax.jit(
+        lambda st, p: tracker.update(
+            st, p, batch, learning_rate=0.1, model_state=jnp.array(3.0)
+        )
+    )(state, params)
     top = dense_spectrum(mlp_loss, params, batch)[-1]
     np.testing.assert_allclose(m.sharpness, 3.0 * top, rtol=1e-7)
 
