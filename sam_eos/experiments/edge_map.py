@@ -95,14 +95,12 @@ class MapDefaults:
     rhos: SAM radii of the grid (GD, ``rho = 0``, is added).
     num_steps: training steps (None: the preset's).
     track_every: tracking cadence (None: the preset's).
-    note: why these differ from the preset, for ``config.json``.
   """
 
   learning_rates: tuple[float, ...]
   rhos: tuple[float, ...] = DEFAULT_RHOS
   num_steps: int | None = None
   track_every: int | None = None
-  note: str = ""
 
 
 # The default map of mnist-mlp: 4 step sizes up to the cpu preset's 0.9
@@ -114,11 +112,6 @@ MAP_DEFAULTS = {
         learning_rates=(0.3, 0.5, 0.7, 0.9),
         num_steps=500,
         track_every=10,
-        note=(
-            "num_steps 1500 -> 500 and track_every 25 -> 10 (17 points in the "
-            "claim window) so that 72 configurations fit 15 minutes on 2 CPU "
-            "cores; no held-out evaluation"
-        ),
     ),
 }
 
@@ -162,7 +155,6 @@ def map_config(
       "rhos": defaults.rhos,
       "num_steps": defaults.num_steps or base.num_steps,
       "track_every": defaults.track_every or base.track_every,
-      "num_test_examples": base.num_test_examples,
   }
   fields.update({k: v for k, v in overrides.items() if v is not None})
   rhos = presets._as_tuple(fields["rhos"])  # pylint: disable=protected-access
@@ -316,6 +308,8 @@ def _train_program(
         batch_size=config.batch_size,
         track_every=config.track_every,
         num_lanczos_iters=config.num_lanczos_iters,
+        sharpness_tol=config.sharpness_tol,
+        num_warm_vectors=config.num_warm_vectors,
         eps=config.eps,
         progress=progress,
         per_config_params=True,
@@ -620,6 +614,18 @@ def describe(
       + "."
   )
   lines += detail
+  by_rho = []
+  for rho in rhos:
+    values = [
+        r["median_ratio"] for r in sam if r["rho"] == rho and not r["diverged"]
+    ]
+    by_rho.append(f"rho {rho:g}: {_nanmedian(values):.3f}")
+  if by_rho:
+    lines.append(
+        "Median ratio per radius (over step sizes and seeds): "
+        + "; ".join(by_rho)
+        + "."
+    )
   diverged = [r for r in sam if r["diverged"]]
   unplaced = [
       r
@@ -691,6 +697,41 @@ def markdown(
   return "\n".join(out) + "\n"
 
 
+def write_report(
+    out_dir: str | os.PathLike,
+    rows: Sequence[Mapping],
+    *,
+    name: str,
+    description: str,
+) -> list[str]:
+  """Writes ``edge_map.csv``, ``edge_map.md`` and ``edge_map.png`` of rows.
+
+  Everything is computed from ``rows``, so a map's report can be redrawn
+  from its ``edge_map.csv`` (``read_map_csv``) alone.
+
+  Args:
+    out_dir: the map's folder.
+    rows: ``map_rows`` output.
+    name: the experiment's name (titles).
+    description: its one-line description (the finding's first words).
+
+  Returns:
+    The finding (``describe``).
+  """
+  from sam_eos.experiments import plots  # pylint: disable=g-import-not-at-top
+
+  lines = describe(rows, label=f"{name} ({description})")
+  write_map_csv(os.path.join(out_dir, "edge_map.csv"), rows)
+  with open(os.path.join(out_dir, "edge_map.md"), "w") as f:
+    f.write(markdown(rows, lines, title=f"Where the SAM-edge holds: {name}"))
+  plots.plot_edge_map(
+      rows,
+      os.path.join(out_dir, "edge_map.png"),
+      title=f"{name}: sharpness / SAM-edge over the claim window",
+  )
+  return lines
+
+
 def _json_ready(config: presets.ExperimentConfig) -> dict[str, Any]:
   return json.loads(json.dumps(config.to_dict()))
 
@@ -729,7 +770,7 @@ def run_map(
   if max_configs is None:
     max_configs = max(1, memory_budget() // config_bytes(problem, config))
   programs = plan_programs(sweep[0], max_configs)
-  start = time.perf_counter()
+  start, cpu_start = time.perf_counter(), time.process_time()
   parts = []
   for k, members in enumerate(programs):
     if progress:
@@ -739,6 +780,7 @@ def run_map(
       )
     parts.append(_train_program(problem, config, sweep, members, progress))
   wall_time = time.perf_counter() - start
+  cpu_time = time.process_time() - cpu_start
   names = list(parts[0][0])
   history = {n: np.concatenate([p[0][n] for p in parts]) for n in names}
   diverged_at = np.concatenate([p[1] for p in parts]).astype(int)
@@ -753,18 +795,8 @@ def run_map(
   rows = map_rows(
       metrics, list(zip(*sweep)), last_step=last_step, diverged_at=diverged_at
   )
-  lines = describe(rows, label=f"{config.name} ({config.description})")
-  write_map_csv(os.path.join(out_dir, "edge_map.csv"), rows)
-  with open(os.path.join(out_dir, "edge_map.md"), "w") as f:
-    f.write(
-        markdown(rows, lines, title=f"Where the SAM-edge holds: {config.name}")
-    )
-  from sam_eos.experiments import plots  # pylint: disable=g-import-not-at-top
-
-  plots.plot_edge_map(
-      rows,
-      os.path.join(out_dir, "edge_map.png"),
-      title=f"{config.name}: sharpness / SAM-edge over the claim window",
+  lines = write_report(
+      out_dir, rows, name=config.name, description=config.description
   )
   with open(os.path.join(out_dir, "config.json"), "w") as f:
     json.dump(
@@ -778,6 +810,7 @@ def run_map(
                 "max_configs_per_program": int(max_configs),
                 "diverged_at": diverged_at.tolist(),
                 "wall_time_s": round(wall_time, 1),
+                "cpu_time_s": round(cpu_time, 1),
                 "devices": f"{jax.device_count()} x {jax.devices()[0].device_kind}",
                 "versions": {"jax": jax.__version__, "numpy": np.__version__},
             },

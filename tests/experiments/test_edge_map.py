@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import os
+import pathlib
 
 import numpy as np
 import pytest
 
-from sam_eos.experiments import cli, edge_map, plots
+from sam_eos import history
+from sam_eos.experiments import cli, edge_map, plots, runner
 
 # The quadratic preset: Hessian diag(50, 20, 5, 1). On SAM's 2-cycle along
 # the top eigenvector ||g|| = eta rho lam1^2 / (2 - eta lam1), so rho/||g|| =
@@ -264,3 +267,71 @@ def test_default_grid_of_mnist():
       if s >= 490 * (1 - 1 / 3)
   ]
   assert len(window) == 17
+
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+COMMITTED = ROOT / "docs" / "figures" / "edge_map"
+
+
+def _make_figures():
+  spec = importlib.util.spec_from_file_location(
+      "make_figures", ROOT / "docs" / "make_figures.py"
+  )
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def test_committed_map_is_the_default_and_its_csv_follows_its_metrics():
+  saved = json.loads((COMMITTED / "config.json").read_text())
+  config, _ = edge_map.map_config("mnist-mlp")
+  # The grid is today's default; how the sharpness was tracked is recorded
+  # in config.json (the committed run predates adaptive Lanczos).
+  today = json.loads(json.dumps(config.to_dict()))
+  for field in (
+      "name",
+      "preset",
+      "dataset",
+      "num_examples",
+      "model",
+      "model_kwargs",
+      "loss",
+      "learning_rates",
+      "rhos",
+      "seeds",
+      "num_steps",
+      "track_every",
+      "eps",
+      "init_seed",
+  ):
+    assert saved["metadata"][field] == today[field], field
+  rows = edge_map.read_map_csv(COMMITTED / "edge_map.csv")
+  assert len(rows) == config.num_configs == 72
+  metrics = history.read_csv(COMMITTED / "metrics.csv")
+  sweep = list(zip(*runner.sweep(config)))
+  again = edge_map.map_rows(
+      metrics,
+      sweep,
+      last_step=490,
+      diverged_at=saved["map"]["diverged_at"],
+  )
+  for row, want in zip(rows, again):
+    for key in edge_map.MAP_COLUMNS:
+      if isinstance(want[key], float) and math.isnan(want[key]):
+        assert math.isnan(row[key]), key
+      else:
+        assert row[key] == want[key], key
+  lines = edge_map.describe(rows, label="x")
+  text = (COMMITTED / "edge_map.md").read_text()
+  assert lines[0].split(": ", 1)[1] in text
+  assert all(line in text for line in lines[1:])
+
+
+def test_readme_map_paragraph_is_the_generated_one():
+  make_figures = _make_figures()
+  readme = (ROOT / "README.md").read_text()
+  block = readme.split(make_figures.MAP_START)[1].split(make_figures.MAP_END)[0]
+  assert block.strip().splitlines() == make_figures.map_lines(), (
+      "README's map paragraph is stale; run `python docs/make_figures.py "
+      "--table`."
+  )
