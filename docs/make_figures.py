@@ -4,6 +4,7 @@ Usage (``make figures``)::
 
   python docs/make_figures.py [NAME ...]   # rerun, then rewrite the table
   python docs/make_figures.py --table      # only rewrite the table
+  python docs/make_figures.py --map        # rerun the SAM-edge map too
 
 For each experiment (default: ``EXPERIMENTS``) this runs exactly
 ``sam-eos run NAME --out docs/figures/NAME --overwrite --no-progress``,
@@ -13,6 +14,12 @@ README's table between the ``FIGURES`` markers. ``config.json``,
 not); ``tests/test_readme.py`` checks that they still match the presets and
 the table, and the slow tests in ``tests/experiments/test_claims.py`` run
 the same command.
+
+It also rewrites, between their markers, the README's paragraph on the
+SAM-edge map (``map_lines``, from the committed ``sam-eos map mnist-mlp``
+run in ``docs/figures/edge_map``; ``--map`` reruns it) and the table of the
+paper runs (``paper_rows``, from ``docs/paper/NAME`` where ``make paper``
+has written a run, "not yet measured" elsewhere).
 
 References:
   Long & Bartlett, "Sharpness-Aware Minimization and the Edge of Stability",
@@ -29,7 +36,7 @@ import time
 import numpy as np
 
 from sam_eos import history
-from sam_eos.experiments import claims, cli, plots, presets
+from sam_eos.experiments import claims, cli, edge_map, plots, presets
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 FIGURE_ROOT = ROOT / "docs" / "figures"
@@ -48,6 +55,11 @@ FAILURES_START, FAILURES_END = (
     "<!-- FAILURES:END -->",
 )
 TIMES = "times.json"
+EDGE_MAP = FIGURE_ROOT / "edge_map"
+MAP_START, MAP_END = "<!-- EDGE_MAP:START -->", "<!-- EDGE_MAP:END -->"
+PAPER_ROOT = ROOT / "docs" / "paper"
+PAPER_EXPERIMENTS = ("mnist-mlp", "cifar10-cnn", "shakespeare-transformer")
+PAPER_START, PAPER_END = "<!-- PAPER:START -->", "<!-- PAPER:END -->"
 
 
 def _over_seeds(found: list, name: str) -> str:
@@ -158,6 +170,75 @@ def failure_lines(names: tuple[str, ...] = EXPERIMENTS) -> list[str]:
   return lines or ["- none"]
 
 
+def map_lines(folder: pathlib.Path = EDGE_MAP) -> list[str]:
+  """The README's paragraph on the SAM-edge map, from its committed run.
+
+  Args:
+    folder: a ``sam-eos map`` output folder.
+
+  Returns:
+    One line: the finding of ``edge_map.describe`` on its ``edge_map.csv``
+    as one paragraph, then the run's settings and training wall time.
+  """
+  saved = json.loads((folder / "config.json").read_text())
+  config, run = saved["metadata"], saved["map"]
+  rows = edge_map.read_map_csv(folder / "edge_map.csv")
+  finding = " ".join(edge_map.describe(rows, label=f"`{config['name']}`"))
+  text = (
+      f"{finding} Settings: {config['num_steps']} steps, sharpness every "
+      f"{config['track_every']} steps by {config['num_lanczos_iters']} "
+      f"Lanczos iterations ({run['note']}); trained as "
+      f"{len(run['programs'])} vmapped program(s) in "
+      f"{run['wall_time_s']:.0f} s on {run['devices']} (compilation "
+      "included)."
+  )
+  timing_path = folder / "timing.json"
+  if timing_path.exists():
+    timing = json.loads(timing_path.read_text())
+    load = timing["load_average_1min"]
+    text += (
+        f" The whole command took {timing['wall_time_s']:.0f} s of wall "
+        f"time and {timing['cpu_time_s']:.0f} s of CPU time on "
+        f"{timing['machine']} (1-minute load average {load['min']:g}-"
+        f"{load['max']:g}, mean {load['mean']:g}, in its last "
+        f"{load['over_s']} s; `timing.json`)."
+    )
+  return [text]
+
+
+def paper_rows(names: tuple[str, ...] = PAPER_EXPERIMENTS) -> list[str]:
+  """The README's table of the paper runs: measured, or not yet.
+
+  Args:
+    names: the paper's experiments; a run is read from ``docs/paper/NAME``.
+
+  Returns:
+    Markdown rows: experiment, the preset's data and model, step size,
+    radii, seeds, steps, and the run's status: "not yet measured" without a
+    ``metrics.csv``, else its wall time and its claims.
+  """
+  rows = []
+  for name in names:
+    config = presets.get_experiment(name, "paper")
+    folder = PAPER_ROOT / name
+    status = "not yet measured (needs an accelerator)"
+    if (folder / "metrics.csv").exists() and (folder / "check.txt").exists():
+      check = (folder / "check.txt").read_text().strip().splitlines()
+      done = [
+          line
+          for line in (folder / "run.log").read_text().splitlines()
+          if line.startswith("Done in")
+      ]
+      status = f"{done[-1] if done else 'unfinished'}; {check[-1]}"
+    rows.append(
+        f"| `{name}` | {config.description} | "
+        f"{', '.join(f'{v:g}' for v in config.learning_rates)} | "
+        f"{', '.join(f'{v:g}' for v in config.rhos)} | {len(config.seeds)} | "
+        f"{config.num_steps:,} | {status} |"
+    )
+  return rows
+
+
 def _replace(text: str, start: str, end: str, lines: list[str]) -> str:
   head, rest = text.split(start)
   _, tail = rest.split(end)
@@ -165,11 +246,11 @@ def _replace(text: str, start: str, end: str, lines: list[str]) -> str:
 
 
 def write_table() -> None:
-  """Rewrites the README's table and failure list between their markers."""
+  """Rewrites the README's generated parts between their markers."""
   text = _replace(README.read_text(), START, END, table_rows())
-  README.write_text(
-      _replace(text, FAILURES_START, FAILURES_END, failure_lines())
-  )
+  text = _replace(text, FAILURES_START, FAILURES_END, failure_lines())
+  text = _replace(text, MAP_START, MAP_END, map_lines())
+  README.write_text(_replace(text, PAPER_START, PAPER_END, paper_rows()))
 
 
 def main(names: list[str]) -> int:
@@ -201,6 +282,9 @@ def main(names: list[str]) -> int:
 
 if __name__ == "__main__":
   if sys.argv[1:] == ["--table"]:
+    write_table()
+  elif sys.argv[1:] == ["--map"]:
+    cli.main(["map", "mnist-mlp", "--out", str(EDGE_MAP), "--no-progress"])
     write_table()
   else:
     sys.exit(main(sys.argv[1:]))
