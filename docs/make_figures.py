@@ -253,6 +253,47 @@ def write_table() -> None:
   README.write_text(_replace(text, PAPER_START, PAPER_END, paper_rows()))
 
 
+def run_map() -> int:
+  """Reruns ``sam-eos map mnist-mlp`` into ``EDGE_MAP`` and times it.
+
+  Writes ``timing.json`` beside it: the command's wall time, this
+  process's CPU time (``resource.getrusage``) and the 1-minute load average
+  at its start and end (other jobs on the machine slow it down).
+
+  Returns:
+    The command's exit code.
+  """
+  import os  # pylint: disable=g-import-not-at-top
+  import resource  # pylint: disable=g-import-not-at-top
+
+  def cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+  loads = [os.getloadavg()[0]]
+  start, cpu_start = time.perf_counter(), cpu()
+  code = cli.main(["map", "mnist-mlp", "--out", str(EDGE_MAP), "--no-progress"])
+  wall, cpu_time = time.perf_counter() - start, cpu() - cpu_start
+  loads.append(os.getloadavg()[0])
+  timing = {
+      "command": "sam-eos map mnist-mlp --out DIR --no-progress "
+      "(docs/make_figures.py --map)",
+      "wall_time_s": round(wall, 1),
+      "cpu_time_s": round(cpu_time, 1),
+      "cpu_time_note": "user + system time of the process (getrusage)",
+      "load_average_1min": {
+          "min": min(loads),
+          "max": max(loads),
+          "mean": round(sum(loads) / len(loads), 2),
+          "samples": len(loads),
+          "over_s": round(wall),
+      },
+      "machine": f"{os.cpu_count()} CPU cores (shared with other jobs?)",
+  }
+  (EDGE_MAP / "timing.json").write_text(json.dumps(timing, indent=2) + "\n")
+  return code
+
+
 def main(names: list[str]) -> int:
   """Runs each experiment's cpu preset into ``docs/figures/NAME``.
 
@@ -284,7 +325,7 @@ if __name__ == "__main__":
   if sys.argv[1:] == ["--table"]:
     write_table()
   elif sys.argv[1:] == ["--map"]:
-    cli.main(["map", "mnist-mlp", "--out", str(EDGE_MAP), "--no-progress"])
+    run_map()
     write_table()
   else:
     sys.exit(main(sys.argv[1:]))
