@@ -288,7 +288,7 @@ def run_map() -> int:
           "samples": len(loads),
           "over_s": round(wall),
       },
-      "machine": f"{os.cpu_count()} CPU cores (shared with other jobs?)",
+      "machine": f"{os.cpu_count()} CPU cores",
   }
   (EDGE_MAP / "timing.json").write_text(json.dumps(timing, indent=2) + "\n")
   return code
