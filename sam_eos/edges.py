@@ -216,3 +216,36 @@ def adam_edge(learning_rate: ArrayLike, b1: ArrayLike) -> jnp.ndarray:
     raise ValueError(f"`b1` must lie in [0, 1), got {b1!r}.")
   b1 = jnp.asarray(b1)
   return (2.0 + 2.0 * b1) / (jnp.asarray(learning_rate) * (1.0 - b1))
+
+
+def stability_edges(
+    learning_rate: ArrayLike,
+    rho: ArrayLike,
+    grad_norm: ArrayLike,
+    *,
+    momentum: ArrayLike = 0.0,
+    normalize: bool = True,
+) -> tuple[jnp.ndarray, jnp.ndarray]:
+  """``gd_edge`` and the SAM-edge (the USAM edge if not ``normalize``).
+
+  The pair every tracked step records (``se.train``, ``SharpnessTracker``).
+
+  Args:
+    learning_rate: step size ``eta``.
+    rho: SAM radius.
+    grad_norm: ``||g||`` at the iterate (unused by the USAM edge).
+    momentum: heavy-ball coefficient ``beta``.
+    normalize: normalized SAM (the SAM-edge) or unnormalized (USAM edge).
+
+  Returns:
+    ``(gd_edge, sam_edge)``.
+
+  Examples:
+    >>> from sam_eos.edges import stability_edges
+    >>> [round(float(x), 4) for x in stability_edges(0.1, 0.0, 1.0)]
+    [20.0, 20.0]
+  """
+  gd = gd_edge(learning_rate, momentum=momentum)
+  if normalize:
+    return gd, sam_edge(learning_rate, rho, grad_norm, momentum=momentum)
+  return gd, usam_edge(learning_rate, rho, momentum=momentum)

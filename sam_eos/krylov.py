@@ -361,3 +361,60 @@ def eigenpairs(
       bottom_residuals=bottom[3],
       num_iters=state.size,
   )
+
+
+class Tracked(NamedTuple):
+  """One tracking measurement of the top eigenvalue (see ``track_top``).
+
+  Attributes:
+    vectors: ``(b, n)`` the top ``b`` Ritz vectors, the next warm start.
+    sharpness: the top Ritz value.
+    lambda_min: the bottom Ritz value (an upper bound on the smallest
+      eigenvalue, not certified).
+    lanczos_iters: products used, as a float in the working dtype.
+    residual: the top pair's relative residual ``||A y - theta y|| / |theta|``.
+  """
+
+  vectors: jax.Array
+  sharpness: jax.Array
+  lambda_min: jax.Array
+  lanczos_iters: jax.Array
+  residual: jax.Array
+
+
+def track_top(
+    matvec: Matvec,
+    vectors: jax.Array,
+    max_iters: int,
+    tol: float | jax.Array | None,
+) -> Tracked:
+  """The tracking step shared by ``train`` and ``SharpnessTracker``.
+
+  ``eigenpairs`` warm-started from the carried block ``vectors (b, n)``,
+  returning ``b`` pairs and certifying only the top one.
+
+  Args:
+    matvec: ``x -> A x`` on ``(n,)`` arrays.
+    vectors: ``(b, n)`` carried Ritz vectors (any non-zero rows).
+    max_iters: the cap on products, ``b <= max_iters <= n``.
+    tol: relative residual bound of the top pair, or None (``max_iters``).
+
+  Returns:
+    ``Tracked``, the new block in the dtype of ``vectors``.
+  """
+  result = eigenpairs(
+      matvec,
+      vectors,
+      max_iters,
+      k=vectors.shape[0],
+      tol=tol,
+      num_certified=1,
+  )
+  top = result.values[0]
+  return Tracked(
+      vectors=result.vectors.astype(vectors.dtype),
+      sharpness=top,
+      lambda_min=result.bottom_values[0],
+      lanczos_iters=result.num_iters.astype(top.dtype),
+      residual=result.residuals[0] / jnp.abs(top),
+  )

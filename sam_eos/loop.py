@@ -327,22 +327,6 @@ def _step_hyperparams(
   return injected["learning_rate"], injected.get("momentum", 0.0)
 
 
-def _edges(
-    config: LoopConfig,
-    learning_rate: Any,
-    momentum: Any,
-    rho: jax.Array,
-    grad_norm: jax.Array,
-) -> tuple[jax.Array, jax.Array]:
-  """``gd_edge`` and the SAM-edge (USAM-edge if unnormalized)."""
-  gd = edges.gd_edge(learning_rate, momentum=momentum)
-  if config.normalize:
-    sam = edges.sam_edge(learning_rate, rho, grad_norm, momentum=momentum)
-  else:
-    sam = edges.usam_edge(learning_rate, rho, momentum=momentum)
-  return gd, sam
-
-
 def _all_finite(tree: PyTree) -> jax.Array:
   """Whether every entry of every floating leaf of ``tree`` is finite."""
   checks = [
@@ -351,16 +335,6 @@ def _all_finite(tree: PyTree) -> jax.Array:
       if jnp.issubdtype(jnp.result_type(x), jnp.inexact)
   ]
   return jnp.all(jnp.stack(checks)) if checks else jnp.array(True)
-
-
-class _Measurement(NamedTuple):
-  """What a tracked step measures at ``w_t`` (besides loss and gradient)."""
-
-  eigvecs: jax.Array
-  sharpness: jax.Array
-  lambda_min: jax.Array
-  lanczos_iters: jax.Array
-  residual: jax.Array
 
 
 def _gradient(
@@ -379,7 +353,7 @@ def _measure(
     batch: Any,
     model_state: PyTree,
     eigvecs: jax.Array,
-) -> tuple[jax.Array, PyTree, PyTree, _Measurement]:
+) -> tuple[jax.Array, PyTree, PyTree, krylov.Tracked]:
   """Loss, gradient, new model state and the Hessian's top Ritz pairs.
 
   Linearizes ``value_and_grad`` once (as ``hessian.linearize_gradient``
@@ -391,27 +365,13 @@ def _measure(
   (loss, grads, new_state), linear = jax.linearize(
       lambda w: _gradient(config, w, batch, model_state), params
   )
-  result = krylov.eigenpairs(
+  measured = krylov.track_top(
       flat_matvec(lambda v: linear(v)[1], params),
       eigvecs,
       config.num_lanczos_iters,
-      k=config.num_warm_vectors,
-      tol=config.sharpness_tol,
-      num_certified=1,
+      config.sharpness_tol,
   )
-  top = result.values[0]
-  return (
-      loss,
-      grads,
-      new_state,
-      _Measurement(
-          eigvecs=result.vectors.astype(eigvecs.dtype),
-          sharpness=top,
-          lambda_min=result.bottom_values[0],
-          lanczos_iters=result.num_iters.astype(top.dtype),
-          residual=result.residuals[0] / jnp.abs(top),
-      ),
-  )
+  return loss, grads, new_state, measured
 
 
 def _evaluate(
@@ -459,7 +419,7 @@ def _train_step(
     out = _gradient(config, params, batch, model_state)
     shapes = jax.eval_shape(lambda: with_tracking(params, eigvecs)[3:])
     measured, evals = _nan_like(shapes)
-    return (*out, measured._replace(eigvecs=eigvecs), evals)
+    return (*out, measured._replace(vectors=eigvecs), evals)
 
   loss, grads, new_model_state, measured, evals = jax.lax.cond(
       tracked, with_tracking, without_tracking, state.params, state.eigvecs
@@ -505,10 +465,14 @@ def _train_step(
   learning_rate, momentum = _step_hyperparams(config, hparams, opt_state)
 
   def tracked_metrics():
-    gd_edge, sam_edge = _edges(
-        config, learning_rate, momentum, hparams.rho, grad_norm
+    gd_edge, sam_edge = edges.stability_edges(
+        learning_rate,
+        hparams.rho,
+        grad_norm,
+        momentum=momentum,
+        normalize=config.normalize,
     )
-    top = measured.eigvecs[0]
+    top = measured.vectors[0]
     return {
         "gd_edge": gd_edge,
         "sam_edge": sam_edge,
@@ -539,7 +503,7 @@ def _train_step(
   params, opt_state, eigvecs, new_model_state = jax.tree.map(
       lambda old, new: jnp.where(stopped, old, new),
       (state.params, state.opt_state, state.eigvecs, state.model_state),
-      (params, opt_state, measured.eigvecs, new_model_state),
+      (params, opt_state, measured.vectors, new_model_state),
   )
   new_state = TrainState(
       params=params,

@@ -280,32 +280,28 @@ class SharpnessTracker:
     _, grads, matvec = linearize_gradient(
         loss, params, batch, has_aux=self.has_aux
     )
-    _, max_iters, num_vectors = self._sizes(params)
-    result = krylov.eigenpairs(
-        flat_matvec(matvec, params),
-        eigvecs,
-        max_iters,
-        k=num_vectors,
-        tol=self.tol,
-        num_certified=1,
+    _, max_iters, _ = self._sizes(params)
+    measured = krylov.track_top(
+        flat_matvec(matvec, params), eigvecs, max_iters, self.tol
     )
     dtype = eigvecs.dtype
-    top = result.values[0].astype(dtype)
     norm = global_norm(grads) if grad_norm is None else grad_norm
     norm = jnp.asarray(norm).astype(dtype)
-    gd, sam = self._edges(learning_rate, rho, norm, momentum)
+    gd, sam = edges.stability_edges(
+        learning_rate, rho, norm, momentum=momentum, normalize=self.normalize
+    )
     metrics = TrackerMetrics(
         step=state.count,
         tracked=jnp.array(True),
-        sharpness=top,
-        lambda_min=result.bottom_values[0].astype(dtype),
-        lanczos_iters=result.num_iters.astype(dtype),
-        sharpness_residual=(result.residuals[0] / jnp.abs(top)).astype(dtype),
+        sharpness=measured.sharpness.astype(dtype),
+        lambda_min=measured.lambda_min.astype(dtype),
+        lanczos_iters=measured.lanczos_iters.astype(dtype),
+        sharpness_residual=measured.residual.astype(dtype),
         grad_norm=norm,
         gd_edge=jnp.asarray(gd).astype(dtype),
         sam_edge=jnp.asarray(sam).astype(dtype),
     )
-    return state._replace(eigvecs=result.vectors.astype(dtype)), metrics
+    return state._replace(eigvecs=measured.vectors), metrics
 
   def update(
       self,
@@ -395,21 +391,6 @@ class SharpnessTracker:
     if model_state is None:
       return self.loss_fn
     return lambda params, batch: self.loss_fn(params, batch, model_state)
-
-  def _edges(
-      self,
-      learning_rate: ArrayLike,
-      rho: ArrayLike,
-      grad_norm: jax.Array,
-      momentum: ArrayLike,
-  ) -> tuple[jax.Array, jax.Array]:
-    """``gd_edge`` and the SAM-edge (USAM-edge if unnormalized)."""
-    gd = edges.gd_edge(learning_rate, momentum=momentum)
-    if self.normalize:
-      sam = edges.sam_edge(learning_rate, rho, grad_norm, momentum=momentum)
-    else:
-      sam = edges.usam_edge(learning_rate, rho, momentum=momentum)
-    return gd, sam
 
   def _check_state(self, state: TrackerState, params: PyTree) -> None:
     """Raises ValueError (naming ``state``) unless it fits ``params``."""
