@@ -114,6 +114,8 @@ class TrainState(NamedTuple):
     diverged_at: first diverged step (see the module docstring), -1 if none.
     model_state: the model's mutable state at ``w_t`` (e.g. BatchNorm
       running statistics), ``()`` for a stateless model.
+    precond_vectors: ``(num_warm_vectors, n)`` warm start of the
+      preconditioned measurement, ``()`` without a ``preconditioner``.
   """
 
   params: PyTree
@@ -122,6 +124,7 @@ class TrainState(NamedTuple):
   eigvecs: jax.Array
   diverged_at: jax.Array
   model_state: PyTree = ()
+  precond_vectors: Any = ()
 
 
 class ChunkOutput(NamedTuple):
@@ -173,6 +176,11 @@ class LoopConfig:
       ``eval_model_state``: ``eval_fn(params, eval_data, model_state)``),
       evaluated at tracked steps, or None.
     eval_model_state: whether ``eval_fn`` takes the model state.
+    preconditioner: ``opt_state -> P``, a positive diagonal pytree like the
+      params (e.g. ``se.adam_preconditioner``), or None. Tracked steps then
+      also record ``preconditioned_sharpness``, the top eigenvalue of
+      ``P^{-1/2} H P^{-1/2}`` at ``w_t`` with ``P`` from the optimizer state
+      that reached ``w_t`` (Cohen et al. 2022), to the same tolerance.
     num_examples: minibatches are drawn from the first ``num_examples``
       rows of the data (the real examples; the rest is padding), or from
       all rows if None.
@@ -201,6 +209,7 @@ class LoopConfig:
   num_examples: int | None = None
   injected_learning_rate: bool = False
   eval_model_state: bool = False
+  preconditioner: Callable[[optax.OptState], PyTree] | None = None
 
 
 def make_optimizer(
@@ -243,10 +252,9 @@ def init_state(
     A ``TrainState`` at step 0.
   """
   flat, _ = ravel_pytree(params)
-  v0 = jax.random.normal(
-      jax.random.split(key)[1],
-      (config.num_warm_vectors, flat.size),
-      working_dtype(flat.dtype),
+  shape = (config.num_warm_vectors, flat.size)
+  eigvecs = _unit_rows(
+      jax.random.split(key)[1], shape, working_dtype(flat.dtype)
   )
   opt_state = make_optimizer(config, hparams).init(params)
   if config.injected_learning_rate:
@@ -263,10 +271,23 @@ def init_state(
       params=params,
       opt_state=opt_state,
       key=key,
-      eigvecs=v0 / jnp.linalg.norm(v0, axis=1, keepdims=True),
+      eigvecs=eigvecs,
       diverged_at=jnp.array(-1, jnp.int32),
       model_state=model_state,
+      precond_vectors=(
+          ()
+          if config.preconditioner is None
+          else _unit_rows(
+              jax.random.fold_in(key, 1), eigvecs.shape, eigvecs.dtype
+          )
+      ),
   )
+
+
+def _unit_rows(key: jax.Array, shape: tuple[int, int], dtype) -> jax.Array:
+  """Random Gaussian rows of unit norm: a cold Lanczos start block."""
+  rows = jax.random.normal(key, shape, dtype)
+  return rows / jnp.linalg.norm(rows, axis=1, keepdims=True)
 
 
 def sample_batch(
@@ -349,29 +370,53 @@ def _gradient(
 
 def _measure(
     config: LoopConfig,
-    params: PyTree,
+    state: TrainState,
     batch: Any,
-    model_state: PyTree,
-    eigvecs: jax.Array,
-) -> tuple[jax.Array, PyTree, PyTree, krylov.Tracked]:
+) -> tuple[jax.Array, PyTree, PyTree, krylov.Tracked, Any]:
   """Loss, gradient, new model state and the Hessian's top Ritz pairs.
 
   Linearizes ``value_and_grad`` once (as ``hessian.linearize_gradient``
   does): its primal output is the step's loss, gradient and new model state,
   and its tangent map the Hessian-vector product (of the loss with the model
-  state held at ``model_state``) fed to Lanczos, warm-started from
-  ``eigvecs``.
+  state held at ``state.model_state``) fed to Lanczos, warm-started from
+  ``state.eigvecs``; with a ``preconditioner``, the same product also serves
+  the preconditioned measurement (last output, else ``()``).
   """
+  params = state.params
   (loss, grads, new_state), linear = jax.linearize(
-      lambda w: _gradient(config, w, batch, model_state), params
+      lambda w: _gradient(config, w, batch, state.model_state), params
   )
+  matvec = flat_matvec(lambda v: linear(v)[1], params)
   measured = krylov.track_top(
-      flat_matvec(lambda v: linear(v)[1], params),
-      eigvecs,
+      matvec, state.eigvecs, config.num_lanczos_iters, config.sharpness_tol
+  )
+  preconditioned = ()
+  if config.preconditioner is not None:
+    preconditioned = _measure_preconditioned(
+        config, matvec, state.opt_state, state.precond_vectors
+    )
+  return loss, grads, new_state, measured, preconditioned
+
+
+def _measure_preconditioned(
+    config: LoopConfig,
+    matvec: Callable[[jax.Array], jax.Array],
+    opt_state: optax.OptState,
+    vectors: jax.Array,
+) -> krylov.Tracked:
+  """The top eigenvalue of ``P^{-1/2} H P^{-1/2}``, ``P`` from ``opt_state``.
+
+  ``matvec`` is the flat Hessian-vector product at ``w_t``; the scaled
+  operator is ``v -> d * H (d * v)`` with ``d = P^{-1/2}`` flattened.
+  """
+  diagonal = ravel_pytree(config.preconditioner(opt_state))[0]
+  scale = jax.lax.rsqrt(diagonal.astype(vectors.dtype))
+  return krylov.track_top(
+      lambda v: scale * matvec(scale * v).astype(vectors.dtype),
+      vectors,
       config.num_lanczos_iters,
       config.sharpness_tol,
   )
-  return loss, grads, new_state, measured
 
 
 def _evaluate(
@@ -411,18 +456,25 @@ def _train_step(
   tracked = step % config.track_every == 0
   model_state = state.model_state
 
-  def with_tracking(params, eigvecs):
-    *out, measured = _measure(config, params, batch, model_state, eigvecs)
-    return (*out, measured, _evaluate(config, params, eval_data, model_state))
+  def with_tracking(state):
+    out = _measure(config, state, batch)
+    return (*out, _evaluate(config, state.params, eval_data, model_state))
 
-  def without_tracking(params, eigvecs):
-    out = _gradient(config, params, batch, model_state)
-    shapes = jax.eval_shape(lambda: with_tracking(params, eigvecs)[3:])
-    measured, evals = _nan_like(shapes)
-    return (*out, measured._replace(vectors=eigvecs), evals)
+  def without_tracking(state):
+    out = _gradient(config, state.params, batch, model_state)
+    shapes = jax.eval_shape(lambda: with_tracking(state)[3:])
+    measured, preconditioned, evals = _nan_like(shapes)
+    if preconditioned:
+      preconditioned = preconditioned._replace(vectors=state.precond_vectors)
+    return (
+        *out,
+        measured._replace(vectors=state.eigvecs),
+        preconditioned,
+        evals,
+    )
 
-  loss, grads, new_model_state, measured, evals = jax.lax.cond(
-      tracked, with_tracking, without_tracking, state.params, state.eigvecs
+  loss, grads, new_model_state, measured, preconditioned, evals = jax.lax.cond(
+      tracked, with_tracking, without_tracking, state
   )
   grad_norm = global_norm(grads)
   if config.use_sam:
@@ -493,6 +545,11 @@ def _train_step(
       **derived,
       "lanczos_iters": measured.lanczos_iters,
       "sharpness_residual": measured.residual,
+      **(
+          {"preconditioned_sharpness": preconditioned.sharpness}
+          if preconditioned
+          else {}
+      ),
       **evals,
   }
   dtype = jnp.result_type(float)
@@ -500,10 +557,17 @@ def _train_step(
       k: jnp.where(tracked & ~stopped, v, jnp.nan).astype(dtype)
       for k, v in metrics.items()
   }
-  params, opt_state, eigvecs, new_model_state = jax.tree.map(
+  precond_vectors = preconditioned.vectors if preconditioned else ()
+  params, opt_state, eigvecs, new_model_state, precond_vectors = jax.tree.map(
       lambda old, new: jnp.where(stopped, old, new),
-      (state.params, state.opt_state, state.eigvecs, state.model_state),
-      (params, opt_state, measured.vectors, new_model_state),
+      (
+          state.params,
+          state.opt_state,
+          state.eigvecs,
+          state.model_state,
+          state.precond_vectors,
+      ),
+      (params, opt_state, measured.vectors, new_model_state, precond_vectors),
   )
   new_state = TrainState(
       params=params,
@@ -512,6 +576,7 @@ def _train_step(
       eigvecs=eigvecs,
       diverged_at=diverged_at,
       model_state=new_model_state,
+      precond_vectors=precond_vectors,
   )
   return new_state, (tracked, metrics)
 

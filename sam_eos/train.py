@@ -36,6 +36,8 @@ from sam_eos._types import PyTree
 
 CHECKPOINT_FILE = "checkpoint.npz"
 METRICS_FILE = "metrics.csv"
+# The history column ``preconditioner=`` adds (see ``train``).
+PRECONDITIONED_COLUMN = "preconditioned_sharpness"
 CONFIG_FILE = "config.json"
 
 
@@ -307,6 +309,27 @@ def _check_eval(
     )
   hist.columns(tuple(out))  # raises on a name clash
   return tuple(out)
+
+
+def _check_preconditioner(
+    preconditioner: Callable, state: loop.TrainState
+) -> None:
+  """Raises ValueError unless ``preconditioner(opt_state)`` is like params."""
+  first = lambda tree: jax.tree.map(lambda x: x[0], tree)
+  params = first(state.params)
+  try:
+    out = jax.eval_shape(preconditioner, first(state.opt_state))
+  except Exception as e:  # noqa: BLE001 - re-raised with the argument named
+    raise ValueError(
+        f"`preconditioner(opt_state)` failed on the optimizer's state: {e}. "
+        "Does the base `optimizer` hold the state it reads (e.g. optax.adam "
+        "for se.adam_preconditioner)?"
+    ) from e
+  if _struct(out) != _struct(params):
+    raise ValueError(
+        "`preconditioner(opt_state)` must return a diagonal like `params` "
+        f"(same structure, shapes and dtypes); got {out}."
+    )
 
 
 def _stateful_loss(
@@ -630,6 +653,7 @@ def _validate(
     metadata: dict[str, Any] | None,
     has_aux: bool,
     model_state: PyTree | None,
+    preconditioner: Callable | None,
 ) -> _Settings:
   """Checks every argument of ``train`` and builds its ``_Settings``.
 
@@ -671,6 +695,16 @@ def _validate(
   num_examples = _check_data(data, batch_size)
   _check_loss(loss_fn, params, data, batch_size, has_aux, model_state)
   eval_columns = _check_eval(eval_fn, params, eval_data, model_state)
+  if preconditioner is not None:
+    if not callable(preconditioner):
+      raise ValueError(
+          "`preconditioner` must be a function opt_state -> diagonal "
+          f"pytree like params (e.g. se.adam_preconditioner), got "
+          f"{preconditioner!r}."
+      )
+    eval_columns = hist.columns((PRECONDITIONED_COLUMN,) + eval_columns)[
+        len(hist.HISTORY_COLUMNS) :
+    ]
   m_sharpness = _check_m_sharpness(m_sharpness, batch_size, num_examples)
   injected = optimizer is not None and _injected_learning_rate(
       optimizer, params, lrs, momentum
@@ -702,6 +736,7 @@ def _validate(
       num_examples=None if batch_size is None else num_examples,
       injected_learning_rate=injected,
       eval_model_state=model_state is not None,
+      preconditioner=preconditioner,
   )
   dtype = jnp.result_type(float)
   hparams = loop.Hyperparams(
@@ -726,6 +761,7 @@ def _validate(
 # LoopConfig fields that are functions or placements, not comparable settings.
 _UNSIGNED_FIELDS = (
     "loss_fn",
+    "preconditioner",
     "optimizer",
     "batch_sharding",
     "group_sharding",
@@ -1066,6 +1102,7 @@ def train(
     num_warm_vectors: int = 3,
     has_aux: bool = False,
     model_state: PyTree | None = None,
+    preconditioner: Callable[[optax.OptState], PyTree] | None = None,
     key: Any = None,
     out_dir: str | os.PathLike | None = None,
     progress: bool = True,
@@ -1211,6 +1248,16 @@ def train(
       per seed); otherwise every configuration starts from ``params``. A
       ``model_state`` is then stacked the same way.
     has_aux: ``loss_fn`` returns ``(loss, aux)``; ``aux`` is ignored.
+    preconditioner: for an adaptive base ``optimizer``, a function
+      ``opt_state -> P``, the positive diagonal preconditioner as a pytree
+      like ``params`` (e.g. ``se.adam_preconditioner`` for optax Adam). Every
+      tracked step then also records the column
+      ``preconditioned_sharpness``, the top eigenvalue of ``P^{-1/2} H
+      P^{-1/2}`` at ``w_t`` with ``P`` from the optimizer state that
+      reached ``w_t`` (the step before's preconditioner; at step 0 Adam's is
+      ``eps``), to the same ``sharpness_tol`` and from its own carried
+      vectors. Compare it with ``se.adam_edge(learning_rate, b1)`` (Cohen et
+      al. 2022).
     model_state: the model's mutable state (e.g. flax's ``batch_stats``),
       or None for a stateless model. It is carried through the compiled
       loop: step ``t`` calls ``loss_fn(w_t, batch, s_t) -> (L, s_{t+1})``,
@@ -1270,6 +1317,7 @@ def train(
       num_warm_vectors=num_warm_vectors,
       has_aux=has_aux,
       model_state=model_state,
+      preconditioner=preconditioner,
       key=key,
       mesh=mesh,
       chunk_size=chunk_size,
@@ -1280,6 +1328,8 @@ def train(
       metadata=metadata,
   )
   state = _initial_state(settings, params, per_config_params, model_state)
+  if preconditioner is not None:
+    _check_preconditioner(preconditioner, state)
   signature = (
       None
       if out_dir is None

@@ -1123,3 +1123,67 @@ def test_model_state_and_aux_errors_name_the_fix(case, name, x64):
   }
   with pytest.raises(ValueError, match=name):
     calls[case]()
+
+
+def test_adam_base_tracks_the_preconditioned_sharpness(x64):
+  # P comes from the Adam state that reached w_t; the tracked value is the
+  # top eigenvalue of P^-1/2 H P^-1/2 there, within its certified residual.
+  params, data = mlp_problem(dtype=jnp.float64)
+  eta = 0.01
+  optimizer = optax.adam(eta)
+  result = se.train(
+      mlp_loss,
+      params,
+      data,
+      learning_rate=eta,
+      optimizer=optimizer,
+      preconditioner=se.adam_preconditioner,
+      num_steps=9,
+      track_every=3,
+      sharpness_tol=1e-8,
+      num_lanczos_iters=36,
+      progress=False,
+  )
+  hist = result.history
+  assert "preconditioned_sharpness" in hist
+  flat, unravel = jax.flatten_util.ravel_pytree(params)
+  hessian = jax.jit(jax.hessian(lambda v: mlp_loss(unravel(v), data)))
+  w, opt_state = params, optimizer.init(params)
+  grad = jax.jit(jax.grad(mlp_loss))
+  for t in range(9):
+    if t % 3 == 0 and t > 0:
+      d = jax.flatten_util.ravel_pytree(se.adam_preconditioner(opt_state))[0]
+      h = np.asarray(hessian(jax.flatten_util.ravel_pytree(w)[0]))
+      scaled = h / np.sqrt(np.outer(d, d))
+      top = np.linalg.eigvalsh(scaled)[-1]
+      chex.assert_trees_all_close(
+          hist["preconditioned_sharpness"][t // 3], top, rtol=1e-6
+      )
+    updates, opt_state = optimizer.update(grad(w, data), opt_state, w)
+    w = optax.apply_updates(w, updates)
+  chex.assert_trees_all_close(result.params, w, rtol=1e-10, atol=1e-14)
+
+
+def test_preconditioner_must_read_the_optimizer_state():
+  params, data = mlp_problem()
+  with pytest.raises(ValueError, match="preconditioner"):
+    se.train(
+        mlp_loss,
+        params,
+        data,
+        learning_rate=0.1,
+        num_steps=2,
+        preconditioner=se.adam_preconditioner,  # plain SGD has no Adam state
+        progress=False,
+    )
+  with pytest.raises(ValueError, match="preconditioner"):
+    se.train(
+        mlp_loss,
+        params,
+        data,
+        learning_rate=0.1,
+        num_steps=2,
+        optimizer=optax.adam(0.1),
+        preconditioner="adam",
+        progress=False,
+    )
