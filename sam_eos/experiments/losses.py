@@ -278,3 +278,89 @@ def make_eval_fn(
     }
 
   return eval_fn
+
+
+def _labels_for(loss: str, logits: jax.Array, targets: jax.Array) -> jax.Array:
+  """One-hot targets as integer labels for ``cross_entropy``; else as is."""
+  if loss == "cross_entropy" and targets.ndim == logits.ndim:
+    return jnp.argmax(targets, axis=-1)
+  return targets
+
+
+def make_stateful_loss_fn(
+    model: nn.Module, loss: str
+) -> Callable[[PyTree, Any, PyTree], tuple[jax.Array, PyTree]]:
+  """``loss_fn(params, batch, batch_stats) -> (loss, new_batch_stats)``.
+
+  For a model with BatchNorm (``models.ResNet``), in training mode: the
+  batch is normalized with its own statistics and the running averages
+  are updated, as ``se.train(..., model_state=batch_stats)`` expects.
+  One-hot targets are read by their arg-max for ``"cross_entropy"``.
+
+  Args:
+    model: a flax module whose ``apply`` takes ``train`` and holds
+      ``batch_stats``.
+    loss: a name in ``LOSSES``.
+
+  Returns:
+    The pure, jit-able ``loss_fn``; ``batch`` as in ``make_loss_fn``.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp
+    >>> from sam_eos.experiments import models
+    >>> model = models.ResNet(widths=(2,))
+    >>> x, y = jnp.ones((3, 4, 4, 3)), jnp.array([0, 1, 2])
+    >>> params, stats = models.init_variables(model, jax.random.key(0), x)
+    >>> value, new = make_stateful_loss_fn(model, "cross_entropy")(
+    ...     params, (x, y), stats)
+    >>> value.shape, jax.tree.structure(new) == jax.tree.structure(stats)
+    ((), True)
+  """
+  loss_fn = LOSSES[loss]
+
+  def stateful(
+      params: PyTree, batch: Any, batch_stats: PyTree
+  ) -> tuple[jax.Array, PyTree]:
+    x, y = _split_batch(batch)
+    logits, new = model.apply(
+        {"params": params, "batch_stats": batch_stats},
+        x,
+        train=True,
+        mutable=["batch_stats"],
+    )
+    return loss_fn(logits, _labels_for(loss, logits, y)), new["batch_stats"]
+
+  return stateful
+
+
+def make_stateful_eval_fn(
+    model: nn.Module, loss: str
+) -> Callable[[PyTree, Any, PyTree], dict[str, jax.Array]]:
+  """``eval_fn(params, batch, batch_stats) -> {test_loss, test_accuracy}``.
+
+  As ``make_eval_fn``, in inference mode: BatchNorm uses the running
+  averages ``batch_stats`` (``se.train`` passes the carried model state).
+
+  Args:
+    model: a flax module whose ``apply`` takes ``train``.
+    loss: a name in ``LOSSES``.
+
+  Returns:
+    The ``eval_fn`` for ``se.train(..., eval_fn=..., model_state=...)``.
+  """
+  loss_fn = LOSSES[loss]
+
+  def eval_fn(
+      params: PyTree, batch: Any, batch_stats: PyTree
+  ) -> dict[str, jax.Array]:
+    x, y = _split_batch(batch)
+    logits = model.apply(
+        {"params": params, "batch_stats": batch_stats}, x, train=False
+    )
+    labels = y if y.ndim == logits.ndim - 1 else jnp.argmax(y, axis=-1)
+    return {
+        "test_loss": loss_fn(logits, _labels_for(loss, logits, y)),
+        "test_accuracy": accuracy(logits, labels),
+    }
+
+  return eval_fn

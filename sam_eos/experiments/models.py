@@ -20,6 +20,10 @@ Named architectures (``make_model``):
 - ``"fc-tanh"``: Cohen et al.'s ``fc-tanh``, MLP 3072-200-200-10 tanh.
 - ``"cnn-relu"``: Cohen et al.'s ``cnn-relu``, two [3x3 conv(32) -> ReLU ->
   2x2 max-pool] blocks, then Dense (no normalization).
+- ``"resnet"``: ``ResNet``, a small ResNet with BatchNorm (a 3x3 conv stem,
+  then one or more basic blocks per stage, global average pooling, Dense);
+  the only model here with mutable state (``batch_stats``, see
+  ``init_variables``).
 
 References:
   Long & Bartlett, "Sharpness-Aware Minimization and the Edge of Stability",
@@ -31,6 +35,9 @@ References:
   Glorot & Bengio, "Understanding the difficulty of training deep
   feedforward neural networks", AISTATS 2010.
   Haiku's example transformer (``haiku/examples/transformer/model.py``).
+  He, Zhang, Ren & Sun, "Deep Residual Learning for Image Recognition",
+  CVPR 2016 (the CIFAR ResNets); Ioffe & Szegedy, "Batch Normalization",
+  ICML 2015.
 """
 
 from __future__ import annotations
@@ -55,6 +62,10 @@ _HAIKU_LINEAR = jax.nn.initializers.variance_scaling(
     _TRUNCATED_STD**2, "fan_in", "truncated_normal"
 )
 _EMBED_INIT = jax.nn.initializers.truncated_normal(stddev=0.02)
+# He et al.'s init for ReLU convs (fan_in, variance 2 / fan_in).
+_HE_NORMAL = jax.nn.initializers.variance_scaling(
+    2.0, "fan_in", "truncated_normal"
+)
 
 # PyTorch's default for nn.Linear and nn.Conv2d (kaiming_uniform with
 # a = sqrt(5)): kernels and biases uniform in [-1/sqrt(fan_in), 1/sqrt(fan_in)]
@@ -362,6 +373,127 @@ class Transformer(nn.Module):
     )(h)
 
 
+class _BasicBlock(nn.Module):
+  """He et al.'s basic block: [conv3x3 -> BN -> ReLU -> conv3x3 -> BN] + skip.
+
+  The skip is the identity, or a strided 1x1 conv -> BN where the shape
+  changes; a ReLU follows the sum.
+  """
+
+  features: int
+  strides: int
+  bn_momentum: float
+  param_dtype: Any
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+    norm = lambda: nn.BatchNorm(
+        use_running_average=not train,
+        momentum=self.bn_momentum,
+        param_dtype=self.param_dtype,
+    )
+    conv = lambda k, s: nn.Conv(
+        self.features,
+        (k, k),
+        strides=(s, s),
+        padding="SAME",
+        use_bias=False,
+        kernel_init=_HE_NORMAL,
+        param_dtype=self.param_dtype,
+    )
+    y = jax.nn.relu(norm()(conv(3, self.strides)(x)))
+    y = norm()(conv(3, 1)(y))
+    if self.strides != 1 or x.shape[-1] != self.features:
+      x = norm()(conv(1, self.strides)(x))
+    return jax.nn.relu(x + y)
+
+
+class ResNet(nn.Module):
+  """A small CIFAR ResNet with BatchNorm (He et al. 2016, Section 4.2).
+
+  A 3x3 conv stem with ``widths[0]`` channels -> BN -> ReLU, then one stage
+  per entry of ``widths``, each ``blocks_per_stage`` basic blocks (the first
+  of every stage after the first halves the resolution with stride 2), then
+  global average pooling and a Dense layer of ``num_outputs`` logits. Convs
+  have no bias and start He-normal (``variance_scaling(2, "fan_in",
+  "truncated_normal")``), BN scales 1 and offsets 0.
+
+  ``apply(..., train=True)`` normalizes with the batch's statistics and,
+  with ``mutable=["batch_stats"]``, returns the updated running averages;
+  ``train=False`` uses the running averages (inference mode).
+
+  Attributes:
+    widths: channels of each stage, e.g. ``(16, 32, 64)`` (He et al.'s
+      ResNet-20 widths) or ``(8, 16, 32)``.
+    blocks_per_stage: basic blocks per stage (1 gives a ResNet-8 for three
+      stages: 1 + 3 x 2 convs + 1 Dense).
+    num_outputs: number of logits.
+    bn_momentum: BatchNorm's running-average decay (0.9 is PyTorch's
+      ``momentum=0.1``, which the SAM papers' code uses).
+    param_dtype: dtype of the parameters and the batch statistics.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp
+    >>> model, x = ResNet(widths=(4, 8)), jnp.ones((2, 8, 8, 3))
+    >>> params, stats = init_variables(model, jax.random.key(0), x)
+    >>> logits, new = model.apply({"params": params, "batch_stats": stats},
+    ...                           x, train=True, mutable=["batch_stats"])
+    >>> logits.shape, sorted(new) == ["batch_stats"]
+    ((2, 10), True)
+    >>> model.apply({"params": params, "batch_stats": stats}, x,
+    ...             train=False).shape
+    (2, 10)
+
+  References:
+    He, Zhang, Ren & Sun, CVPR 2016; Ioffe & Szegedy, ICML 2015.
+  """
+
+  widths: Sequence[int] = (16, 32, 64)
+  blocks_per_stage: int = 1
+  num_outputs: int = 10
+  bn_momentum: float = 0.9
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool = True) -> jax.Array:
+    """Logits ``(N, num_outputs)`` for NHWC images ``(N, H, W, C)``.
+
+    Raises:
+      ValueError: if ``x`` is not 4-D.
+    """
+    if x.ndim != 4:
+      raise ValueError(
+          f"ResNet expects NHWC images of shape (N, H, W, C), got shape "
+          f"{x.shape}."
+      )
+    h = nn.Conv(
+        self.widths[0],
+        (3, 3),
+        padding="SAME",
+        use_bias=False,
+        kernel_init=_HE_NORMAL,
+        param_dtype=self.param_dtype,
+    )(x)
+    h = nn.BatchNorm(
+        use_running_average=not train,
+        momentum=self.bn_momentum,
+        param_dtype=self.param_dtype,
+    )(h)
+    h = jax.nn.relu(h)
+    for i, features in enumerate(self.widths):
+      for j in range(self.blocks_per_stage):
+        strides = 2 if i > 0 and j == 0 else 1
+        h = _BasicBlock(features, strides, self.bn_momentum, self.param_dtype)(
+            h, train
+        )
+    h = jnp.mean(h, axis=(1, 2))
+    return nn.Dense(
+        self.num_outputs,
+        kernel_init=GLOROT_NORMAL,
+        param_dtype=self.param_dtype,
+    )(h)
+
+
 _MODELS: dict[str, tuple[type[nn.Module], dict[str, Any]]] = {
     "mlp": (MLP, {"hidden_sizes": (1000, 1000, 1000)}),
     "cnn": (CNN, {}),
@@ -378,7 +510,10 @@ _MODELS: dict[str, tuple[type[nn.Module], dict[str, Any]]] = {
         CNN,
         {"channels": (32, 32), "layer_norm": False, "init_scheme": "torch"},
     ),
+    "resnet": (ResNet, {}),
 }
+# Models whose ``apply`` takes ``train`` and carries ``batch_stats``.
+STATEFUL_MODELS = ("resnet",)
 
 
 def make_model(name: str, **kwargs: Any) -> nn.Module:
@@ -386,7 +521,8 @@ def make_model(name: str, **kwargs: Any) -> nn.Module:
 
   Args:
     name: ``"mlp"``, ``"cnn"``, ``"transformer"`` (the paper's, with its
-      sizes as defaults), ``"fc-tanh"`` or ``"cnn-relu"`` (Cohen et al.'s).
+      sizes as defaults), ``"fc-tanh"`` or ``"cnn-relu"`` (Cohen et al.'s),
+      or ``"resnet"`` (a small ResNet with BatchNorm).
     **kwargs: attributes of the model class, e.g. ``hidden_sizes=(256,
       256)`` or ``channels=(8, 16)``.
 
@@ -441,6 +577,25 @@ def init_params(model: nn.Module, key: jax.Array, x: jax.Array) -> PyTree:
     ['Dense_0', 'Dense_1']
   """
   return model.init(key, x)["params"]
+
+
+def init_variables(
+    model: nn.Module, key: jax.Array, x: jax.Array
+) -> tuple[PyTree, PyTree]:
+  """Initial ``(params, batch_stats)`` of a model with BatchNorm.
+
+  Args:
+    model: a module with BatchNorm (``ResNet``); ``x`` as in ``init_params``.
+    key: a JAX PRNG key.
+    x: an example input batch (only its shape is used).
+
+  Returns:
+    The parameters and the BatchNorm running statistics (means 0, variances
+    1), as taken by ``model.apply({"params": ..., "batch_stats": ...}, x,
+    train=...)``.
+  """
+  variables = model.init(key, x, train=False)
+  return variables["params"], variables["batch_stats"]
 
 
 def count_params(params: PyTree) -> int:

@@ -3,7 +3,9 @@
 ``run_experiment(config, out_dir)`` is the whole pipeline behind
 ``sam-eos run``: it loads and preprocesses the data set, builds the model and
 its ``loss_fn(params, batch)``, initializes the parameters from
-``config.init_seed``, trains every configuration of the sweep
+``config.init_seed`` (and, for a model with BatchNorm, its ``batch_stats``,
+carried as ``se.train``'s ``model_state``, with momentum SGD and weight
+decay as the base optimizer), trains every configuration of the sweep
 ``learning_rates x rhos x seeds`` as ONE vmapped program (``se.train``), saves
 the config as ``metadata`` in ``config.json`` beside ``metrics.csv`` and
 ``checkpoint.npz``, and draws the figures (``plots.plot_runs``).
@@ -33,6 +35,7 @@ from typing import Any, Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 import sam_eos as se
 from sam_eos import parallel
@@ -83,14 +86,76 @@ class Problem(NamedTuple):
     eval_fn: ``eval_fn(params, eval_data) -> {"test_loss",
       "test_accuracy"}``, or None (the quadratic).
     eval_data: the held-out ``(inputs, targets)``, or None.
+    model_state: for a model with BatchNorm (``models.STATEFUL_MODELS``),
+      the initial ``batch_stats``, stacked like ``params``; ``loss_fn`` is
+      then ``loss_fn(params, batch, state) -> (loss, new_state)`` (training
+      mode) and ``eval_fn(params, eval_data, state)`` (inference mode).
+      None otherwise.
+    optimizer: the base optimizer for ``se.train(optimizer=...)``, or None
+      for ``se.train``'s SGD with ``config.momentum``.
   """
 
-  loss_fn: Callable[[PyTree, Any], jax.Array]
+  loss_fn: Callable[..., Any]
   params: PyTree
   data: PyTree
   num_params: int
-  eval_fn: Callable[[PyTree, Any], dict[str, jax.Array]] | None = None
+  eval_fn: Callable[..., dict[str, jax.Array]] | None = None
   eval_data: PyTree = None
+  model_state: PyTree = None
+  optimizer: optax.GradientTransformation | None = None
+
+
+# Settings of the base optimizer that a model's ``model_kwargs`` may hold
+# beside the model's attributes (``ExperimentConfig`` has no field for
+# them), with their defaults: only ``weight_decay``, read for the models of
+# ``models.STATEFUL_MODELS``.
+OPTIMIZER_KWARGS = {"weight_decay": 0.0}
+
+
+def _sgd_with_weight_decay(
+    learning_rate: float, momentum: float, weight_decay: float
+) -> optax.GradientTransformation:
+  """``weight_decay * w`` added to the gradient, then heavy-ball SGD."""
+  return optax.chain(
+      optax.add_decayed_weights(weight_decay),
+      optax.sgd(learning_rate, momentum=momentum),
+  )
+
+
+def base_optimizer(config: ExperimentConfig) -> optax.GradientTransformation:
+  """Momentum SGD with weight decay inside it, as the SAM papers train.
+
+  ``optax.inject_hyperparams`` of [``add_decayed_weights(weight_decay)`` ->
+  ``sgd(learning_rate, momentum)``]: SAM's (perturbed) gradient of the loss
+  gets ``weight_decay * w`` added and feeds the momentum buffer (Foret et
+  al.'s setting). ``se.train`` sets the injected ``learning_rate`` of every
+  configuration of the sweep and reads the injected ``momentum`` for the
+  edges: ``gd_edge = 2 (1 + beta) / eta`` and the SAM-edge with momentum.
+  The sharpness is that of the loss without the decay term (whose Hessian
+  adds ``weight_decay`` to every eigenvalue, 5e-4 here, negligible beside
+  the edges).
+
+  Args:
+    config: the experiment; ``momentum`` from its field, ``weight_decay``
+      from its ``model_kwargs`` (default 0).
+
+  Returns:
+    The injected optimizer (its ``learning_rate`` is overwritten by
+    ``se.train``).
+
+  References:
+    Foret, Kleiner, Mobahi & Neyshabur, "Sharpness-Aware Minimization for
+    Efficiently Improving Generalization", ICLR 2021 (momentum 0.9, weight
+    decay 5e-4, rho 0.05 on CIFAR-10).
+  """
+  weight_decay = float(
+      config.model_kwargs.get("weight_decay", OPTIMIZER_KWARGS["weight_decay"])
+  )
+  return optax.inject_hyperparams(_sgd_with_weight_decay)(
+      learning_rate=config.learning_rates[0],
+      momentum=config.momentum,
+      weight_decay=weight_decay,
+  )
 
 
 def _text_crops(
@@ -231,7 +296,7 @@ def build_problem(
       ]
   )
   pad = len(inputs) % pad_to_multiple != 0
-  eval_fn = eval_data = None
+  eval_fn = eval_data = model_state = optimizer = None
   if config.model == "quadratic":
     if pad:
       raise ValueError(
@@ -246,6 +311,8 @@ def build_problem(
     kwargs = dict(config.model_kwargs)
     if config.model == "transformer":
       kwargs["context_length"] = config.context_length
+    if config.model in models_lib.STATEFUL_MODELS:
+      return _stateful_problem(config, data, keys, kwargs, pad)
     model = models_lib.make_model(config.model, **kwargs)
     params = jax.jit(
         jax.vmap(
@@ -269,6 +336,42 @@ def build_problem(
       num_params=models_lib.count_params(one),
       eval_fn=eval_fn,
       eval_data=eval_data,
+  )
+
+
+def _stateful_problem(
+    config: ExperimentConfig,
+    data: tuple[jax.Array, jax.Array],
+    keys: jax.Array,
+    kwargs: dict[str, Any],
+    pad: bool,
+) -> Problem:
+  """``build_problem`` for a model with BatchNorm: state and base optimizer."""
+  if pad:
+    raise ValueError(
+        f"{config.model!r} has BatchNorm, whose batch statistics padded "
+        "examples would change; run it with a batch_size (minibatches need "
+        "no padding) or on a device count that divides num_examples."
+    )
+  for name in OPTIMIZER_KWARGS:
+    kwargs.pop(name, None)
+  model = models_lib.make_model(config.model, **kwargs)
+  params, model_state = jax.jit(
+      jax.vmap(
+          lambda k, x: models_lib.init_variables(model, k, x),
+          in_axes=(0, None),
+      )
+  )(keys, data[0][:1])
+  one = jax.tree.map(lambda x: x[0], params)
+  return Problem(
+      loss_fn=losses_lib.make_stateful_loss_fn(model, config.loss),
+      params=params,
+      data=data,
+      num_params=models_lib.count_params(one),
+      eval_fn=losses_lib.make_stateful_eval_fn(model, config.loss),
+      eval_data=tuple(jnp.asarray(a) for a in load_test_data(config)),
+      model_state=model_state,
+      optimizer=base_optimizer(config),
   )
 
 
@@ -411,7 +514,9 @@ def run_experiment(
         rho=rhos,
         key=seeds,
         num_steps=config.num_steps,
-        momentum=config.momentum,
+        # A custom base optimizer holds its own (injected) momentum.
+        momentum=config.momentum if problem.optimizer is None else 0.0,
+        optimizer=problem.optimizer,
         normalize=config.normalize,
         batch_size=config.batch_size,
         track_every=config.track_every,
@@ -426,6 +531,7 @@ def run_experiment(
         eval_fn=problem.eval_fn,
         eval_data=problem.eval_data,
         per_config_params=True,
+        model_state=problem.model_state,
     )
   except se.TrainingDiverged:
     if plot:

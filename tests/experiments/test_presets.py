@@ -25,6 +25,7 @@ def test_registry_names_and_presets():
           "cifar10-cnn",
           "cifar10-cnn-relu",
           "cifar10-fc-tanh",
+          "cifar10-resnet",
           "mnist-mlp",
           "quadratic",
           "shakespeare-transformer",
@@ -71,7 +72,7 @@ def test_replace_validates_and_names_the_field():
       ("batch_size", -1),
       ("momentum", 1.0),
       ("dataset", "imagenet"),
-      ("model", "resnet"),
+      ("model", "vit"),
       ("loss", "hinge"),
       ("seeds", (-1,)),
   ]:
@@ -173,10 +174,15 @@ def test_build_problem_of_each_cpu_preset(name):
         lambda x: bool(jnp.all(x[c] == x[seeds.index(seed)])), problem.params
     )
     assert all(jax.tree.leaves(same))
-  loss = problem.loss_fn(first, problem.data)
+  state = ()
+  if problem.model_state is not None:  # BatchNorm: (loss, new_state)
+    state = (jax.tree.map(lambda x: x[0], problem.model_state),)
+  loss = problem.loss_fn(first, problem.data, *state)
+  if state:
+    loss = loss[0]
   assert loss.shape == () and np.isfinite(loss)
   if problem.eval_fn is not None:
-    out = problem.eval_fn(first, problem.eval_data)
+    out = problem.eval_fn(first, problem.eval_data, *state)
     assert sorted(out) == ["test_accuracy", "test_loss"]
     assert 0 <= float(out["test_accuracy"]) <= 1
   if config.dataset == "quadratic":
