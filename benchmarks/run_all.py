@@ -54,15 +54,21 @@ def _run_one(
     command += ["--repeats", str(repeats)]
   _common.log(f"run_all: {' '.join(command[1:])}")
   start = time.perf_counter()
-  out = subprocess.run(
+  proc = subprocess.run(
       command,
-      check=True,
+      check=False,
       cwd=_common.REPO_ROOT,
       stdout=subprocess.PIPE,
       text=True,
-  ).stdout
-  section = out.strip()
-  if not section.startswith("#"):
+  )
+  section = proc.stdout.strip()
+  if proc.returncode != 0:
+    # A failed benchmark is reported, not hidden, and the others still run.
+    section = (
+        f"## {name}.py\n\nFAILED (exit status {proc.returncode}); its "
+        "traceback went to stderr."
+    )
+  elif not section.startswith("#"):
     section = f"## {name}.py\n\n{section}"
   return section, time.perf_counter() - start, load
 
@@ -129,6 +135,26 @@ def _header(
   return "\n".join(lines) + "\n"
 
 
+def _write(
+    out: pathlib.Path,
+    argv: Sequence[str],
+    note: str | None,
+    before: Sequence[float],
+    start: float,
+    sections: Sequence[str],
+) -> None:
+  """Writes the file with the sections so far (a later failure loses none)."""
+  total = time.perf_counter() - start
+  text = "\n".join(
+      [
+          _header(argv, note, before, _common.load_average()),
+          f"Total wall clock: {total / 60:.1f} min.\n",
+          *sections,
+      ]
+  )
+  out.write_text(text, encoding="utf-8")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
   argv = list(sys.argv[1:] if argv is None else argv)
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -161,17 +187,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"{section}\n\n_{name}: {seconds:.0f} s wall clock; "
         f"load average before it {load}, after it {after_one}._\n"
     )
-  total = time.perf_counter() - start
-  after = _common.load_average()
-  text = "\n".join(
-      [
-          _header(argv, args.note, before, after),
-          f"Total wall clock: {total / 60:.1f} min.\n",
-          *sections,
-      ]
-  )
-  out.write_text(text, encoding="utf-8")
-  _common.log(f"run_all: wrote {out} in {total:.0f} s")
+    _write(out, argv, args.note, before, start, sections)  # after each
+  _write(out, argv, args.note, before, start, sections)
+  _common.log(f"run_all: wrote {out} in {time.perf_counter() - start:.0f} s")
   return 0
 
 

@@ -174,6 +174,21 @@ def test_training_accuracy_aligns_steps():
   assert loss_diff == pytest.approx(0.5)
 
 
+def test_reference_run_covers_every_tracked_step():
+  for case in (bt.FULL, bt.QUICK):
+    every = bt.reference_cadence(case)
+    assert all(c % every == 0 for c in case.cadences + (case.track_every,))
+
+
+def test_run_all_reports_a_failed_benchmark(tmp_path, monkeypatch):
+  class Failed:
+    returncode, stdout = 1, "partial"
+
+  monkeypatch.setattr(run_all.subprocess, "run", lambda *a, **k: Failed())
+  section, _, _ = run_all._run_one("bench_x", True, None)  # pylint: disable=protected-access
+  assert "FAILED (exit status 1)" in section and "partial" not in section
+
+
 def test_load_sentence_reports_the_load():
   busy = run_all.load_sentence((3.9, 3.0, 2.0), (4.2, 3.1, 2.1), 2)
   assert "3.90 / 3.00 / 2.00" in busy and "4.20 / 3.10 / 2.10" in busy
