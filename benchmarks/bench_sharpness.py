@@ -135,7 +135,7 @@ FULL_SPECS = (
         2,
         40,
         40,
-        3,
+        2,
         CPU_GRIDS,
     ),
     ModelSpec(
