@@ -730,7 +730,8 @@ def check_history(
     ...            "step": np.array([0, 10, 20]), "gd_edge": np.full(3, 4.0),
     ...            "sam_edge": np.full(3, 4.0)}
     >>> for name in ("loss", "grad_norm", "sharpness", "lambda_min",
-    ...              "grad_alignment", "sam_grad_alignment", "wall_time"):
+    ...              "grad_alignment", "sam_grad_alignment", "lanczos_iters",
+    ...              "sharpness_residual", "wall_time"):
     ...   metrics[name] = np.ones(3)
     >>> runs = check_history(metrics, config, complete=True)
     >>> list(runs), runs[0]["step"].tolist()

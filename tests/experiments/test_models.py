@@ -245,7 +245,7 @@ def test_make_model_defaults_and_overrides():
     "build, x, error, match",
     [
         (
-            lambda: models.make_model("resnet"),
+            lambda: models.make_model("vit"),
             None,
             ValueError,
             "Unknown model",
