@@ -15,6 +15,7 @@ import dataclasses
 import datetime
 import functools
 import gzip
+import inspect
 import os
 import pathlib
 import platform
@@ -26,6 +27,8 @@ from typing import Any, Callable, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+import sam_eos as se
 
 PyTree = Any
 Batch = tuple[jax.Array, jax.Array]
@@ -41,6 +44,12 @@ BUNDLED_TRAIN = (
 # 269,322 parameters.
 CPU_WIDTHS = (784, 256, 256, 10)
 CPU_EXAMPLES = 2000
+
+
+def train_default(name: str) -> Any:
+  """The default of ``se.train``'s argument ``name`` (e.g. its tracking
+  settings), read from its signature so the benchmarks follow it."""
+  return inspect.signature(se.train).parameters[name].default
 
 
 # ----------------------------------------------------------------- data ----

@@ -44,9 +44,9 @@ from sam_eos import krylov  # the solver of se.train's tracking
 PyTree = Any
 LOSS = _common.mse_loss
 TARGET_ERROR = 1e-3
-TRACK_TOL = 1e-3  # se.train's default sharpness_tol
-TRACK_CAP = 20  # se.train's default num_lanczos_iters
-TRACK_VECTORS = 3  # se.train's default num_warm_vectors
+TRACK_TOL = _common.train_default("sharpness_tol")
+TRACK_CAP = _common.train_default("num_lanczos_iters")
+TRACK_VECTORS = _common.train_default("num_warm_vectors")
 STOP_AFTER = 2  # a chain of the grid stops after this many passing settings
 HERE = pathlib.Path(__file__).resolve().parent
 QUICK_DIR = pathlib.Path(tempfile.gettempdir())

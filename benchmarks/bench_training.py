@@ -94,12 +94,16 @@ class Case:
   rounds: int
 
 
+DEFAULT_VECTORS = _common.train_default("num_warm_vectors")
+DEFAULT_TOL = _common.train_default("sharpness_tol")
+DEFAULT_CAP = _common.train_default("num_lanczos_iters")
 FULL = Case(
-    (256, 256), 2000, 200, 1.0, 0.1, 10, (10, 25, 50), (1, 3, 4), 3,
-    1e-3, 20, 40, 100, 2,
+    (256, 256), 2000, 200, 1.0, 0.1, 10, (10, 25, 50), (1, 3, 4),
+    DEFAULT_VECTORS, DEFAULT_TOL, DEFAULT_CAP, 40, 100, 2,
 )  # fmt: skip
 QUICK = Case(
-    (16,), 128, 20, 1.0, 0.1, 10, (5, 10), (1, 3), 3, 1e-3, 12, 12, 10, 1
+    (16,), 128, 20, 1.0, 0.1, 10, (5, 10), (1, 3), DEFAULT_VECTORS,
+    DEFAULT_TOL, 12, 12, 10, 1,
 )  # fmt: skip
 
 

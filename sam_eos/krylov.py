@@ -34,14 +34,19 @@ How the basis grows (``b`` start vectors, ``b >= 1``):
   vectors at every step (a slowly growing block Krylov space); the residual
   keeps the expansion on the pairs asked for.
 
-Every new vector is reorthogonalized against the whole basis (classical
-Gram-Schmidt twice), as in ``sam_eos.lanczos``; a vector lost to rounding (a
-breakdown, or a start vector dependent on the others) is replaced by a fixed
-pseudo-random direction orthogonal to the basis, so no NaN appears.
+Every new vector is orthogonalized against the whole basis by classical
+Gram-Schmidt, once for a residual (already orthogonal up to rounding) and
+twice where the first pass cancels more than half its norm; a vector lost to
+rounding (a breakdown, or a start vector dependent on the others) is
+replaced by a fixed pseudo-random direction orthogonal to the basis, so no
+NaN appears. The coefficients ``Q A q_j`` take one pass.
 
 Shapes are static: the basis and products are preallocated for ``max_iters``
-rows and the iteration is a ``lax.while_loop``; under ``vmap`` it runs until
-every member has converged (each member's result is frozen when it stops).
+rows and the iteration is a ``lax.while_loop``. Under ``vmap`` it runs until
+every member has converged, each member's result frozen when it stops; pass
+``axis_name`` (the vmap axis) so that the stopping test stays a shared loop
+condition (one ``pmax`` per product) rather than a select over the whole
+basis at every product, which costs several passes over it.
 
 References:
   Lanczos 1950; Parlett, "The Symmetric Eigenvalue Problem", SIAM 1998,
@@ -79,6 +84,7 @@ from sam_eos.lanczos import (
 )
 
 WHICH = ("top", "both")
+AxisName = str | tuple[str, ...] | None
 
 
 class KrylovResult(NamedTuple):
@@ -106,9 +112,14 @@ class KrylovResult(NamedTuple):
 
 
 class _State(NamedTuple):
-  """The ``while_loop`` carry; rows ``>= size`` of the arrays are unused."""
+  """The ``while_loop`` carry; rows ``>= size`` of the arrays are unused.
+
+  ``size`` counts this member's products; ``step`` counts iterations, the
+  same for every member of a vmapped call with ``axis_name``.
+  """
 
   size: jax.Array
+  step: jax.Array
   basis: jax.Array
   products: jax.Array
   coeffs: jax.Array
@@ -144,7 +155,10 @@ def _ritz(
 
 
 def _pairs(
-    state: _State, values: jax.Array, coords: jax.Array, index: jax.Array
+    state: _State,
+    values: jax.Array,
+    coords: jax.Array,
+    index: jax.Array,
 ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
   """Ritz values, unit vectors, residual vectors and norms at ``index``.
 
@@ -169,20 +183,66 @@ def _bottom_index(size: jax.Array, k: int) -> jax.Array:
   return jnp.maximum(size - 1 - jnp.arange(k), 0)
 
 
+def _set_row(
+    array: jax.Array, index: jax.Array, value: jax.Array, keep: jax.Array
+) -> jax.Array:
+  """``array`` with row ``index`` set to ``value`` if ``keep``, else zero.
+
+  An ``index`` past the last row changes nothing. With ``index`` unbatched
+  this is one in-place row update, also under vmap.
+  """
+  rows = array.shape[0]
+  row = jnp.minimum(index, rows - 1)
+  new = jnp.where(keep, value, 0)
+  new = jnp.where(index < rows, new, array[row]).astype(array.dtype)
+  return jax.lax.dynamic_update_index_in_dim(array, new, row, 0)
+
+
+def _any(flag: jax.Array, axis_name: AxisName) -> jax.Array:
+  """``flag`` or'ed over the vmap axes ``axis_name`` (unbatched), or itself."""
+  if axis_name is None:
+    return flag
+  return jax.lax.pmax(flag.astype(jnp.int32), axis_name) > 0
+
+
 def _next_vector(
-    state: _State,
+    basis: jax.Array,
     candidate: jax.Array,
     base: jax.Array,
+    index: jax.Array,
     rounding: float,
+    axis_name: AxisName,
 ) -> jax.Array:
-  """``candidate`` orthonormalized against the basis, or a restart direction."""
-  vector, _ = _orthogonalize(state.basis, candidate)
-  norm = jnp.linalg.norm(vector)
-  lost = norm <= 10 * rounding * jnp.linalg.norm(candidate)
+  """``candidate`` orthonormalized against ``basis``, or a restart direction.
+
+  One classical Gram-Schmidt pass, and a second only where the first
+  cancelled more than half the norm (the Daniel-Gragg-Kaufman-Stewart
+  criterion; "twice is enough"). The residual candidates of the expansion
+  are orthogonal to the basis up to rounding already, so they take one pass.
+  A candidate lost to rounding is replaced by a rolled fixed Gaussian vector
+  orthogonal to the basis. The rare branches are ``lax.cond``s on predicates
+  or'ed over ``axis_name``, so under ``vmap`` they stay branches.
+  """
+  norm = jnp.linalg.norm(candidate)
+  project = lambda v: v - _dot(_dot(basis, v), basis)
+  vector = project(candidate)
+  again = jnp.linalg.norm(vector) < 0.5 * norm
+  vector = jax.lax.cond(
+      _any(again, axis_name),
+      lambda v: jnp.where(again, project(v), v),
+      lambda v: v,
+      vector,
+  )
+  new_norm = jnp.linalg.norm(vector)
+  lost = new_norm <= 10 * rounding * norm
   return jax.lax.cond(
-      lost,
-      lambda: _restart_direction(state.basis, base, state.size),
-      lambda: _safe_normalize(vector, norm),
+      _any(lost, axis_name),
+      lambda: jnp.where(
+          lost,
+          _restart_direction(basis, base, index),
+          _safe_normalize(vector, new_norm),
+      ),
+      lambda: _safe_normalize(vector, new_norm),
   )
 
 
@@ -231,6 +291,7 @@ def eigenpairs(
     tol: float | jax.Array | None = None,
     which: str = "top",
     num_certified: int | None = None,
+    axis_name: AxisName = None,
 ) -> KrylovResult:
   """The ``k`` largest (and smallest) eigenpairs of a symmetric operator.
 
@@ -258,6 +319,12 @@ def eigenpairs(
     num_certified: how many of the ``k`` pairs (at each end) must meet
       ``tol``; default ``k``. The training loop carries ``k`` vectors but
       certifies only the top one.
+    axis_name: the name (or names) of the ``vmap`` axes this call runs
+      under, or None. With it, the iteration continues while any member runs
+      (one ``pmax`` per product) and a member that has stopped is frozen by
+      writes to a dropped row; without it, ``vmap`` turns the stopping test
+      into a select over the whole basis at every product, which costs
+      several passes over it. Results are the same either way.
 
   Returns:
     ``KrylovResult``, in the working dtype ``promote_types(start.dtype,
@@ -311,6 +378,7 @@ def eigenpairs(
   zeros = jnp.zeros((max_iters, size), dtype)
   state = _State(
       size=jnp.array(0, jnp.int32),
+      step=jnp.array(0, jnp.int32),
       basis=zeros.at[0].set(q0),
       products=zeros,
       coeffs=jnp.zeros((max_iters, max_iters), dtype),
@@ -318,37 +386,46 @@ def eigenpairs(
   )
   certified = jnp.arange(num_certified)
 
+  def running(state: _State) -> jax.Array:
+    return ~state.converged & (state.size < max_iters)
+
   def body(state: _State) -> _State:
-    j = state.size
-    product = jnp.asarray(matvec(state.basis[j]), dtype)
-    _, coeffs = _orthogonalize(state.basis, product)
+    # Every running member has ``size == step``. A member that has stopped
+    # (possible under vmap with ``axis_name``) computes on but writes zeros
+    # to rows past its size: it is frozen. ``step`` is unbatched, so the
+    # writes stay in-place row updates under vmap.
+    step = state.step
+    active = running(state)
+    product = jnp.asarray(matvec(state.basis[step]), dtype)
     state = state._replace(
-        size=j + 1,
-        products=state.products.at[j].set(product),
-        coeffs=state.coeffs.at[j].set(coeffs),
+        size=state.size + active,
+        step=step + 1,
+        products=_set_row(state.products, step, product, active),
+        coeffs=_set_row(state.coeffs, step, _dot(state.basis, product), active),
     )
     values, coords = _ritz(state)
     index = certified
     if which == "both":
-      index = jnp.concatenate([index, _bottom_index(j + 1, num_certified)])
+      index = jnp.concatenate([index, _bottom_index(state.size, num_certified)])
     theta, _, residual, norms = _pairs(state, values, coords, index)
     scale = jnp.abs(theta)
     ok = jnp.array(False) if tol is None else jnp.all(norms <= tol * scale)
     relative = norms / jnp.where(scale > 0, scale, 1)
     candidate = jnp.where(
-        j + 1 < num_start,
-        start[jnp.minimum(j + 1, num_start - 1)],
+        step + 1 < num_start,
+        start[jnp.minimum(step + 1, num_start - 1)],
         residual[jnp.argmax(relative)],
     )
-    basis = state.basis.at[j + 1].set(
-        _next_vector(state, candidate, base, rounding), mode="drop"
+    vector = _next_vector(
+        state.basis, candidate, base, step + 1, rounding, axis_name
     )
-    enough = j + 1 >= max(num_start, k)
-    return state._replace(basis=basis, converged=enough & ok)
+    enough = step + 1 >= max(num_start, k)
+    return state._replace(
+        basis=_set_row(state.basis, step + 1, vector, active),
+        converged=state.converged | (active & enough & ok),
+    )
 
-  state = jax.lax.while_loop(
-      lambda s: (s.size < max_iters) & ~s.converged, body, state
-  )
+  state = jax.lax.while_loop(lambda s: _any(running(s), axis_name), body, state)
   values, coords = _ritz(state)
   top = _pairs(state, values, coords, jnp.arange(k))
   bottom = _pairs(state, values, coords, _bottom_index(state.size, k))
@@ -387,6 +464,7 @@ def track_top(
     vectors: jax.Array,
     max_iters: int,
     tol: float | jax.Array | None,
+    axis_name: AxisName = None,
 ) -> Tracked:
   """The tracking step shared by ``train`` and ``SharpnessTracker``.
 
@@ -398,6 +476,8 @@ def track_top(
     vectors: ``(b, n)`` carried Ritz vectors (any non-zero rows).
     max_iters: the cap on products, ``b <= max_iters <= n``.
     tol: relative residual bound of the top pair, or None (``max_iters``).
+    axis_name: the ``vmap`` axes it runs under, or None (see
+      ``eigenpairs``).
 
   Returns:
     ``Tracked``, the new block in the dtype of ``vectors``.
@@ -409,6 +489,7 @@ def track_top(
       k=vectors.shape[0],
       tol=tol,
       num_certified=1,
+      axis_name=axis_name,
   )
   top = result.values[0]
   return Tracked(

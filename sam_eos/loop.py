@@ -189,6 +189,11 @@ class LoopConfig:
       hyperparameter: the run's ``learning_rate`` is written into its state
       at step 0, and the edges use the ``learning_rate`` (and ``momentum``,
       if injected) that the optimizer's state holds after each update.
+    axis_name: the name of the ``vmap`` axis over configurations that the
+      core runs under, or None when it is not vmapped. Tracking passes it to
+      the solver, whose stopping test then stays a loop condition shared by
+      the configurations instead of a select over its basis at every product
+      (``krylov.eigenpairs``).
   """
 
   loss_fn: Callable[[PyTree, Any, PyTree], tuple[jax.Array, PyTree]]
@@ -210,6 +215,7 @@ class LoopConfig:
   injected_learning_rate: bool = False
   eval_model_state: bool = False
   preconditioner: Callable[[optax.OptState], PyTree] | None = None
+  axis_name: str | None = None
 
 
 def make_optimizer(
@@ -388,7 +394,11 @@ def _measure(
   )
   matvec = flat_matvec(lambda v: linear(v)[1], params)
   measured = krylov.track_top(
-      matvec, state.eigvecs, config.num_lanczos_iters, config.sharpness_tol
+      matvec,
+      state.eigvecs,
+      config.num_lanczos_iters,
+      config.sharpness_tol,
+      config.axis_name,
   )
   preconditioned = ()
   if config.preconditioner is not None:
@@ -416,6 +426,7 @@ def _measure_preconditioned(
       vectors,
       config.num_lanczos_iters,
       config.sharpness_tol,
+      config.axis_name,
   )
 
 

@@ -38,6 +38,8 @@ CHECKPOINT_FILE = "checkpoint.npz"
 METRICS_FILE = "metrics.csv"
 # The history column ``preconditioner=`` adds (see ``train``).
 PRECONDITIONED_COLUMN = "preconditioned_sharpness"
+# The name of the vmap axis over a sweep's configurations.
+SWEEP_AXIS = "sweep"
 CONFIG_FILE = "config.json"
 
 
@@ -475,6 +477,20 @@ def _warm_vectors(
   return min(num_warm_vectors, num_lanczos_iters, num_params)
 
 
+def _unvmapped(config: loop.LoopConfig, chunk_size: int) -> Callable:
+  """``loop.run_chunk`` of a single configuration, with the config axis."""
+
+  def chunk(state, data, eval_data, hparams, start, end):
+    first = lambda tree: jax.tree.map(lambda x: x[0], tree)
+    out = loop.run_chunk(
+        config, first(state), data, eval_data, first(hparams), start, end,
+        chunk_size,
+    )  # fmt: skip
+    return jax.tree.map(lambda x: x[None], out)
+
+  return chunk
+
+
 def _sweep_chunk(settings: _Settings, spmd_axis: str | None) -> Callable:
   """One chunk of every configuration: ``(state, data, eval_data, hparams,
   start, end) -> (state, ChunkOutput)``, with a leading config axis.
@@ -483,26 +499,31 @@ def _sweep_chunk(settings: _Settings, spmd_axis: str | None) -> Callable:
   their own vmapped program without the SAM gradient; the two groups' rows
   are gathered before and scattered back after, so the result is that of
   separate runs. A ``"config"`` mesh axis (``spmd_axis``) keeps one program,
-  since regrouping would move rows between devices.
+  since regrouping would move rows between devices. A group of one
+  configuration runs unvmapped (vmap would batch tracking's stopping test).
   """
   config = settings.config
 
-  def vmapped(cfg: loop.LoopConfig) -> Callable:
+  def vmapped(cfg: loop.LoopConfig, size: int) -> Callable:
+    if size == 1 and spmd_axis is None:
+      return _unvmapped(cfg, settings.chunk_size)
     return jax.vmap(
         lambda s, d, e, h, a, b: loop.run_chunk(
-            cfg, s, d, e, h, a, b, settings.chunk_size
+            dataclasses.replace(cfg, axis_name=SWEEP_AXIS),
+            s, d, e, h, a, b, settings.chunk_size,
         ),
         in_axes=(0, None, None, 0, None, None),
+        axis_name=SWEEP_AXIS,
         spmd_axis_name=spmd_axis,
-    )
+    )  # fmt: skip
 
   rhos = np.array([c["rho"] for c in settings.configs])
   gd, sam = np.flatnonzero(rhos == 0), np.flatnonzero(rhos > 0)
   if not config.use_sam or gd.size == 0 or spmd_axis is not None:
-    return vmapped(config)
+    return vmapped(config, rhos.size)
   groups = (
-      (vmapped(dataclasses.replace(config, use_sam=False)), gd),
-      (vmapped(config), sam),
+      (vmapped(dataclasses.replace(config, use_sam=False), gd.size), gd),
+      (vmapped(config, sam.size), sam),
   )
   order = np.argsort(np.concatenate([gd, sam]))
 
@@ -1097,7 +1118,7 @@ def train(
     optimizer: optax.GradientTransformation | None = None,
     batch_size: int | None = None,
     track_every: int = 10,
-    num_lanczos_iters: int = 20,
+    num_lanczos_iters: int = 30,
     sharpness_tol: float | None = 1e-3,
     num_warm_vectors: int = 3,
     has_aux: bool = False,

@@ -331,6 +331,8 @@ def test_vmapped_sweep_equals_separate_runs(x64):
         "sharpness",
         "sam_edge",
         "grad_alignment",
+        "lanczos_iters",
+        "sharpness_residual",
     ):
       chex.assert_trees_all_close(
           sweep.history[name][i], single.history[name], rtol=1e-8, atol=1e-12
