@@ -450,6 +450,8 @@ class Tracked(NamedTuple):
       eigenvalue, not certified).
     lanczos_iters: products used, as a float in the working dtype.
     residual: the top pair's relative residual ``||A y - theta y|| / |theta|``.
+    values: ``(b,)`` the top ``b`` Ritz values, descending (``values[0]`` is
+      ``sharpness``).
   """
 
   vectors: jax.Array
@@ -457,6 +459,7 @@ class Tracked(NamedTuple):
   lambda_min: jax.Array
   lanczos_iters: jax.Array
   residual: jax.Array
+  values: jax.Array
 
 
 def track_top(
@@ -465,19 +468,22 @@ def track_top(
     max_iters: int,
     tol: float | jax.Array | None,
     axis_name: AxisName = None,
+    num_certified: int = 1,
 ) -> Tracked:
   """The tracking step shared by ``train`` and ``SharpnessTracker``.
 
   ``eigenpairs`` warm-started from the carried block ``vectors (b, n)``,
-  returning ``b`` pairs and certifying only the top one.
+  returning ``b`` pairs and certifying the top ``num_certified`` ones.
 
   Args:
     matvec: ``x -> A x`` on ``(n,)`` arrays.
     vectors: ``(b, n)`` carried Ritz vectors (any non-zero rows).
     max_iters: the cap on products, ``b <= max_iters <= n``.
-    tol: relative residual bound of the top pair, or None (``max_iters``).
+    tol: relative residual bound of the certified pairs, or None
+      (``max_iters``).
     axis_name: the ``vmap`` axes it runs under, or None (see
       ``eigenpairs``).
+    num_certified: how many top pairs must meet ``tol``, ``<= b``.
 
   Returns:
     ``Tracked``, the new block in the dtype of ``vectors``.
@@ -488,7 +494,7 @@ def track_top(
       max_iters,
       k=vectors.shape[0],
       tol=tol,
-      num_certified=1,
+      num_certified=num_certified,
       axis_name=axis_name,
   )
   top = result.values[0]
@@ -498,4 +504,5 @@ def track_top(
       lambda_min=result.bottom_values[0],
       lanczos_iters=result.num_iters.astype(top.dtype),
       residual=result.residuals[0] / jnp.abs(top),
+      values=result.values,
   )

@@ -17,6 +17,9 @@ real branch under ``vmap``), measures at ``w_t`` on the step's batch:
 * ``lanczos_iters`` (the Hessian-vector products used) and
   ``sharpness_residual`` (the relative residual reached: some eigenvalue
   lies within ``sharpness_residual * sharpness`` of ``sharpness``);
+* with ``num_top_eigenvalues = k > 1``, ``top_eigenvalue_2`` ...
+  ``top_eigenvalue_k``: the next Ritz values of the same run, the stopping
+  test then certifying all ``k`` top pairs to ``sharpness_tol``;
 * ``lambda_min``: the bottom Ritz value of the same Lanczos run (free, not
   certified). It is an upper bound on the smallest Hessian eigenvalue, so
   ``|lambda_min| > sharpness`` proves that the dominant eigenvalue
@@ -30,8 +33,10 @@ real branch under ``vmap``), measures at ``w_t`` on the step's batch:
 It then takes the step ``w_{t+1} = w_t + base_update(grad L(w_t + e_t))``,
 the SAM gradient coming from ``sam.perturbed_gradient`` fed with the step's
 gradient (one more gradient per step; ``m_sharpness`` groups add their own;
-none with ``use_sam=False``). The edges and alignments are computed on
-tracked steps only.
+none with ``use_sam=False``), as plain SAM, ASAM (``adaptive``) or
+Eigen-SAM (``eigen_weight > 0``, with the top Ritz vector of the most
+recent check, this step's on a tracked step). The edges and alignments are
+computed on tracked steps only.
 Steps with ``t >= end`` are skipped (``lax.cond``), so a partial last chunk
 reuses the same compiled program.
 
@@ -57,6 +62,10 @@ References:
   arXiv:2309.12488, 2023 (the tracked quantities, Figs. 1-6).
   Cohen et al., "Gradient Descent on Neural Networks Typically Occurs at the
   Edge of Stability", ICLR 2021 (sharpness tracking during training).
+  Kwon, Kim, Park & Choi, "ASAM: Adaptive Sharpness-Aware Minimization for
+  Scale-Invariant Learning of Deep Neural Networks", ICML 2021 (``adaptive``).
+  Luo et al., "Explicit Eigenvalue Regularization Improves Sharpness-Aware
+  Minimization", 2024 (``eigen_weight``).
 """
 
 from __future__ import annotations
@@ -87,6 +96,24 @@ METRIC_NAMES = (
     "lanczos_iters",
     "sharpness_residual",
 )
+
+
+def top_eigenvalue_names(num_top_eigenvalues: int) -> tuple[str, ...]:
+  """The metrics ``num_top_eigenvalues = k`` adds: ``top_eigenvalue_2..k``.
+
+  Args:
+    num_top_eigenvalues: the number ``k >= 1`` of top eigenvalues tracked.
+
+  Returns:
+    The names of the 2nd to ``k``-th largest Ritz values (none for ``k = 1``,
+    whose single value is ``sharpness``).
+
+  Examples:
+    >>> from sam_eos.loop import top_eigenvalue_names
+    >>> top_eigenvalue_names(3)
+    ('top_eigenvalue_2', 'top_eigenvalue_3')
+  """
+  return tuple(f"top_eigenvalue_{i}" for i in range(2, num_top_eigenvalues + 1))
 
 
 class Hyperparams(NamedTuple):
@@ -134,7 +161,9 @@ class ChunkOutput(NamedTuple):
     step: global step index ``t``.
     tracked: whether row ``t`` was measured.
     metrics: dict name -> values (NaN on untracked rows, never used):
-      ``METRIC_NAMES``, then the keys of ``eval_fn``'s dict.
+      ``METRIC_NAMES``, ``top_eigenvalue_names(num_top_eigenvalues)``,
+      ``preconditioned_sharpness`` with a ``preconditioner``, then the keys
+      of ``eval_fn``'s dict.
   """
 
   step: jax.Array
@@ -156,7 +185,11 @@ class LoopConfig:
     sharpness_tol: relative residual at which a measurement stops, or None
       for exactly ``num_lanczos_iters`` products.
     num_warm_vectors: Ritz vectors carried between measurements as the
-      warm start (``<= num_lanczos_iters``).
+      warm start (``num_top_eigenvalues <= num_warm_vectors <=
+      num_lanczos_iters``).
+    num_top_eigenvalues: the number ``k`` of top Ritz values recorded (and
+      certified to ``sharpness_tol``) at each measurement: ``sharpness``,
+      then the metrics ``top_eigenvalue_names(k)``.
     momentum: heavy-ball coefficient of the default SGD optimizer (static).
     normalize: normalized SAM (True) or unnormalized SAM (False).
     eps: added to ``||g||`` in the SAM normalization.
@@ -169,6 +202,14 @@ class LoopConfig:
       the mean of the groups' perturbed gradients (Foret et al.'s
       per-device "m-sharpness"; a different algorithm; see
       ``sam.perturbed_gradient``).
+    adaptive: ASAM's perturbation, scaled elementwise by ``|w| +
+      adaptive_eta`` (Kwon et al. 2021; see ``sam.sam_perturbation``).
+    adaptive_eta: ASAM's ``eta_a >= 0``.
+    eigen_weight: Eigen-SAM's weight ``alpha >= 0`` of the top Hessian
+      eigenvector in the ascent direction (Luo et al. 2024; see
+      ``sam.sam_perturbation``), the eigenvector being the top Ritz vector
+      of the most recent measurement (refreshed every ``track_every``
+      steps); 0 is plain SAM. Not together with ``adaptive``.
     batch_sharding: sharding of a drawn minibatch (data parallelism), or
       None.
     group_sharding: sharding of the ``(m, B/m, ...)`` groups, or None.
@@ -202,12 +243,16 @@ class LoopConfig:
   num_lanczos_iters: int = 20
   sharpness_tol: float | None = None
   num_warm_vectors: int = 1
+  num_top_eigenvalues: int = 1
   momentum: float = 0.0
   normalize: bool = True
   eps: float = 1e-12
   use_sam: bool = True
   optimizer: optax.GradientTransformation | None = None
   m_sharpness: int | None = None
+  adaptive: bool = False
+  adaptive_eta: float = 0.01
+  eigen_weight: float = 0.0
   batch_sharding: jax.sharding.Sharding | None = None
   group_sharding: jax.sharding.Sharding | None = None
   eval_fn: Callable[[PyTree, Any], dict[str, jax.Array]] | None = None
@@ -399,6 +444,7 @@ def _measure(
       config.num_lanczos_iters,
       config.sharpness_tol,
       config.axis_name,
+      num_certified=config.num_top_eigenvalues,
   )
   preconditioned = ()
   if config.preconditioner is not None:
@@ -489,6 +535,10 @@ def _train_step(
   )
   grad_norm = global_norm(grads)
   if config.use_sam:
+    eigenvector = None
+    if config.eigen_weight > 0:
+      flat, unravel = ravel_pytree(state.params)
+      eigenvector = unravel(measured.vectors[0].astype(flat.dtype))
     sam_grads = perturbed_gradient(
         lambda p, b: config.loss_fn(p, b, model_state)[0],
         state.params,
@@ -499,6 +549,10 @@ def _train_step(
         eps=config.eps,
         m_sharpness=config.m_sharpness,
         group_sharding=config.group_sharding,
+        adaptive=config.adaptive,
+        adaptive_eta=config.adaptive_eta,
+        eigenvector=eigenvector,
+        eigen_weight=config.eigen_weight,
     )
   else:
     sam_grads = grads
@@ -556,6 +610,12 @@ def _train_step(
       **derived,
       "lanczos_iters": measured.lanczos_iters,
       "sharpness_residual": measured.residual,
+      **dict(
+          zip(
+              top_eigenvalue_names(config.num_top_eigenvalues),
+              measured.values[1 : config.num_top_eigenvalues],
+          )
+      ),
       **(
           {"preconditioned_sharpness": preconditioned.sharpness}
           if preconditioned

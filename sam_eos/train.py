@@ -51,7 +51,9 @@ class TrainResult(NamedTuple):
     history: dict of NumPy arrays with the columns ``step, loss, grad_norm,
       sharpness, lambda_min, gd_edge, sam_edge, grad_alignment,
       sam_grad_alignment, lanczos_iters, sharpness_residual, wall_time``
-      (``se.HISTORY_COLUMNS``), then the keys
+      (``se.HISTORY_COLUMNS``), then ``top_eigenvalue_2, ...,
+      top_eigenvalue_k`` with ``num_top_eigenvalues = k > 1``,
+      ``preconditioned_sharpness`` with a ``preconditioner``, then the keys
       of ``eval_fn``'s dict; shape ``(rows,)``, or ``(configs, rows)`` for a
       sweep. A configuration of a sweep that diverged at step ``t`` has NaN
       in every column but ``step`` from step ``t`` on.
@@ -632,6 +634,45 @@ class _Progress(NamedTuple):
   wall_time: float
 
 
+def _check_variant(
+    adaptive: bool, adaptive_eta: float, eigen_weight: float
+) -> None:
+  """Validates the ASAM / Eigen-SAM options of ``train``.
+
+  Raises:
+    ValueError: for a non-bool ``adaptive``, an ``adaptive_eta`` or
+      ``eigen_weight`` that is not a finite real ``>= 0``, or ``adaptive``
+      together with ``eigen_weight > 0`` (each message names the argument).
+  """
+  if not isinstance(adaptive, (bool, np.bool_)):
+    raise ValueError(f"`adaptive` must be a bool, got {adaptive!r}.")
+  for name, value in (
+      ("adaptive_eta", adaptive_eta),
+      ("eigen_weight", eigen_weight),
+  ):
+    _checks.check_nonnegative_scalar(name, value)
+    if not np.isfinite(value):
+      raise ValueError(f"`{name}` must be finite, got {value!r}.")
+  if adaptive and eigen_weight > 0:
+    raise ValueError(
+        "`adaptive=True` (ASAM) and `eigen_weight > 0` (Eigen-SAM) cannot be "
+        "combined; choose one."
+    )
+
+
+def _check_top_eigenvalues(
+    num_top_eigenvalues: int, num_lanczos_iters: int, num_params: int
+) -> None:
+  """Raises ValueError unless the Lanczos basis can hold ``k`` Ritz pairs."""
+  if num_top_eigenvalues > min(num_lanczos_iters, num_params):
+    raise ValueError(
+        f"`num_top_eigenvalues` ({num_top_eigenvalues}) must be <= "
+        f"`num_lanczos_iters` ({num_lanczos_iters}) and the number of "
+        f"parameters ({num_params}): each check finds at most that many "
+        "Ritz values."
+    )
+
+
 def _check_m_sharpness(
     m_sharpness: int | None, batch_size: int | None, num_examples: int
 ) -> int | None:
@@ -664,11 +705,15 @@ def _validate(
     num_lanczos_iters: int,
     sharpness_tol: float | None,
     num_warm_vectors: int,
+    num_top_eigenvalues: int,
     key: Any,
     mesh: Mesh | None,
     chunk_size: int | None,
     eps: float,
     m_sharpness: int | None,
+    adaptive: bool,
+    adaptive_eta: float,
+    eigen_weight: float,
     eval_fn: Callable | None,
     per_config_params: bool,
     metadata: dict[str, Any] | None,
@@ -698,8 +743,12 @@ def _validate(
     _checks.check_positive("sharpness_tol", sharpness_tol)
     sharpness_tol = float(sharpness_tol)
   num_warm_vectors = _checks.check_int("num_warm_vectors", num_warm_vectors, 1)
+  num_top_eigenvalues = _checks.check_int(
+      "num_top_eigenvalues", num_top_eigenvalues, 1
+  )
   _checks.check_momentum(momentum)
   _checks.check_nonnegative("eps", eps)
+  _check_variant(adaptive, adaptive_eta, eigen_weight)
   lrs, rhos, keys, seeds, sweep = _broadcast_configs(learning_rate, rho, key)
   if not isinstance(has_aux, (bool, np.bool_)):
     raise ValueError(f"`has_aux` must be a bool, got {has_aux!r}.")
@@ -708,6 +757,7 @@ def _validate(
     if model_state is not None and jax.tree.leaves(model_state):
       model_state = _config_params(model_state, len(lrs), "model_state")
   num_params = sum(int(np.prod(np.shape(x))) for x in jax.tree.leaves(params))
+  _check_top_eigenvalues(num_top_eigenvalues, num_lanczos_iters, num_params)
   _checks.check_positive("learning_rate", lrs)
   _checks.check_nonnegative("rho", rhos)
   if chunk_size is None:
@@ -723,9 +773,9 @@ def _validate(
           f"pytree like params (e.g. se.adam_preconditioner), got "
           f"{preconditioner!r}."
       )
-    eval_columns = hist.columns((PRECONDITIONED_COLUMN,) + eval_columns)[
-        len(hist.HISTORY_COLUMNS) :
-    ]
+    eval_columns = (PRECONDITIONED_COLUMN,) + eval_columns
+  eval_columns = loop.top_eigenvalue_names(num_top_eigenvalues) + eval_columns
+  eval_columns = hist.columns(eval_columns)[len(hist.HISTORY_COLUMNS) :]
   m_sharpness = _check_m_sharpness(m_sharpness, batch_size, num_examples)
   injected = optimizer is not None and _injected_learning_rate(
       optimizer, params, lrs, momentum
@@ -742,15 +792,20 @@ def _validate(
       # As in hessian_eigenpairs: n steps already give the exact spectrum.
       num_lanczos_iters=min(num_lanczos_iters, num_params),
       sharpness_tol=sharpness_tol,
-      num_warm_vectors=_warm_vectors(
-          num_warm_vectors, num_lanczos_iters, num_params
+      num_warm_vectors=max(
+          _warm_vectors(num_warm_vectors, num_lanczos_iters, num_params),
+          num_top_eigenvalues,
       ),
+      num_top_eigenvalues=num_top_eigenvalues,
       momentum=float(momentum),
       normalize=normalize,
       eps=float(eps),
       use_sam=bool(np.any(rhos > 0)),
       optimizer=optimizer,
       m_sharpness=m_sharpness,
+      adaptive=bool(adaptive),
+      adaptive_eta=float(adaptive_eta),
+      eigen_weight=float(eigen_weight),
       batch_sharding=batch_sharding,
       group_sharding=group_sharding,
       eval_fn=eval_fn,
@@ -1121,6 +1176,7 @@ def train(
     num_lanczos_iters: int = 30,
     sharpness_tol: float | None = 1e-3,
     num_warm_vectors: int = 3,
+    num_top_eigenvalues: int = 1,
     has_aux: bool = False,
     model_state: PyTree | None = None,
     preconditioner: Callable[[optax.OptState], PyTree] | None = None,
@@ -1131,6 +1187,9 @@ def train(
     chunk_size: int | None = None,
     eps: float = 1e-12,
     m_sharpness: int | None = None,
+    adaptive: bool = False,
+    adaptive_eta: float = 0.01,
+    eigen_weight: float = 0.0,
     metadata: dict[str, Any] | None = None,
     eval_fn: Callable[[PyTree, Any], dict[str, jax.Array]] | None = None,
     eval_data: Any = None,
@@ -1140,7 +1199,8 @@ def train(
 
   Runs ``num_steps`` steps of ``w <- w - eta * grad L(w + e)`` with
   ``e = rho g / (||g|| + eps)`` (``rho g`` if not ``normalize``; ``e = 0`` at
-  ``rho = 0``), with heavy-ball ``momentum`` or a custom base ``optimizer``.
+  ``rho = 0``), with heavy-ball ``momentum`` or a custom base ``optimizer``;
+  ``adaptive`` (ASAM) and ``eigen_weight`` (Eigen-SAM) change ``e``.
   Every ``track_every`` steps it records, at the iterate and on the step's
   batch, the history columns (see ``TrainResult``); sharpness is the top
   Hessian eigenvalue by Lanczos, warm-started from the previous check's top
@@ -1223,7 +1283,18 @@ def train(
       next (a Rayleigh-Ritz step on them starts each measurement, costing
       that many products; 1 is the classic warm start from the previous top
       eigenvector, which misses a new top eigenvector when the top two swap
-      order). Capped at ``num_lanczos_iters``.
+      order). Capped at ``num_lanczos_iters``, raised to
+      ``num_top_eigenvalues``.
+    num_top_eigenvalues: the number ``k`` of top Hessian eigenvalues
+      recorded at every tracked step: with ``k > 1`` the history gains the
+      columns ``top_eigenvalue_2``, ..., ``top_eigenvalue_k``, the 2nd to
+      ``k``-th largest Ritz values of the same Lanczos run as
+      ``sharpness``, which then stops only once all ``k`` top pairs meet
+      ``sharpness_tol`` (more products per check). Each then lies within
+      ``sharpness_tol`` times itself of some eigenvalue, as ``sharpness``
+      does, unless the check stopped at the cap (``lanczos_iters ==
+      num_lanczos_iters``). Must be ``<= num_lanczos_iters`` and the number
+      of parameters.
     key: int seed, list (or signed integer array) of seeds, or PRNG
       key(s): typed keys, or ``uint32`` raw key data whose trailing axis is
       one key's data (as ``jax.random.PRNGKey``); default seed 0.
@@ -1253,6 +1324,19 @@ def train(
       into ``m`` equal groups that each ascend with their own gradient and
       averages their perturbed gradients (Foret et al.'s per-device SAM,
       "m-sharpness": a different algorithm, one extra gradient per step).
+    adaptive: ASAM (Kwon et al. 2021): the perturbation
+      ``rho T^2 g / (||T g|| + eps)`` with the elementwise ``T = |w| +
+      adaptive_eta`` (see ``se.sam_perturbation``), invariant to rescaling
+      the weights. The ``sam_edge`` column stays plain SAM's edge.
+    adaptive_eta: ASAM's ``eta_a >= 0`` (used with ``adaptive`` only).
+    eigen_weight: ``alpha >= 0``; above 0, Eigen-SAM (Luo et al. 2024): the
+      ascent direction ``g / ||g|| + alpha sign(<g, v>) v`` rescaled to
+      radius ``rho`` (see ``se.sam_perturbation``), with ``v`` the top
+      Hessian eigenvector the tracking carries: the top Ritz vector of the
+      most recent check, so refreshed every ``track_every`` steps (on a
+      tracked step, the one just measured at ``w_t``). 0 (default) is plain
+      SAM. Not together with ``adaptive``. Like ``adaptive``, it changes
+      SAM configurations only (``rho > 0``); GD rows are unaffected.
     metadata: extra JSON-serializable settings saved in ``config.json``
       (not compared on resume).
     eval_fn: optional ``eval_fn(params, eval_data) -> dict`` of real
@@ -1296,9 +1380,11 @@ def train(
   Raises:
     ValueError: for invalid arguments (named in the message: e.g. a
       non-finite ``learning_rate``, empty ``data``, integer ``params``, a
-      non-bool ``normalize``, non-JSON ``metadata``), a checkpoint in
-      ``out_dir`` from a run with other settings (the message names them)
-      or beyond ``num_steps``, or a foreign ``metrics.csv`` in ``out_dir``.
+      non-bool ``normalize``, non-JSON ``metadata``, ``adaptive`` with
+      ``eigen_weight > 0``, ``num_top_eigenvalues > num_lanczos_iters``), a
+      checkpoint in ``out_dir`` from a run with other settings (the message
+      names them) or beyond ``num_steps``, or a foreign ``metrics.csv`` in
+      ``out_dir``.
     TrainingDiverged: when every configuration has diverged.
 
   Warns:
@@ -1317,7 +1403,11 @@ def train(
     ([0, 10], [3.0, 3.0])
 
   References:
-    Long & Bartlett 2023 (tracked quantities); Cohen et al. 2021.
+    Long & Bartlett 2023 (tracked quantities); Cohen et al. 2021; Kwon,
+    Kim, Park & Choi, "ASAM: Adaptive Sharpness-Aware Minimization for
+    Scale-Invariant Learning of Deep Neural Networks", ICML 2021
+    (``adaptive``); Luo et al., "Explicit Eigenvalue Regularization Improves
+    Sharpness-Aware Minimization", 2024 (``eigen_weight``).
   """
   num_steps = _checks.check_int("num_steps", num_steps, 1)
   settings = _validate(
@@ -1336,6 +1426,7 @@ def train(
       num_lanczos_iters=num_lanczos_iters,
       sharpness_tol=sharpness_tol,
       num_warm_vectors=num_warm_vectors,
+      num_top_eigenvalues=num_top_eigenvalues,
       has_aux=has_aux,
       model_state=model_state,
       preconditioner=preconditioner,
@@ -1344,6 +1435,9 @@ def train(
       chunk_size=chunk_size,
       eps=eps,
       m_sharpness=m_sharpness,
+      adaptive=adaptive,
+      adaptive_eta=adaptive_eta,
+      eigen_weight=eigen_weight,
       eval_fn=eval_fn,
       per_config_params=per_config_params,
       metadata=metadata,

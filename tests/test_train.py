@@ -1189,3 +1189,164 @@ def test_preconditioner_must_read_the_optimizer_state():
         preconditioner="adam",
         progress=False,
     )
+
+
+@pytest.mark.parametrize(
+    "variant",
+    [dict(adaptive=True, adaptive_eta=0.1), dict(eigen_weight=0.5)],
+    ids=["asam", "eigen_sam"],
+)
+def test_sam_variants_equal_a_hand_loop(x64, variant):
+  # Eigen-SAM's vector is the dense top eigenvector at the last tracked
+  # iterate (sign-free: the perturbation uses sign(<g, v>)). The sweep's GD
+  # row must stay plain GD.
+  params, data = mlp_problem(dtype=jnp.float64, key=4)
+  eta, rho, every, steps = 0.1, 0.2, 3, 9
+  result = se.train(
+      mlp_loss,
+      params,
+      data,
+      learning_rate=eta,
+      rho=[0.0, rho],
+      num_steps=steps,
+      track_every=every,
+      num_lanczos_iters=36,
+      sharpness_tol=1e-10,
+      progress=False,
+      **variant,
+  )
+  _, unravel = jax.flatten_util.ravel_pytree(params)
+  hessian = jax.jit(jax.hessian(lambda v: mlp_loss(unravel(v), data)))
+  sam = jax.jit(
+      lambda w, v, r: se.sam_gradient(
+          mlp_loss,
+          w,
+          data,
+          rho=r,
+          adaptive=variant.get("adaptive", False),
+          adaptive_eta=variant.get("adaptive_eta", 0.01),
+          eigenvector=v,
+          eigen_weight=variant.get("eigen_weight", 0.0),
+      ).sam_grads
+  )
+  plain = jax.jit(lambda w: se.sam_gradient(mlp_loss, w, data, rho=rho))
+  gd = jax.jit(jax.grad(mlp_loss))
+  eigen = "eigen_weight" in variant
+  w, w_plain, w_gd, v = params, params, params, None
+  for t in range(steps):
+    if eigen and t % every == 0:
+      h = np.asarray(hessian(jax.flatten_util.ravel_pytree(w)[0]))
+      v = unravel(jnp.asarray(np.linalg.eigh(h)[1][:, -1]))
+    w = jax.tree.map(lambda p, g: p - eta * g, w, sam(w, v, rho))
+    w_plain = jax.tree.map(
+        lambda p, g: p - eta * g, w_plain, plain(w_plain).sam_grads
+    )
+    w_gd = jax.tree.map(lambda p, g: p - eta * g, w_gd, gd(w_gd, data))
+  second = lambda tree, i: jax.tree.map(lambda x: x[i], tree)
+  chex.assert_trees_all_close(second(result.params, 1), w, rtol=1e-8)
+  chex.assert_trees_all_close(second(result.params, 0), w_gd, rtol=1e-12)
+  gap = optax.tree.norm(optax.tree.sub(w, w_plain))
+  assert gap > 1e-3 * optax.tree.norm(w), "the variant changed nothing"
+
+
+def test_top_eigenvalues_match_the_dense_spectrum(x64):
+  params, data = mlp_problem(dtype=jnp.float64, key=5)
+  eta, every, steps, k, tol = 0.1, 3, 9, 4, 1e-6
+  result = se.train(
+      mlp_loss,
+      params,
+      data,
+      learning_rate=eta,
+      num_steps=steps,
+      track_every=every,
+      num_lanczos_iters=36,
+      sharpness_tol=tol,
+      num_warm_vectors=2,
+      num_top_eigenvalues=k,
+      progress=False,
+  )
+  hist = result.history
+  names = [f"top_eigenvalue_{i}" for i in range(2, k + 1)]
+  assert list(hist)[-len(names) :] == names
+  assert np.all(hist["lanczos_iters"] < 36)  # stopped on the certificate
+  _, unravel = jax.flatten_util.ravel_pytree(params)
+  hessian = jax.jit(jax.hessian(lambda v: mlp_loss(unravel(v), data)))
+  grad = jax.jit(jax.grad(mlp_loss))
+  w = params
+  for t in range(steps):
+    if t % every == 0:
+      dense = np.linalg.eigvalsh(
+          np.asarray(hessian(jax.flatten_util.ravel_pytree(w)[0]))
+      )[::-1][:k]
+      ritz = np.array(
+          [hist["sharpness"][t // every]]
+          + [hist[name][t // every] for name in names]
+      )
+      assert np.all(np.diff(ritz) <= 0)
+      np.testing.assert_array_less(np.abs(ritz - dense), tol * np.abs(ritz))
+    w = jax.tree.map(lambda p, g: p - eta * g, w, grad(w, data))
+  plain = se.train(
+      mlp_loss, params, data, learning_rate=eta, num_steps=1, progress=False
+  )
+  assert not set(names) & set(plain.history)
+
+
+@pytest.mark.parametrize(
+    "kwargs, name",
+    [
+        (dict(adaptive=1), "adaptive"),
+        (dict(adaptive=True, adaptive_eta=-0.1), "adaptive_eta"),
+        (dict(eigen_weight=-0.5), "eigen_weight"),
+        (dict(eigen_weight=float("inf")), "eigen_weight"),
+        (dict(adaptive=True, eigen_weight=0.5), "eigen_weight"),
+        (dict(num_top_eigenvalues=0), "num_top_eigenvalues"),
+        (
+            dict(num_top_eigenvalues=5, num_lanczos_iters=4),
+            "num_top_eigenvalues",
+        ),
+        (
+            dict(num_top_eigenvalues=37, num_lanczos_iters=40),
+            "num_top_eigenvalues",
+        ),
+    ],
+)
+def test_variant_and_top_eigenvalue_arguments_are_checked(kwargs, name):
+  params, data = mlp_problem()
+  with pytest.raises(ValueError, match=name):
+    se.train(
+        mlp_loss,
+        params,
+        data,
+        learning_rate=0.1,
+        rho=0.05,
+        num_steps=2,
+        progress=False,
+        **kwargs,
+    )
+
+
+@pytest.mark.parametrize(
+    "first, second, name",
+    [
+        (dict(eigen_weight=0.5), dict(), "eigen_weight"),
+        (dict(adaptive=True), dict(adaptive=True, adaptive_eta=0.1), "eta"),
+        (dict(), dict(num_top_eigenvalues=2), "num_top_eigenvalues"),
+    ],
+)
+def test_resume_refuses_other_sam_variant_or_top_k(
+    tmp_path, first, second, name
+):
+  params, data = mlp_problem()
+  kwargs = dict(
+      learning_rate=0.1,
+      rho=0.05,
+      track_every=2,
+      num_lanczos_iters=3,
+      progress=False,
+      out_dir=tmp_path,
+  )
+  se.train(mlp_loss, params, data, num_steps=2, **kwargs, **first)
+  config = json.loads((tmp_path / "config.json").read_text())
+  assert {**config, **first} == config  # the options are saved
+  with pytest.raises(ValueError, match=f"other settings.*{name}"):
+    se.train(mlp_loss, params, data, num_steps=4, **kwargs, **second)
