@@ -335,6 +335,13 @@ def why_overhead(
   check = (headline.seconds.median - step) * headline.cadence
   products = float(np.mean(headline.products))
   budget = OVERHEAD_TARGET * headline.cadence * step
+  if product_seconds <= 0 or check <= 0:
+    return (
+        f"- what a check costs: not resolved on this model (a product's "
+        f"marginal time {_common.fmt_time(product_seconds)}, a check's "
+        f"{_common.fmt_time(check)}: below the timer's resolution under this "
+        "load)."
+    )
   return (
       f"- what a check costs: {_common.fmt_time(check)} = "
       f"{check / step:.1f} plain SAM steps, for a mean of {products:.1f} "
@@ -350,10 +357,11 @@ def why_overhead(
       f" (+{products * product_seconds / (headline.cadence * step):.0%}); "
       f"the other {_common.fmt_time(max(check - products * product_seconds, 0))}"
       f" ({max(check - products * product_seconds, 0) / check:.0%} of a "
-      "check) are the solver's bookkeeping (the Rayleigh-Ritz step, Ritz and "
-      "residual vectors and reorthogonalization, each streaming the basis "
-      "preallocated at the cap, at every step) and the check's own gradient "
-      "linearization."
+      "check) are the solver's bookkeeping (per product: the coefficients, "
+      "the top pair's residual from the stored products, one Gram-Schmidt "
+      "pass, five passes over the basis and products preallocated at the "
+      "cap, and the small Rayleigh-Ritz eigenproblem) and the check's own "
+      "gradient linearization."
   )
 
 
