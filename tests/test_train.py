@@ -935,9 +935,23 @@ def test_mixed_sweep_rows_equal_separate_runs(x64):
         (dict(sharpness_tol=0.0), "sharpness_tol"),
         (dict(sharpness_tol=-1e-3), "sharpness_tol"),
         (dict(num_warm_vectors=0), "num_warm_vectors"),
+        (dict(adaptive=1), "adaptive"),
+        (dict(adaptive=True, adaptive_eta=-0.1), "adaptive_eta"),
+        (dict(eigen_weight=-0.5), "eigen_weight"),
+        (dict(eigen_weight=float("inf")), "eigen_weight"),
+        (dict(adaptive=True, eigen_weight=0.5), "eigen_weight"),
+        (dict(num_top_eigenvalues=0), "num_top_eigenvalues"),
+        (
+            dict(num_top_eigenvalues=5, num_lanczos_iters=4),
+            "num_top_eigenvalues",
+        ),
+        (
+            dict(num_top_eigenvalues=37, num_lanczos_iters=40),
+            "num_top_eigenvalues",
+        ),
     ],
 )
-def test_tracking_accuracy_arguments_are_checked(kwargs, name):
+def test_tracking_and_variant_arguments_are_checked(kwargs, name):
   params, data = mlp_problem()
   with pytest.raises(ValueError, match=name):
     se.train(
@@ -945,6 +959,7 @@ def test_tracking_accuracy_arguments_are_checked(kwargs, name):
         params,
         data,
         learning_rate=0.1,
+        rho=0.05,
         num_steps=2,
         progress=False,
         **kwargs,
@@ -1289,40 +1304,6 @@ def test_top_eigenvalues_match_the_dense_spectrum(x64):
       mlp_loss, params, data, learning_rate=eta, num_steps=1, progress=False
   )
   assert not set(names) & set(plain.history)
-
-
-@pytest.mark.parametrize(
-    "kwargs, name",
-    [
-        (dict(adaptive=1), "adaptive"),
-        (dict(adaptive=True, adaptive_eta=-0.1), "adaptive_eta"),
-        (dict(eigen_weight=-0.5), "eigen_weight"),
-        (dict(eigen_weight=float("inf")), "eigen_weight"),
-        (dict(adaptive=True, eigen_weight=0.5), "eigen_weight"),
-        (dict(num_top_eigenvalues=0), "num_top_eigenvalues"),
-        (
-            dict(num_top_eigenvalues=5, num_lanczos_iters=4),
-            "num_top_eigenvalues",
-        ),
-        (
-            dict(num_top_eigenvalues=37, num_lanczos_iters=40),
-            "num_top_eigenvalues",
-        ),
-    ],
-)
-def test_variant_and_top_eigenvalue_arguments_are_checked(kwargs, name):
-  params, data = mlp_problem()
-  with pytest.raises(ValueError, match=name):
-    se.train(
-        mlp_loss,
-        params,
-        data,
-        learning_rate=0.1,
-        rho=0.05,
-        num_steps=2,
-        progress=False,
-        **kwargs,
-    )
 
 
 @pytest.mark.parametrize(
