@@ -76,7 +76,6 @@ from sam_eos.lanczos import (
     Matvec,
     _check_matvec,
     _dot,
-    _orthogonalize,
     _restart_base,
     _restart_direction,
     _safe_normalize,
