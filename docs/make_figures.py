@@ -184,11 +184,22 @@ def map_lines(folder: pathlib.Path = EDGE_MAP) -> list[str]:
   config, run = saved["metadata"], saved["map"]
   rows = edge_map.read_map_csv(folder / "edge_map.csv")
   finding = " ".join(edge_map.describe(rows, label=f"`{config['name']}`"))
+  tol, cap = config["sharpness_tol"], config["num_lanczos_iters"]
+  measured = (
+      f"by {cap} Lanczos iterations"
+      if tol is None
+      else f"certified to a relative residual of {tol:g} (at most {cap} "
+      "Lanczos iterations)"
+  )
+  grouping = (
+      "step sizes packed by memory"
+      if run.get("packed", True)
+      else "one per (eta, rho), its seeds"
+  )
   text = (
       f"{finding} Settings: {config['num_steps']} steps, sharpness every "
-      f"{config['track_every']} steps by {config['num_lanczos_iters']} "
-      f"Lanczos iterations ({run['note']}); trained as "
-      f"{len(run['programs'])} vmapped program(s) in "
+      f"{config['track_every']} steps {measured} ({run['note']}); trained "
+      f"as {len(run['programs'])} vmapped program(s) ({grouping}) in "
       f"{run['wall_time_s']:.0f} s on {run['devices']} (compilation "
       "included)."
   )

@@ -2,8 +2,9 @@
 
 ``run_map(config, out_dir)`` trains every configuration of a grid
 ``learning_rates x rhos x seeds`` (GD, ``rho = 0``, is always part of it, for
-``gd_ratio``) as vmapped ``se.train`` sweeps, as few programs as the device
-memory allows (``plan_programs``), and writes to ``out_dir``:
+``gd_ratio``) as vmapped ``se.train`` sweeps (``plan_programs``: on an
+accelerator as few programs as its memory allows; on a CPU one program per
+``(eta, rho)``, its seeds), and writes to ``out_dir``:
 
 - ``metrics.csv``: every tracked row of every configuration (the format of
   ``sam-eos run``); ``config.json``: the settings, what the map changed
@@ -95,23 +96,28 @@ class MapDefaults:
     rhos: SAM radii of the grid (GD, ``rho = 0``, is added).
     num_steps: training steps (None: the preset's).
     track_every: tracking cadence (None: the preset's).
+    sharpness_tol: the Lanczos stopping tolerance (None: the preset's).
   """
 
   learning_rates: tuple[float, ...]
   rhos: tuple[float, ...] = DEFAULT_RHOS
   num_steps: int | None = None
   track_every: int | None = None
+  sharpness_tol: float | None = None
 
 
 # The default map of mnist-mlp: 4 step sizes up to the cpu preset's 0.9
 # (equally spaced), 5 radii and GD, 3 seeds: 72 configurations. 500 steps
 # (the preset has 1,500) tracked every 10 (preset: 25) keep 17 points in the
-# claim window and the map within 15 minutes on 2 CPU cores.
+# claim window. The map judges ratios against a 15% band, so it certifies
+# sharpness to a relative residual of 1e-2 (preset: 1e-3): the Ritz value
+# is then within 1% of an eigenvalue (|theta - lambda| <= ||r||).
 MAP_DEFAULTS = {
     "mnist-mlp": MapDefaults(
         learning_rates=(0.3, 0.5, 0.7, 0.9),
         num_steps=500,
         track_every=10,
+        sharpness_tol=1e-2,
     ),
 }
 
@@ -155,6 +161,7 @@ def map_config(
       "rhos": defaults.rhos,
       "num_steps": defaults.num_steps or base.num_steps,
       "track_every": defaults.track_every or base.track_every,
+      "sharpness_tol": defaults.sharpness_tol or base.sharpness_tol,
   }
   fields.update({k: v for k, v in overrides.items() if v is not None})
   rhos = presets._as_tuple(fields["rhos"])  # pylint: disable=protected-access
@@ -165,7 +172,13 @@ def map_config(
   config = base.replace(**fields)
   changed = [
       f"{k} {getattr(base, k)} -> {getattr(config, k)}"
-      for k in ("num_steps", "track_every", "num_lanczos_iters", "num_examples")
+      for k in (
+          "num_steps",
+          "track_every",
+          "num_lanczos_iters",
+          "sharpness_tol",
+          "num_examples",
+      )
       if getattr(base, k) != getattr(config, k)
   ]
   note = (
@@ -177,18 +190,26 @@ def map_config(
 
 
 def plan_programs(
-    learning_rates: Sequence[float], max_configs: int
+    keys: Sequence[Any], max_configs: int, *, pack: bool = True
 ) -> list[list[int]]:
   """Groups a sweep's configurations into programs of at most ``max_configs``.
 
-  The configurations of one step size (contiguous in ``runner.sweep``
-  order) stay together when they fit; whole step sizes are packed into a
-  program while it has room, and a step size larger than ``max_configs`` is
-  split.
+  Consecutive configurations with equal ``keys`` form a block (in
+  ``runner.sweep`` order: one step size, or one ``(eta, rho)``'s seeds). A
+  block stays in one program when it fits, else it is split. With ``pack``,
+  whole blocks are packed into a program while it has room; without, every
+  block is its own program.
+
+  Why both: a vmapped program's tracking check lasts until its slowest
+  member is certified (``krylov.eigenpairs`` with ``axis_name``). On an
+  accelerator the members run in parallel, so fewer, larger programs win;
+  on a CPU they run one after another, so every member pays for the
+  slowest, and programs of alike members (one setting's seeds) win.
 
   Args:
-    learning_rates: per configuration, in sweep order (slowest axis).
+    keys: per configuration, in sweep order, what a block shares.
     max_configs: the most configurations one program may hold (>= 1).
+    pack: pack several blocks into one program.
 
   Returns:
     Lists of configuration indices, one per program, covering the sweep in
@@ -199,17 +220,19 @@ def plan_programs(
     [[0, 1, 2, 3, 4, 5], [6, 7, 8]]
     >>> plan_programs([0.1] * 3, 2)
     [[0, 1], [2]]
+    >>> plan_programs([(0.1, 0.0)] * 2 + [(0.1, 0.05)] * 2, 4, pack=False)
+    [[0, 1], [2, 3]]
   """
   max_configs = max(1, int(max_configs))
   blocks: list[list[int]] = []
-  for c, eta in enumerate(learning_rates):
-    if blocks and learning_rates[blocks[-1][0]] == eta:
+  for c, key in enumerate(keys):
+    if blocks and keys[blocks[-1][0]] == key:
       blocks[-1].append(c)
     else:
       blocks.append([c])
   programs: list[list[int]] = []
   for block in blocks:
-    if programs and len(programs[-1]) + len(block) <= max_configs:
+    if pack and programs and len(programs[-1]) + len(block) <= max_configs:
       programs[-1].extend(block)
       continue
     for start in range(0, len(block), max_configs):
@@ -743,6 +766,7 @@ def run_map(
     note: str = "",
     progress: bool = True,
     max_configs: int | None = None,
+    pack: bool | None = None,
 ) -> MapResult:
   """Trains the map's grid and writes its files (``MAP_FILES``) to ``out_dir``.
 
@@ -755,6 +779,9 @@ def run_map(
     progress: show each program's progress bar.
     max_configs: the most configurations per program; None: as many as
       ``memory_budget()`` holds by ``config_bytes``.
+    pack: pack step sizes into programs up to ``max_configs``
+      (``plan_programs``); False: one program per ``(eta, rho)`` (its
+      seeds); None: pack on an accelerator, not on a CPU.
 
   Returns:
     A ``MapResult``.
@@ -769,7 +796,10 @@ def run_map(
   sweep = runner.sweep(config)
   if max_configs is None:
     max_configs = max(1, memory_budget() // config_bytes(problem, config))
-  programs = plan_programs(sweep[0], max_configs)
+  if pack is None:
+    pack = jax.devices()[0].platform != "cpu"
+  keys = sweep[0] if pack else list(zip(sweep[0], sweep[1]))
+  programs = plan_programs(keys, max_configs, pack=pack)
   start, cpu_start = time.perf_counter(), time.process_time()
   parts = []
   for k, members in enumerate(programs):
@@ -808,6 +838,7 @@ def run_map(
                 "band": list(BAND),
                 "programs": programs,
                 "max_configs_per_program": int(max_configs),
+                "packed": bool(pack),
                 "diverged_at": diverged_at.tolist(),
                 "wall_time_s": round(wall_time, 1),
                 "cpu_time_s": round(cpu_time, 1),

@@ -92,11 +92,16 @@ def test_map_of_the_quadratic_matches_the_two_cycle(tmp_path, capsys):
   assert saved["map"]["diverged_at"] == [-1] * 18
 
 
-@pytest.mark.parametrize("max_configs", ["3", "6"])
-def test_diverged_configurations_are_recorded(tmp_path, capsys, max_configs):
+@pytest.mark.parametrize(
+    "max_configs,pack", [("3", "--no-pack"), ("6", "--pack")]
+)
+def test_diverged_configurations_are_recorded(
+    tmp_path, capsys, max_configs, pack
+):
   # eta lam1 = 2.5 > 2: GD and SAM diverge at eta 0.05 and hold at 0.01.
-  # With 3 per program the eta 0.05 programs diverge whole (TrainingDiverged);
-  # with 6 each program mixes finite and diverged configurations.
+  # One program per (eta, rho): the eta 0.05 programs diverge whole
+  # (TrainingDiverged); packed 6 per program, each program holds one step
+  # size's GD and SAM.
   out, rows = _map(
       tmp_path,
       "quadratic",
@@ -117,6 +122,7 @@ def test_diverged_configurations_are_recorded(tmp_path, capsys, max_configs):
       "4",
       "--max-configs-per-program",
       max_configs,
+      pack,
   )
   printed = capsys.readouterr().out
   assert len(rows) == 12
@@ -152,12 +158,11 @@ def test_map_of_mnist_shrunk_runs_the_real_command(tmp_path, capsys):
       "2",
       "--num-examples",
       "32",
-      "--max-configs-per-program",
-      "9",
   )
   printed = capsys.readouterr().out
   assert "mnist-mlp (cpu preset)" in printed
-  assert "in 2 program(s)" in printed
+  # On a CPU each (eta, rho) is its own program of its three seeds.
+  assert "in 6 program(s)" in printed
   assert len(rows) == 2 * 3 * 3
   assert {r["seed"] for r in rows} == {0, 1, 2}
   sam = [r for r in rows if r["rho"] > 0]
@@ -171,8 +176,7 @@ def test_map_of_mnist_shrunk_runs_the_real_command(tmp_path, capsys):
   assert rows[3]["median_ratio"] == pytest.approx(np.median(ratio))
   with open(os.path.join(out, "config.json")) as f:
     assert json.load(f)["map"]["programs"] == [
-        list(range(9)),
-        list(range(9, 18)),
+        list(range(k, k + 3)) for k in range(0, 18, 3)
     ]
 
 
@@ -261,6 +265,7 @@ def test_default_grid_of_mnist():
   config, note = edge_map.map_config("mnist-mlp")
   assert config.num_configs == 4 * 6 * 3
   assert "num_steps 1500 -> 500" in note and "track_every 25 -> 10" in note
+  assert "sharpness_tol 0.001 -> 0.01" in note
   window = [
       s
       for s in range(0, config.num_steps, config.track_every)
