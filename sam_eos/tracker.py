@@ -21,6 +21,11 @@ transform:
     relative residual reached: some eigenvalue lies within
     ``sharpness_residual * |sharpness|`` of ``sharpness``, and ``sharpness``
     never exceeds the top eigenvalue (a Rayleigh quotient);
+  - ``top_eigenvalues``: the top ``k = num_top_eigenvalues`` Ritz values of
+    the same run, descending (``top_eigenvalues[0]`` is ``sharpness``); with
+    ``k > 1`` the stopping test certifies all ``k`` top pairs to ``tol``, as
+    ``se.train(..., num_top_eigenvalues=k)`` does for its columns
+    ``top_eigenvalue_2..k``;
   - ``lambda_min``: the bottom Ritz value of the same run (an upper bound on
     the smallest eigenvalue, not certified), ``lanczos_iters`` (the products
     used);
@@ -112,6 +117,12 @@ class TrackerMetrics(NamedTuple):
     gd_edge: ``2 (1 + momentum) / learning_rate``.
     sam_edge: ``se.sam_edge(learning_rate, rho, grad_norm, momentum=...)``
       (``se.usam_edge`` for ``normalize=False``).
+    top_eigenvalues: ``(k,)``, ``k = num_top_eigenvalues``: the ``k``
+      largest Ritz values of the same run, descending, ``top_eigenvalues[0]
+      == sharpness`` (``se.train``'s ``sharpness, top_eigenvalue_2, ...,
+      top_eigenvalue_k``). Each lies within ``tol`` times its absolute value
+      of some Hessian eigenvalue unless the run stopped at the cap
+      (``lanczos_iters == min(max_iters, n)``).
   """
 
   step: jax.Array
@@ -123,6 +134,7 @@ class TrackerMetrics(NamedTuple):
   grad_norm: jax.Array
   gd_edge: jax.Array
   sam_edge: jax.Array
+  top_eigenvalues: jax.Array
 
 
 @dataclasses.dataclass(frozen=True)
@@ -152,11 +164,18 @@ class SharpnessTracker:
       dropped.
     normalize: whether the SAM is normalized (``sam_edge``) or not
       (``usam_edge``).
+    num_top_eigenvalues: the number ``k`` of top Hessian eigenvalues
+      measured (``metrics.top_eigenvalues``), all ``k`` certified to ``tol``
+      (more products per measurement for ``k > 1``); ``1 <= k <=
+      num_warm_vectors`` (the Ritz pairs a measurement returns, so ``k <=
+      max_iters`` too) and at most the number of parameters. The loop's
+      equivalent is ``se.train(..., num_top_eigenvalues=k)``.
 
   Raises:
     ValueError: at construction, if ``loss_fn`` is not callable, an integer
-      setting is out of range, ``num_warm_vectors > max_iters`` or ``tol``
-      is not positive (each message names the argument).
+      setting is out of range, ``num_warm_vectors > max_iters``,
+      ``num_top_eigenvalues > num_warm_vectors`` or ``tol`` is not positive
+      (each message names the argument).
 
   Examples:
     A hand-written GD loop on a least-squares loss, whose Hessian is
@@ -183,8 +202,17 @@ class SharpnessTracker:
     ...     print(int(m.step), float(m.gd_edge), float(m.sharpness_residual) < 1e-5)
     0 20.0 True
     5 20.0 True
-    >>> dense = np.linalg.eigvalsh(2 * np.asarray(x.T @ x) / 16)[-1]
-    >>> bool(np.isclose(m.sharpness, dense, rtol=1e-4))
+    >>> dense = np.linalg.eigvalsh(2 * np.asarray(x.T @ x) / 16)[::-1]
+    >>> bool(np.isclose(m.sharpness, dense[0], rtol=1e-4))
+    True
+
+    The top two eigenvalues, both certified:
+
+    >>> top2 = se.SharpnessTracker(loss, tol=1e-5, num_top_eigenvalues=2)
+    >>> _, m2 = top2.update(top2.init(w), w, batch, learning_rate=0.1)
+    >>> m2.top_eigenvalues.shape, bool(m2.top_eigenvalues[0] == m2.sharpness)
+    ((2,), True)
+    >>> bool(np.allclose(m2.top_eigenvalues, dense[:2], rtol=1e-4))
     True
 
   References:
@@ -198,6 +226,7 @@ class SharpnessTracker:
   num_warm_vectors: int = 3
   has_aux: bool = False
   normalize: bool = True
+  num_top_eigenvalues: int = 1
 
   def __post_init__(self):
     if not callable(self.loss_fn):
@@ -211,6 +240,21 @@ class SharpnessTracker:
       raise ValueError(
           f"`num_warm_vectors` ({self.num_warm_vectors}) must be <= "
           f"`max_iters` ({self.max_iters})."
+      )
+    _checks.check_int("num_top_eigenvalues", self.num_top_eigenvalues, 1)
+    if self.num_top_eigenvalues > self.max_iters:
+      raise ValueError(
+          f"`num_top_eigenvalues` ({self.num_top_eigenvalues}) must be <= "
+          f"`max_iters` ({self.max_iters}): a measurement finds at most "
+          "that many Ritz values; raise `max_iters` and `num_warm_vectors` "
+          "to at least `num_top_eigenvalues`."
+      )
+    if self.num_top_eigenvalues > self.num_warm_vectors:
+      raise ValueError(
+          f"`num_top_eigenvalues` ({self.num_top_eigenvalues}) must be <= "
+          f"`num_warm_vectors` ({self.num_warm_vectors}): a measurement "
+          "returns that many Ritz pairs; pass "
+          f"num_warm_vectors={self.num_top_eigenvalues} or more."
       )
     if self.tol is not None:
       if isinstance(self.tol, bool) or not np.isscalar(self.tol):
@@ -227,6 +271,11 @@ class SharpnessTracker:
     if not jnp.issubdtype(flat.dtype, jnp.floating):
       raise ValueError(
           f"`params` must be floating point, got dtype {flat.dtype}."
+      )
+    if self.num_top_eigenvalues > flat.size:
+      raise ValueError(
+          f"`num_top_eigenvalues` ({self.num_top_eigenvalues}) must be <= "
+          f"the number of parameters ({flat.size})."
       )
     max_iters = min(self.max_iters, flat.size)
     return flat.size, max_iters, min(self.num_warm_vectors, max_iters)
@@ -246,7 +295,8 @@ class SharpnessTracker:
       min(num_warm_vectors, max_iters, n)``, in the working dtype.
 
     Raises:
-      ValueError: if ``params`` holds no parameter or is not floating point.
+      ValueError: if ``params`` holds no parameter, is not floating point or
+        holds fewer than ``num_top_eigenvalues`` parameters.
     """
     size, _, num_vectors = self._sizes(params)
     dtype = working_dtype(ravel_pytree(params)[0].dtype)
@@ -282,7 +332,11 @@ class SharpnessTracker:
     )
     _, max_iters, _ = self._sizes(params)
     measured = krylov.track_top(
-        flat_matvec(matvec, params), eigvecs, max_iters, self.tol
+        flat_matvec(matvec, params),
+        eigvecs,
+        max_iters,
+        self.tol,
+        num_certified=self.num_top_eigenvalues,
     )
     dtype = eigvecs.dtype
     norm = global_norm(grads) if grad_norm is None else grad_norm
@@ -300,6 +354,9 @@ class SharpnessTracker:
         grad_norm=norm,
         gd_edge=jnp.asarray(gd).astype(dtype),
         sam_edge=jnp.asarray(sam).astype(dtype),
+        top_eigenvalues=measured.values[: self.num_top_eigenvalues].astype(
+            dtype
+        ),
     )
     return state._replace(eigvecs=measured.vectors), metrics
 

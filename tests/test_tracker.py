@@ -1,5 +1,6 @@
 """SharpnessTracker in a hand-written optax loop, against dense ``eigh``."""
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -185,6 +186,60 @@ def test_vmap_over_hyperparameters_and_params():
       )
 
 
+def test_top_eigenvalues_match_dense_eigh_and_train():
+  """``num_top_eigenvalues = k``: the top ``k`` of ``eigh``, as ``se.train``."""
+  k, tol, cap = 3, 1e-6, 27  # n = 27 parameters
+  with jax.enable_x64(True):
+    params, batch = mlp_problem()
+    tracker = se.SharpnessTracker(
+        mlp_loss,
+        track_every=2,
+        tol=tol,
+        max_iters=cap,
+        num_top_eigenvalues=k,
+    )
+    update = jax.jit(
+        lambda s, p: tracker.update(s, p, batch, learning_rate=LEARNING_RATE)
+    )
+    grad = jax.jit(jax.grad(mlp_loss))
+    state, w, rows = tracker.init(params), params, []
+    for _ in range(3):  # steps 0 and 2 tracked (cold, then warm), 1 skipped
+      state, m = update(state, w)
+      rows.append((w, m))
+      w = jax.tree.map(lambda p, g: p - LEARNING_RATE * g, w, grad(w, batch))
+    for w, m in rows:
+      chex.assert_shape(m.top_eigenvalues, (k,))
+      chex.assert_type(m.top_eigenvalues, jnp.float64)
+      if not bool(m.tracked):
+        assert np.all(np.isnan(m.top_eigenvalues))
+        continue
+      assert float(m.lanczos_iters) < cap  # stopped on the certificate
+      ritz = np.asarray(m.top_eigenvalues)
+      assert ritz[0] == float(m.sharpness)
+      assert np.all(np.diff(ritz) <= 0)
+      dense = dense_spectrum(mlp_loss, w, batch)[::-1][:k]
+      np.testing.assert_array_less(np.abs(ritz - dense), tol * np.abs(ritz))
+    result = se.train(
+        mlp_loss,
+        params,
+        batch,
+        learning_rate=LEARNING_RATE,
+        num_steps=1,
+        track_every=1,
+        num_lanczos_iters=cap,
+        sharpness_tol=tol,
+        num_top_eigenvalues=k,
+        progress=False,
+    )
+    hist = result.history
+    loop = [hist["sharpness"][0]] + [
+        hist[f"top_eigenvalue_{i}"][0] for i in range(2, k + 1)
+    ]
+    chex.assert_trees_all_close(
+        rows[0][1].top_eigenvalues, jnp.asarray(loop), rtol=2 * tol
+    )
+
+
 def test_model_state_is_held_fixed():
   """With ``has_aux`` and ``model_state`` the Hessian is that of the closure."""
   with jax.enable_x64(True):
@@ -235,11 +290,20 @@ def test_bad_arguments_name_the_argument():
       (dict(max_iters=0), "max_iters"),
       (dict(num_warm_vectors=5, max_iters=4), "num_warm_vectors"),
       (dict(tol=-1.0), "tol"),
+      (dict(num_top_eigenvalues=0), "num_top_eigenvalues"),
+      (dict(num_top_eigenvalues=2.0), "num_top_eigenvalues"),
+      (dict(num_top_eigenvalues=4), "num_top_eigenvalues.*num_warm_vectors"),
+      (
+          dict(num_top_eigenvalues=5, max_iters=4, num_warm_vectors=4),
+          "num_top_eigenvalues.*max_iters",
+      ),
   ]:
     with pytest.raises(ValueError, match=name):
       se.SharpnessTracker(mlp_loss, **kwargs)
   with pytest.raises(ValueError, match="loss_fn"):
     se.SharpnessTracker("not a function")
+  with pytest.raises(ValueError, match="num_top_eigenvalues.*parameters"):
+    se.SharpnessTracker(mlp_loss, num_top_eigenvalues=3).init(jnp.zeros(2))
   tracker = se.SharpnessTracker(mlp_loss)
   state = tracker.init(params)
   with pytest.raises(ValueError, match="state"):
