@@ -27,6 +27,15 @@ real branch under ``vmap``), measures at ``w_t`` on the step's batch:
 * ``grad_norm``, ``loss``, ``gd_edge``, ``sam_edge`` (``usam_edge`` for
   unnormalized SAM), ``grad_alignment = |cos(g, v1)|`` and
   ``sam_grad_alignment = |cos(g_SAM, v1)|``;
+* with ``batch_sharpness_batches = K`` (minibatch runs), the batch sharpness
+  ``E_B[g_B^T H_B g_B] / E_B[||g_B||^2]`` at ``w_t`` over ``K`` random
+  batches of ``batch_size`` real examples drawn from
+  ``batch_sharpness_key(key, t)`` (``stochastic.batch_sharpness``; columns
+  ``batch_sharpness``, ``batch_sharpness_low``, ``batch_sharpness_high``)
+  and ``batch_sam_edge = E_B[sam_edge(eta, rho, ||g_B||)]`` over the same
+  batches (``stochastic.batch_sam_edge``; the USAM edge, which does not
+  depend on the gradient, for unnormalized SAM), both with the loss at
+  ``s_t``;
 * if the config has an ``eval_fn``, its scalars ``eval_fn(w_t, eval_data)``
   (e.g. test loss and accuracy), inside the same compiled program.
 
@@ -35,8 +44,12 @@ the SAM gradient coming from ``sam.perturbed_gradient`` fed with the step's
 gradient (one more gradient per step; ``m_sharpness`` groups add their own;
 none with ``use_sam=False``), as plain SAM, ASAM (``adaptive``) or
 Eigen-SAM (``eigen_weight > 0``, with the top Ritz vector of the most
-recent check, this step's on a tracked step). The edges and alignments are
-computed on tracked steps only.
+recent check, this step's on a tracked step). With a ``weight_decay``
+``wd > 0`` the base update is fed ``grad L(w_t + e_t) + wd w_t`` and the
+ascent ``e_t`` is along ``g_t`` (decay outside the perturbation) or, with
+``decay_in_perturbation``, along ``g_t + wd w_t``; every recorded metric
+is of the data loss ``L`` alone. The edges and alignments are computed on
+tracked steps only.
 Steps with ``t >= end`` are skipped (``lax.cond``), so a partial last chunk
 reuses the same compiled program.
 
@@ -66,6 +79,11 @@ References:
   Scale-Invariant Learning of Deep Neural Networks", ICML 2021 (``adaptive``).
   Luo et al., "Explicit Eigenvalue Regularization Improves Sharpness-Aware
   Minimization", 2024 (``eigen_weight``).
+  Andreyev & Beneventano, "Edge of Stochastic Stability: Revisiting the Edge
+  of Stability for SGD", arXiv:2412.20553, 2024 (``batch_sharpness``).
+  Foret et al., "Sharpness-Aware Minimization for Efficiently Improving
+  Generalization", ICLR 2021; Andriushchenko & Flammarion, "Towards
+  Understanding Sharpness-Aware Minimization", ICML 2022 (weight decay).
 """
 
 from __future__ import annotations
@@ -78,7 +96,7 @@ import jax.numpy as jnp
 import optax
 from jax.flatten_util import ravel_pytree
 
-from sam_eos import edges, krylov
+from sam_eos import edges, krylov, stochastic
 from sam_eos._types import PyTree
 from sam_eos.hessian import flat_matvec
 from sam_eos.lanczos import working_dtype
@@ -96,6 +114,16 @@ METRIC_NAMES = (
     "lanczos_iters",
     "sharpness_residual",
 )
+# The metrics ``batch_sharpness_batches`` adds, in order.
+BATCH_SHARPNESS_NAMES = (
+    "batch_sharpness",
+    "batch_sharpness_low",
+    "batch_sharpness_high",
+    "batch_sam_edge",
+)
+# Folded into a step's key for its batch-sharpness batches (see
+# ``batch_sharpness_key``), so they differ from the step's own batch.
+_BATCH_SHARPNESS_STREAM = 0x5EB5
 
 
 def top_eigenvalue_names(num_top_eigenvalues: int) -> tuple[str, ...]:
@@ -114,6 +142,49 @@ def top_eigenvalue_names(num_top_eigenvalues: int) -> tuple[str, ...]:
     ('top_eigenvalue_2', 'top_eigenvalue_3')
   """
   return tuple(f"top_eigenvalue_{i}" for i in range(2, num_top_eigenvalues + 1))
+
+
+def batch_sharpness_names(
+    batch_sharpness_batches: int | None,
+) -> tuple[str, ...]:
+  """The metrics ``batch_sharpness_batches`` adds (none when it is None).
+
+  Args:
+    batch_sharpness_batches: the number ``K`` of random batches of each
+      batch-sharpness estimate, or None for no estimate.
+
+  Returns:
+    ``BATCH_SHARPNESS_NAMES``, or ``()`` when ``batch_sharpness_batches`` is
+    None.
+
+  Examples:
+    >>> from sam_eos.loop import batch_sharpness_names
+    >>> batch_sharpness_names(8)
+    ('batch_sharpness', 'batch_sharpness_low', 'batch_sharpness_high', 'batch_sam_edge')
+    >>> batch_sharpness_names(None)
+    ()
+  """
+  return () if batch_sharpness_batches is None else BATCH_SHARPNESS_NAMES
+
+
+def batch_sharpness_key(key: jax.Array, step: jax.Array) -> jax.Array:
+  """The PRNG key of step ``step``'s batch-sharpness batches.
+
+  ``fold_in(fold_in(key, step), _BATCH_SHARPNESS_STREAM)``: reproducible
+  from the run's ``key``, and distinct from ``fold_in(key, step)``, the key
+  of the step's own batch. ``stochastic.batch_sharpness`` then draws batch
+  ``i`` from ``fold_in`` of it with ``i``.
+
+  Args:
+    key: the run's PRNG key.
+    step: the global step ``t``.
+
+  Returns:
+    The key passed to ``stochastic.batch_sharpness`` at step ``t``.
+  """
+  return jax.random.fold_in(
+      jax.random.fold_in(key, step), _BATCH_SHARPNESS_STREAM
+  )
 
 
 class Hyperparams(NamedTuple):
@@ -162,6 +233,7 @@ class ChunkOutput(NamedTuple):
     tracked: whether row ``t`` was measured.
     metrics: dict name -> values (NaN on untracked rows, never used):
       ``METRIC_NAMES``, ``top_eigenvalue_names(num_top_eigenvalues)``,
+      ``batch_sharpness_names(batch_sharpness_batches)``,
       ``preconditioned_sharpness`` with a ``preconditioner``, then the keys
       of ``eval_fn``'s dict.
   """
@@ -230,6 +302,17 @@ class LoopConfig:
       hyperparameter: the run's ``learning_rate`` is written into its state
       at step 0, and the edges use the ``learning_rate`` (and ``momentum``,
       if injected) that the optimizer's state holds after each update.
+    batch_sharpness_batches: with a ``batch_size``, the number ``K`` of
+      random batches of ``batch_size`` examples (from the first
+      ``num_examples`` rows) over which tracked steps estimate the batch
+      sharpness and ``batch_sam_edge`` at ``w_t``; None for no estimate.
+    weight_decay: ``wd >= 0``; the base optimizer is fed ``grad L(w + e) +
+      wd w`` (L2 regularization coupled to the gradient), 0 for none.
+    decay_in_perturbation: the SAM ascent is along ``g + wd w`` (the
+      regularized loss's gradient, as ``optax.chain(
+      optax.add_decayed_weights(wd), sam(base, rho))``) instead of ``g``
+      (as ``sam(optax.chain(optax.add_decayed_weights(wd), base), rho)``).
+      Not with ``m_sharpness``.
     axis_name: the name of the ``vmap`` axis over configurations that the
       core runs under, or None when it is not vmapped. Tracking passes it to
       the solver, whose stopping test then stays a loop condition shared by
@@ -260,6 +343,9 @@ class LoopConfig:
   injected_learning_rate: bool = False
   eval_model_state: bool = False
   preconditioner: Callable[[optax.OptState], PyTree] | None = None
+  batch_sharpness_batches: int | None = None
+  weight_decay: float = 0.0
+  decay_in_perturbation: bool = False
   axis_name: str | None = None
 
 
@@ -489,6 +575,98 @@ def _evaluate(
   }
 
 
+def _batch_metrics(
+    config: LoopConfig,
+    state: TrainState,
+    data: PyTree,
+    step: jax.Array,
+    learning_rate: jax.Array,
+    rho: jax.Array,
+    momentum: Any,
+) -> dict[str, jax.Array]:
+  """The batch sharpness and ``batch_sam_edge`` at ``w_t`` (see the module).
+
+  Both draw the same ``K = config.batch_sharpness_batches`` batches of
+  ``config.batch_size`` real examples, from ``batch_sharpness_key(key,
+  step)``, and use the loss with the model state held at ``s_t``.
+  """
+  loss_fn = lambda p, b: config.loss_fn(p, b, state.model_state)
+  examples = data
+  if config.num_examples is not None:
+    examples = jax.tree.map(lambda x: x[: config.num_examples], data)
+  sampling = dict(
+      batch_size=config.batch_size,
+      num_batches=config.batch_sharpness_batches,
+      key=batch_sharpness_key(state.key, step),
+      has_aux=True,
+  )
+  sharpness = stochastic.batch_sharpness(
+      loss_fn, state.params, examples, **sampling
+  )
+  if config.normalize:
+    edge = stochastic.batch_sam_edge(
+        loss_fn,
+        state.params,
+        examples,
+        learning_rate=learning_rate,
+        rho=rho,
+        momentum=momentum,
+        **sampling,
+    ).value
+  else:
+    edge = edges.usam_edge(learning_rate, rho, momentum=momentum)
+  return dict(
+      zip(
+          BATCH_SHARPNESS_NAMES,
+          (sharpness.value, sharpness.lower, sharpness.upper, edge),
+      )
+  )
+
+
+def _sam_gradient(
+    config: LoopConfig,
+    hparams: Hyperparams,
+    params: PyTree,
+    batch: Any,
+    grads: PyTree,
+    model_state: PyTree,
+    eigenvector: PyTree | None,
+) -> PyTree:
+  """``grad L(w + e)`` on the step's batch, ``g`` itself at ``rho = 0``.
+
+  The ascent ``e`` is along ``g``, or along ``g + wd w`` with
+  ``config.decay_in_perturbation`` (and ``weight_decay > 0``); then
+  ``perturbed_gradient``, which returns its ascent direction at ``rho = 0``,
+  is followed by a select of ``g`` there.
+  """
+  inside = config.decay_in_perturbation and config.weight_decay > 0
+  ascent = grads
+  if inside:
+    ascent = optax.tree.add(
+        grads, optax.tree.scale(config.weight_decay, params)
+    )
+  sam_grads = perturbed_gradient(
+      lambda p, b: config.loss_fn(p, b, model_state)[0],
+      params,
+      batch,
+      ascent,
+      rho=hparams.rho,
+      normalize=config.normalize,
+      eps=config.eps,
+      m_sharpness=config.m_sharpness,
+      group_sharding=config.group_sharding,
+      adaptive=config.adaptive,
+      adaptive_eta=config.adaptive_eta,
+      eigenvector=eigenvector,
+      eigen_weight=config.eigen_weight,
+  )
+  if not inside:
+    return sam_grads
+  return jax.tree.map(
+      lambda g, s: jnp.where(hparams.rho == 0, g, s), grads, sam_grads
+  )
+
+
 def _nan_like(tree: PyTree) -> PyTree:
   """A pytree of NaN arrays with the shapes and dtypes of ``tree``'s leaves."""
   return jax.tree.map(lambda x: jnp.full(x.shape, jnp.nan, x.dtype), tree)
@@ -539,26 +717,19 @@ def _train_step(
     if config.eigen_weight > 0:
       flat, unravel = ravel_pytree(state.params)
       eigenvector = unravel(measured.vectors[0].astype(flat.dtype))
-    sam_grads = perturbed_gradient(
-        lambda p, b: config.loss_fn(p, b, model_state)[0],
-        state.params,
-        batch,
-        grads,
-        rho=hparams.rho,
-        normalize=config.normalize,
-        eps=config.eps,
-        m_sharpness=config.m_sharpness,
-        group_sharding=config.group_sharding,
-        adaptive=config.adaptive,
-        adaptive_eta=config.adaptive_eta,
-        eigenvector=eigenvector,
-        eigen_weight=config.eigen_weight,
+    sam_grads = _sam_gradient(
+        config, hparams, state.params, batch, grads, model_state, eigenvector
     )
   else:
     sam_grads = grads
+  step_grads = sam_grads
+  if config.weight_decay:
+    step_grads = optax.tree.add(
+        sam_grads, optax.tree.scale(config.weight_decay, state.params)
+    )
   optimizer = make_optimizer(config, hparams)
   updates, opt_state = optimizer.update(
-      sam_grads, state.opt_state, state.params
+      step_grads, state.opt_state, state.params
   )
   params = optax.apply_updates(state.params, updates)
 
@@ -602,6 +773,15 @@ def _train_step(
       tracked_metrics,
       lambda: _nan_like(jax.eval_shape(tracked_metrics)),
   )
+  batch_metrics = {}
+  if config.batch_sharpness_batches is not None:
+    # On ``tracked`` alone, unbatched under vmap, so it stays a real branch.
+    estimate = lambda: _batch_metrics(
+        config, state, data, step, learning_rate, hparams.rho, momentum
+    )
+    batch_metrics = jax.lax.cond(
+        tracked, estimate, lambda: _nan_like(jax.eval_shape(estimate))
+    )
   metrics = {
       "loss": loss,
       "grad_norm": grad_norm,
@@ -616,6 +796,7 @@ def _train_step(
               measured.values[1 : config.num_top_eigenvalues],
           )
       ),
+      **batch_metrics,
       **(
           {"preconditioned_sharpness": preconditioned.sharpness}
           if preconditioned

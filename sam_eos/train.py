@@ -53,6 +53,8 @@ class TrainResult(NamedTuple):
       sam_grad_alignment, lanczos_iters, sharpness_residual, wall_time``
       (``se.HISTORY_COLUMNS``), then ``top_eigenvalue_2, ...,
       top_eigenvalue_k`` with ``num_top_eigenvalues = k > 1``,
+      ``batch_sharpness, batch_sharpness_low, batch_sharpness_high,
+      batch_sam_edge`` with ``batch_sharpness_batches``,
       ``preconditioned_sharpness`` with a ``preconditioner``, then the keys
       of ``eval_fn``'s dict; shape ``(rows,)``, or ``(configs, rows)`` for a
       sweep. A configuration of a sweep that diverged at step ``t`` has NaN
@@ -673,6 +675,59 @@ def _check_top_eigenvalues(
     )
 
 
+def _check_batch_sharpness(
+    batch_sharpness_batches: int | None, batch_size: int | None
+) -> int | None:
+  """Validates ``batch_sharpness_batches`` against ``batch_size``.
+
+  Returns:
+    ``batch_sharpness_batches`` as a Python int, or None.
+
+  Raises:
+    ValueError: for a count below 1, or one without a ``batch_size``.
+  """
+  if batch_sharpness_batches is None:
+    return None
+  if batch_size is None:
+    raise ValueError(
+        "`batch_sharpness_batches` estimates the sharpness of minibatches of "
+        "`batch_size` examples and needs a `batch_size`; set batch_size (its "
+        "value N, the number of examples, gives g^T H g / ||g||^2 of the "
+        "full batch) or drop batch_sharpness_batches."
+    )
+  return _checks.check_int(
+      "batch_sharpness_batches", batch_sharpness_batches, 1
+  )
+
+
+def _check_weight_decay(
+    weight_decay: float, decay_in_perturbation: bool, m_sharpness: int | None
+) -> float:
+  """Validates the weight-decay options of ``train``; returns ``wd``.
+
+  Raises:
+    ValueError: for a ``weight_decay`` that is not a finite real ``>= 0``,
+      a non-bool ``decay_in_perturbation``, or ``decay_in_perturbation``
+      with ``m_sharpness`` (whose groups ascend along their own gradients).
+  """
+  _checks.check_nonnegative_scalar("weight_decay", weight_decay)
+  if not np.isfinite(weight_decay):
+    raise ValueError(f"`weight_decay` must be finite, got {weight_decay!r}.")
+  if not isinstance(decay_in_perturbation, (bool, np.bool_)):
+    raise ValueError(
+        "`decay_in_perturbation` must be a bool, got "
+        f"{decay_in_perturbation!r}."
+    )
+  if decay_in_perturbation and m_sharpness is not None:
+    raise ValueError(
+        "`decay_in_perturbation=True` cannot be combined with `m_sharpness`: "
+        "each m-sharpness group ascends along its own gradient. Use "
+        "decay_in_perturbation=False (decay outside the perturbation) or "
+        "m_sharpness=None."
+    )
+  return float(weight_decay)
+
+
 def _check_m_sharpness(
     m_sharpness: int | None, batch_size: int | None, num_examples: int
 ) -> int | None:
@@ -706,6 +761,7 @@ def _validate(
     sharpness_tol: float | None,
     num_warm_vectors: int,
     num_top_eigenvalues: int,
+    batch_sharpness_batches: int | None,
     key: Any,
     mesh: Mesh | None,
     chunk_size: int | None,
@@ -714,6 +770,8 @@ def _validate(
     adaptive: bool,
     adaptive_eta: float,
     eigen_weight: float,
+    weight_decay: float,
+    decay_in_perturbation: bool,
     eval_fn: Callable | None,
     per_config_params: bool,
     metadata: dict[str, Any] | None,
@@ -774,9 +832,19 @@ def _validate(
           f"{preconditioner!r}."
       )
     eval_columns = (PRECONDITIONED_COLUMN,) + eval_columns
-  eval_columns = loop.top_eigenvalue_names(num_top_eigenvalues) + eval_columns
+  batch_sharpness_batches = _check_batch_sharpness(
+      batch_sharpness_batches, batch_size
+  )
+  eval_columns = (
+      loop.top_eigenvalue_names(num_top_eigenvalues)
+      + loop.batch_sharpness_names(batch_sharpness_batches)
+      + eval_columns
+  )
   eval_columns = hist.columns(eval_columns)[len(hist.HISTORY_COLUMNS) :]
   m_sharpness = _check_m_sharpness(m_sharpness, batch_size, num_examples)
+  weight_decay = _check_weight_decay(
+      weight_decay, decay_in_perturbation, m_sharpness
+  )
   injected = optimizer is not None and _injected_learning_rate(
       optimizer, params, lrs, momentum
   )
@@ -813,6 +881,9 @@ def _validate(
       injected_learning_rate=injected,
       eval_model_state=model_state is not None,
       preconditioner=preconditioner,
+      batch_sharpness_batches=batch_sharpness_batches,
+      weight_decay=weight_decay,
+      decay_in_perturbation=bool(decay_in_perturbation),
   )
   dtype = jnp.result_type(float)
   hparams = loop.Hyperparams(
@@ -1177,6 +1248,7 @@ def train(
     sharpness_tol: float | None = 1e-3,
     num_warm_vectors: int = 3,
     num_top_eigenvalues: int = 1,
+    batch_sharpness_batches: int | None = None,
     has_aux: bool = False,
     model_state: PyTree | None = None,
     preconditioner: Callable[[optax.OptState], PyTree] | None = None,
@@ -1190,6 +1262,8 @@ def train(
     adaptive: bool = False,
     adaptive_eta: float = 0.01,
     eigen_weight: float = 0.0,
+    weight_decay: float = 0.0,
+    decay_in_perturbation: bool = False,
     metadata: dict[str, Any] | None = None,
     eval_fn: Callable[[PyTree, Any], dict[str, jax.Array]] | None = None,
     eval_data: Any = None,
@@ -1200,7 +1274,8 @@ def train(
   Runs ``num_steps`` steps of ``w <- w - eta * grad L(w + e)`` with
   ``e = rho g / (||g|| + eps)`` (``rho g`` if not ``normalize``; ``e = 0`` at
   ``rho = 0``), with heavy-ball ``momentum`` or a custom base ``optimizer``;
-  ``adaptive`` (ASAM) and ``eigen_weight`` (Eigen-SAM) change ``e``.
+  ``adaptive`` (ASAM) and ``eigen_weight`` (Eigen-SAM) change ``e``, and
+  ``weight_decay`` adds ``wd * w`` to the gradient the optimizer is fed.
   Every ``track_every`` steps it records, at the iterate and on the step's
   batch, the history columns (see ``TrainResult``); sharpness is the top
   Hessian eigenvalue by Lanczos, warm-started from the previous check's top
@@ -1295,6 +1370,23 @@ def train(
       does, unless the check stopped at the cap (``lanczos_iters ==
       num_lanczos_iters``). Must be ``<= num_lanczos_iters`` and the number
       of parameters.
+    batch_sharpness_batches: with a ``batch_size``, an int ``K >= 1``: every
+      tracked step also records, at ``w_t``, the batch sharpness
+      ``E_B[g_B^T H_B g_B] / E_B[||g_B||^2]`` of minibatches ``B`` of
+      ``batch_size`` examples (Andreyev & Beneventano 2024, the curvature
+      that minibatch SGD drives to ``2 / eta``), estimated over ``K``
+      random batches of the real examples (``se.batch_sharpness``), as the
+      columns ``batch_sharpness``, ``batch_sharpness_low`` and
+      ``batch_sharpness_high`` (the estimate and its 95% interval,
+      ``-inf``/``inf`` for ``K = 1``), and ``batch_sam_edge``, the mean
+      SAM-edge ``E_B[sam_edge(eta, rho, ||g_B||)]`` over the same batches
+      (``se.batch_sam_edge``, with the step's learning rate, ``rho`` and
+      momentum; ``2 (1 + momentum) / eta`` at ``rho = 0``, the USAM edge,
+      constant in ``g``, with ``normalize=False``). The batches come from
+      ``sam_eos.loop.batch_sharpness_key(key, step)``: reproducible, and
+      not the step's own batch. With a ``model_state`` the losses use the
+      step's ``s_t``. Costs ``K`` gradients and Hessian-vector products
+      plus ``K`` gradients per tracked step. None (default): no columns.
     key: int seed, list (or signed integer array) of seeds, or PRNG
       key(s): typed keys, or ``uint32`` raw key data whose trailing axis is
       one key's data (as ``jax.random.PRNGKey``); default seed 0.
@@ -1337,6 +1429,25 @@ def train(
       tracked step, the one just measured at ``w_t``). 0 (default) is plain
       SAM. Not together with ``adaptive``. Like ``adaptive``, it changes
       SAM configurations only (``rho > 0``); GD rows are unaffected.
+    weight_decay: finite ``wd >= 0``: L2 regularization ``wd/2 ||w||^2``
+      coupled to the gradient, the optimizer being fed ``grad L(w + e) +
+      wd * w``, the decay taken at the unperturbed ``w`` (0, the default,
+      is none). With a custom ``optimizer`` (e.g. Adam) the decay passes
+      through its preconditioning; for decoupled decay pass
+      ``optax.adamw`` instead. Every recorded column (``loss``,
+      ``grad_norm``, ``sharpness``, the eigenvalues, alignments and edges,
+      which use ``||g||``) is of the data loss ``L`` without the decay
+      term: the regularized objective's Hessian is ``H + wd I``, its top
+      eigenvalue ``sharpness + wd``.
+    decay_in_perturbation: (bool) where the decay enters the SAM ascent,
+      which Foret et al. 2021 and Andriushchenko & Flammarion 2022 discuss.
+      False (default, outside): ``e`` is computed from ``g = grad L(w)``
+      alone, as ``se.sam(optax.chain(optax.add_decayed_weights(wd), base),
+      rho)``. True (inside): ``e`` is computed from ``g + wd * w``, the
+      gradient of the regularized loss, as ``optax.chain(
+      optax.add_decayed_weights(wd), se.sam(base, rho))``. Either way the
+      step is ``w <- w + base_update(grad L(w + e) + wd * w)``, exactly
+      the transform's (see ``se.sam``). Not with ``m_sharpness``.
     metadata: extra JSON-serializable settings saved in ``config.json``
       (not compared on resume).
     eval_fn: optional ``eval_fn(params, eval_data) -> dict`` of real
@@ -1381,7 +1492,10 @@ def train(
     ValueError: for invalid arguments (named in the message: e.g. a
       non-finite ``learning_rate``, empty ``data``, integer ``params``, a
       non-bool ``normalize``, non-JSON ``metadata``, ``adaptive`` with
-      ``eigen_weight > 0``, ``num_top_eigenvalues > num_lanczos_iters``), a
+      ``eigen_weight > 0``, ``num_top_eigenvalues > num_lanczos_iters``,
+      ``batch_sharpness_batches`` without a ``batch_size`` or below 1, a
+      negative ``weight_decay``, ``decay_in_perturbation`` with
+      ``m_sharpness``), a
       checkpoint in ``out_dir`` from a run with other settings (the message
       names them) or beyond ``num_steps``, or a foreign ``metrics.csv`` in
       ``out_dir``.
@@ -1407,7 +1521,13 @@ def train(
     Kim, Park & Choi, "ASAM: Adaptive Sharpness-Aware Minimization for
     Scale-Invariant Learning of Deep Neural Networks", ICML 2021
     (``adaptive``); Luo et al., "Explicit Eigenvalue Regularization Improves
-    Sharpness-Aware Minimization", 2024 (``eigen_weight``).
+    Sharpness-Aware Minimization", 2024 (``eigen_weight``); Andreyev &
+    Beneventano, "Edge of Stochastic Stability: Revisiting the Edge of
+    Stability for SGD", arXiv:2412.20553, 2024 (``batch_sharpness_batches``);
+    Foret et al., "Sharpness-Aware Minimization for Efficiently Improving
+    Generalization", ICLR 2021, and Andriushchenko & Flammarion, "Towards
+    Understanding Sharpness-Aware Minimization", ICML 2022
+    (``decay_in_perturbation``).
   """
   num_steps = _checks.check_int("num_steps", num_steps, 1)
   settings = _validate(
@@ -1427,6 +1547,7 @@ def train(
       sharpness_tol=sharpness_tol,
       num_warm_vectors=num_warm_vectors,
       num_top_eigenvalues=num_top_eigenvalues,
+      batch_sharpness_batches=batch_sharpness_batches,
       has_aux=has_aux,
       model_state=model_state,
       preconditioner=preconditioner,
@@ -1438,6 +1559,8 @@ def train(
       adaptive=adaptive,
       adaptive_eta=adaptive_eta,
       eigen_weight=eigen_weight,
+      weight_decay=weight_decay,
+      decay_in_perturbation=decay_in_perturbation,
       eval_fn=eval_fn,
       per_config_params=per_config_params,
       metadata=metadata,
