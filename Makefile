@@ -2,7 +2,7 @@
 #   make demo   set up .venv and run the default experiment on the bundled data
 #   make test   set up .venv and run the whole test suite (what CI runs)
 #   make paper  the paper's three experiments at full size (an accelerator)
-#   make map    where the SAM-edge holds: sam-eos map mnist-mlp (~30 min on 2 cores)
+#   make map    where the SAM-edge holds: sam-eos map mnist-mlp (~15 min on 2 cores)
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin

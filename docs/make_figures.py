@@ -60,6 +60,9 @@ MAP_START, MAP_END = "<!-- EDGE_MAP:START -->", "<!-- EDGE_MAP:END -->"
 PAPER_ROOT = ROOT / "docs" / "paper"
 PAPER_EXPERIMENTS = ("mnist-mlp", "cifar10-cnn", "shakespeare-transformer")
 PAPER_START, PAPER_END = "<!-- PAPER:START -->", "<!-- PAPER:END -->"
+# Beyond the paper: runs of other optimizers, reported in their own block.
+ADAM_EXPERIMENT = "mnist-mlp-adam"
+ADAM_START, ADAM_END = "<!-- ADAM:START -->", "<!-- ADAM:END -->"
 
 
 def _over_seeds(found: list, name: str) -> str:
@@ -217,6 +220,38 @@ def map_lines(folder: pathlib.Path = EDGE_MAP) -> list[str]:
   return [text]
 
 
+def adam_lines(name: str = ADAM_EXPERIMENT) -> list[str]:
+  """The README's lines on the committed Adam run: its claims and findings.
+
+  Args:
+    name: an experiment with an Adam base and a run in ``docs/figures``.
+
+  Returns:
+    The run's settings and wall time, then the lines of
+    ``claims.summarize`` (``adam_at_edge`` over seeds) and the Adam lines
+    of ``claims.findings`` (every configuration, SAM on Adam included), as
+    a Markdown list.
+  """
+  run = FIGURE_ROOT / name
+  metadata = json.loads((run / "config.json").read_text())["metadata"]
+  times = json.loads((FIGURE_ROOT / TIMES).read_text())
+  metrics = history.read_csv(run / "metrics.csv")
+  found = claims.check_claims(metrics)
+  summary = [
+      line for line in claims.summarize(found)[1:] if "adam_at_edge" in line
+  ]
+  adam = [line for line in claims.findings(metrics) if "(Adam," in line]
+  head = (
+      f"`sam-eos run {name}` ({metadata['description']}; eta "
+      f"{', '.join(f'{v:g}' for v in metadata['learning_rates'])}, rho "
+      f"{', '.join(f'{v:g}' for v in metadata['rhos'])}, "
+      f"{len(metadata['seeds'])} seeds, {metadata['num_steps']:,} steps; "
+      f"{times[name]:.0f} s on a shared 2-core machine; "
+      f"[figure](docs/figures/{name}/{plots.ADAM_FIGURE})):"
+  )
+  return [head] + [f"- {line}" for line in summary + adam]
+
+
 def paper_rows(names: tuple[str, ...] = PAPER_EXPERIMENTS) -> list[str]:
   """The README's table of the paper runs: measured, or not yet.
 
@@ -261,6 +296,7 @@ def write_table() -> None:
   text = _replace(README.read_text(), START, END, table_rows())
   text = _replace(text, FAILURES_START, FAILURES_END, failure_lines())
   text = _replace(text, MAP_START, MAP_END, map_lines())
+  text = _replace(text, ADAM_START, ADAM_END, adam_lines())
   README.write_text(_replace(text, PAPER_START, PAPER_END, paper_rows()))
 
 

@@ -39,6 +39,14 @@ every seed. The claims, named as in ``sam-eos check``:
   than ``FIXED_CURVATURE = 1.05x`` (a fixed Hessian, as on a quadratic,
   where the edge converges to the sharpness instead), the claim does not
   apply (``N/A``).
+- ``adam_at_edge`` (runs with an Adam base, recognised by their
+  ``preconditioned_sharpness`` column; ``rho = 0``): full-batch Adam's
+  preconditioned sharpness ``lambda_max(P^{-1/2} H P^{-1/2})`` hovers at
+  ``se.adam_edge(eta, ADAM_B1)`` (``38/eta``): its window median ratio lies in
+  ``SAM_RANGE`` (Cohen et al. 2022). The GD and SAM claims above are about
+  plain gradient steps and are not checked on Adam runs; SAM on top of Adam
+  has no edge formula, so its ratio to Adam's edge is a finding
+  (``findings``), not a claim.
 
 ``summarize`` groups the claims over seeds (median, seed range, and a
 bootstrap 90% interval of the median over the pooled tracked points);
@@ -57,6 +65,8 @@ References:
   arXiv:2309.12488, 2023, Section 4.
   Cohen, Kaur, Li, Kolter & Talwalkar, "Gradient Descent on Neural Networks
   Typically Occurs at the Edge of Stability", ICLR 2021.
+  Cohen et al., "Adaptive Gradient Methods at the Edge of Stability",
+  arXiv:2207.14484, 2022 (``adam_at_edge``).
 """
 
 from __future__ import annotations
@@ -87,6 +97,8 @@ TRACKING_START = 0.10
 EDGE_MOVE_MIN = 1.5
 TRACKING_CORR_MIN = 0.8
 FIXED_CURVATURE = 1.05
+# Adam's first-moment decay in the registry's Adam runs (optax's default).
+ADAM_B1 = 0.9
 BOOTSTRAP_SAMPLES = 2000
 # Relative tolerances of ``check_history``: the edges are computed in float32
 # during training; metrics.csv and the returned history hold the same values.
@@ -458,6 +470,28 @@ def _edge_tracking(c: int, rows: Mapping[str, np.ndarray]) -> Claim:
   )
 
 
+def _with_adam_edge(rows: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+  """``rows`` with the column ``adam_edge = (2 + 2 b1) / (eta (1 - b1))``."""
+  eta = np.asarray(rows["learning_rate"], float)
+  return {**rows, "adam_edge": (2 + 2 * ADAM_B1) / (eta * (1 - ADAM_B1))}
+
+
+def _adam_claim(
+    c: int, rows: Mapping[str, np.ndarray], window: np.ndarray
+) -> Claim:
+  """``adam_at_edge``: preconditioned sharpness / Adam's edge in the band."""
+  return _ratio_claim(
+      "adam_at_edge",
+      c,
+      _with_adam_edge(rows),
+      window,
+      "preconditioned_sharpness",
+      "adam_edge",
+      SAM_RANGE,
+      "preconditioned sharpness / adam_edge",
+  )
+
+
 def check_claims(
     metrics: Mapping[str, np.ndarray],
     *,
@@ -475,7 +509,9 @@ def check_claims(
     Per configuration, by index: ``window_points``, then for GD
     ``gd_sharpens``, ``gd_at_edge``, ``gd_oscillates``, for SAM
     ``sam_at_sam_edge``, ``sam_below_gd_edge``, ``edge_tracking`` and, when
-    the run has GD at the same learning rate and seed, ``early_flattening``.
+    the run has GD at the same learning rate and seed, ``early_flattening``;
+    for a run with ``preconditioned_sharpness`` (an Adam base), only
+    ``adam_at_edge`` for ``rho = 0``.
 
   Raises:
     ValueError: if ``metrics`` lacks a column or has no rows.
@@ -520,6 +556,10 @@ def check_claims(
             f"{fraction:.0%} of the steps, want >= {min_points}",
         )
     )
+    if "preconditioned_sharpness" in rows:
+      if float(rows["rho"][0]) == 0:
+        claims.append(_adam_claim(c, rows, window))
+      continue
     if float(rows["rho"][0]) == 0:
       claims.extend(_gd_claims(c, rows, window))
       continue
@@ -615,6 +655,9 @@ def findings(
     90% interval and the share of points above the edge.
   - Negative curvature: configurations with window points where the bottom
     Ritz value ``lambda_min`` exceeds the sharpness in magnitude.
+  - Adam runs: per configuration (SAM on top of Adam included, which has
+    no edge formula), the window median of preconditioned sharpness /
+    ``adam_edge``.
 
   Args:
     metrics: the flat columns of a run's ``metrics.csv``.
@@ -627,7 +670,19 @@ def findings(
   settings: dict[tuple[float, float], list[np.ndarray]] = {}
   for c, rows in split_configs(metrics).items():
     window = tail_window(rows, fraction=fraction)
-    if float(rows["rho"][0]) > 0:
+    if "preconditioned_sharpness" in rows:
+      rows = _with_adam_edge(rows)
+      ratio = (
+          np.asarray(rows["preconditioned_sharpness"], float)[window]
+          / rows["adam_edge"][window]
+      )
+      lines.append(
+          f"config {c} (Adam, eta={float(rows['learning_rate'][0]):.4g}, "
+          f"rho={float(rows['rho'][0]):g}, seed {int(rows['seed'][0])}): "
+          f"median preconditioned sharpness / adam_edge {np.median(ratio):.3f} "
+          f"over {ratio.size} window points."
+      )
+    elif float(rows["rho"][0]) > 0:
       settings.setdefault(
           (float(rows["learning_rate"][0]), float(rows["rho"][0])), []
       ).append(

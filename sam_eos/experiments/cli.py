@@ -166,6 +166,45 @@ def _parser() -> (
       help="held-out examples for test_loss and test_accuracy",
   )
   run.add_argument(
+      "--optimizer",
+      choices=presets.OPTIMIZERS,
+      help="base optimizer: sgd (heavy-ball, the paper's) or adam (records "
+      "preconditioned_sharpness, judged against adam_edge)",
+  )
+  run.add_argument(
+      "--adaptive",
+      action="store_true",
+      default=None,
+      help="ASAM: the perturbation scaled by |w| + ETA_A (Kwon et al. 2021)",
+  )
+  run.add_argument(
+      "--adaptive-eta",
+      type=_RHO,
+      metavar="ETA_A",
+      help="ASAM's eta_a (default 0.01)",
+  )
+  run.add_argument(
+      "--eigen-weight",
+      type=_RHO,
+      metavar="ALPHA",
+      help="Eigen-SAM: weight of the tracked top eigenvector in the ascent "
+      "(Luo et al. 2024); 0 is plain SAM",
+  )
+  run.add_argument(
+      "--top-k",
+      type=_POSITIVE,
+      metavar="K",
+      help="record the K top Hessian eigenvalues per check (columns "
+      "top_eigenvalue_2..K)",
+  )
+  run.add_argument(
+      "--batch-sharpness",
+      type=_POSITIVE,
+      metavar="K",
+      help="minibatch runs: also estimate the batch sharpness over K random "
+      "batches per check, with batch_sam_edge (Andreyev & Beneventano 2024)",
+  )
+  run.add_argument(
       "--data-parallel",
       action="store_true",
       help="shard the batch over all local devices (GPUs, TPU "
@@ -383,6 +422,12 @@ def _overrides(args: argparse.Namespace) -> dict[str, object]:
       "batch_size": args.batch_size,
       "num_examples": args.num_examples,
       "num_test_examples": args.num_test_examples,
+      "optimizer": args.optimizer,
+      "adaptive": args.adaptive,
+      "adaptive_eta": args.adaptive_eta,
+      "eigen_weight": args.eigen_weight,
+      "num_top_eigenvalues": args.top_k,
+      "batch_sharpness_batches": args.batch_sharpness,
   }
   return {
       k: tuple(v) if isinstance(v, list) else v
@@ -503,9 +548,11 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
   from sam_eos.experiments import data, plots, runner  # pylint: disable=g-import-not-at-top
 
   try:
-    config = presets.get_experiment(args.name, args.preset).replace(
-        **_overrides(args)
-    )
+    config = presets.get_experiment(args.name, args.preset)
+    overrides = _overrides(args)
+    if args.top_k:  # the k tracked pairs are warm-started from k vectors
+      overrides["num_warm_vectors"] = max(args.top_k, config.num_warm_vectors)
+    config = config.replace(**overrides)
   except ValueError as e:
     parser.error(f"invalid settings: {e}")
   mesh = _mesh(parser, args)
@@ -559,7 +606,11 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
   if os.path.exists(os.path.join(out_dir, "metrics.csv")):
     print("\n".join(_summary(out_dir)))
   print(f"Files: {out_dir}/config.json, metrics.csv, checkpoint.npz")
-  figures = ", ".join(os.path.join(out_dir, f) for f in plots.FIGURES)
+  figures = ", ".join(
+      os.path.join(out_dir, f)
+      for f in plots.FIGURES + (plots.ADAM_FIGURE,)
+      if f in plots.FIGURES or os.path.exists(os.path.join(out_dir, f))
+  )
   print(f"Figures: {figures}")
   return status
 

@@ -144,8 +144,8 @@ def map_config(
     sentence on what the map changed relative to the preset.
 
   Raises:
-    ValueError: for an unknown experiment, preset or field, or an invalid
-      value.
+    ValueError: for an unknown experiment, preset or field, an invalid
+      value, or an experiment whose optimizer is not SGD.
 
   Examples:
     >>> config, _ = map_config("mnist-mlp")
@@ -170,6 +170,12 @@ def map_config(
       sorted({float(v) for v in presets._as_tuple(fields["learning_rates"])})  # pylint: disable=protected-access
   )
   config = base.replace(**fields)
+  if config.optimizer != "sgd":
+    raise ValueError(
+        f"{name!r} trains with optimizer {config.optimizer!r}; the map "
+        "judges sharpness against the SAM-edge of gradient steps, so map an "
+        "experiment with optimizer 'sgd'."
+    )
   changed = [
       f"{k} {getattr(base, k)} -> {getattr(config, k)}"
       for k in (
@@ -317,25 +323,19 @@ def _train_program(
   learning_rates, rhos, seeds = sweep
   index = np.asarray(members)
   steps = np.arange(0, config.num_steps, config.track_every)
+  members_of = lambda tree: jax.tree.map(lambda x: x[index], tree)
+  options = runner.train_options(config, problem)
+  options["model_state"] = members_of(options["model_state"])
   try:
     result = se.train(
         problem.loss_fn,
-        jax.tree.map(lambda x: x[index], problem.params),
+        members_of(problem.params),
         problem.data,
         learning_rate=[learning_rates[c] for c in members],
         rho=[rhos[c] for c in members],
         key=[seeds[c] for c in members],
-        num_steps=config.num_steps,
-        momentum=config.momentum,
-        normalize=config.normalize,
-        batch_size=config.batch_size,
-        track_every=config.track_every,
-        num_lanczos_iters=config.num_lanczos_iters,
-        sharpness_tol=config.sharpness_tol,
-        num_warm_vectors=config.num_warm_vectors,
-        eps=config.eps,
         progress=progress,
-        per_config_params=True,
+        **options,
     )
     history = {k: np.atleast_2d(v) for k, v in result.history.items()}
     return history, np.atleast_1d(np.asarray(result.diverged_at))

@@ -58,7 +58,12 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
-from sam_eos.experiments.claims import GD_RANGE, SAM_RANGE, TAIL_FRACTION
+from sam_eos.experiments.claims import (
+    ADAM_B1,
+    GD_RANGE,
+    SAM_RANGE,
+    TAIL_FRACTION,
+)
 from sam_eos.history import read_csv
 
 FIGURES = (
@@ -68,6 +73,8 @@ FIGURES = (
     "loss.png",
     "ratio.png",
 )
+# Drawn, besides FIGURES, for runs with an Adam base.
+ADAM_FIGURE = "preconditioned_sharpness.png"
 X_AXES = {"step": "step", "wall_time": "wall time (s)"}
 # The y-range is set by the points after this share of the steps.
 TRANSIENT_FRACTION = 0.1
@@ -582,6 +589,74 @@ def plot_sharpness(
   return _save(fig, path, title)
 
 
+def plot_preconditioned(
+    runs: Runs | Metrics,
+    path: str | os.PathLike,
+    *,
+    x_axis: str = "step",
+    title: str | None = None,
+) -> str:
+  """Adam's preconditioned sharpness with Adam's edge ``38/eta`` (dashed).
+
+  The top eigenvalue of ``P^{-1/2} H P^{-1/2}`` (the column
+  ``preconditioned_sharpness``) per setting, seeds as their median with a
+  min-max band, against ``(2 + 2 b1) / (eta (1 - b1))`` with
+  ``b1 = claims.ADAM_B1``. The y-range ignores the first
+  ``TRANSIENT_FRACTION`` of the steps.
+
+  Args:
+    runs: ``(label, metrics)`` pairs, or one metrics dict, with the column
+      ``preconditioned_sharpness``.
+    path: the PNG to write.
+    x_axis: ``"step"`` or ``"wall_time"``.
+    title: figure title.
+
+  Returns:
+    ``path`` as a string.
+
+  Raises:
+    ValueError: for a bad ``x_axis`` or metrics without the columns.
+
+  References:
+    Cohen et al., "Adaptive Gradient Methods at the Edge of Stability",
+    2022 (Fig. 1).
+  """
+  _check_x_axis(x_axis)
+  fig, (ax,) = _figure()
+  groups = _groups(runs)
+  limit_rows = []
+  for group in groups:
+    group["label"] = (
+        group["label"].replace("SAM", "SAM on Adam").replace("GD", "Adam")
+    )
+    band = _band(group, _column("preconditioned_sharpness"), x_axis)
+    _draw(ax, group, band, label=group["label"])
+    limit_rows += _band_rows(band)
+    edge = _band(
+        group,
+        lambda rows: (2 + 2 * ADAM_B1)
+        / (np.asarray(rows["learning_rate"], float) * (1 - ADAM_B1)),
+        x_axis,
+    )
+    _draw(ax, group, edge, ls="--", lw=0.9, marker=False, fill=False, zorder=2)
+    limit_rows.append((edge[0], edge[2]))
+  _set_ylim(ax, limit_rows, log=False)
+  ax.set_xlabel(X_AXES[x_axis])
+  ax.set_ylabel("top eigenvalue of P^-1/2 H P^-1/2")
+  styles = [
+      ("preconditioned sharpness", {"ls": "-", "lw": 1.6}),
+      (
+          f"adam_edge (2 + 2 b1) / (eta (1 - b1)), b1 = {ADAM_B1:g}",
+          {
+              "ls": "--",
+              "lw": 0.9,
+          },
+      ),
+  ]
+  _legend(fig, [ax], styles, groups)
+  return _save(fig, path, title)
+
+
 def plot_ratio(
     runs: Runs | Metrics,
     path: str | os.PathLike,
@@ -863,7 +938,8 @@ def plot_runs(
 
   With several folders the runs are overlaid, labelled by folder name. The
   labels say "minibatch" when a run's metadata has a ``batch_size`` (with
-  several folders: when any has).
+  several folders: when any has). Runs with an Adam base (every run has
+  ``preconditioned_sharpness``) also get ``ADAM_FIGURE``.
 
   Args:
     run_dirs: run folders (each with a ``metrics.csv``).
@@ -871,7 +947,7 @@ def plot_runs(
     x_axis: ``"step"`` or ``"wall_time"``.
 
   Returns:
-    The paths written, in the order of ``FIGURES``.
+    The paths written, in the order of ``FIGURES`` (then ``ADAM_FIGURE``).
 
   Raises:
     FileNotFoundError: if a folder has no ``metrics.csv``.
@@ -908,7 +984,13 @@ def plot_runs(
       "loss.png": lambda p: plot_loss(runs, p, **kwargs),
       "ratio.png": lambda p: plot_ratio(runs, p, **kwargs),
   }
-  return [draw[name](os.path.join(out_dir, name)) for name in FIGURES]
+  names = list(FIGURES)
+  if all("preconditioned_sharpness" in m for _, m in runs):
+    names.append(ADAM_FIGURE)
+    draw[ADAM_FIGURE] = lambda p: plot_preconditioned(
+        runs, p, x_axis=x_axis, title=title
+    )
+  return [draw[name](os.path.join(out_dir, name)) for name in names]
 
 
 def _plain_log(ax) -> None:

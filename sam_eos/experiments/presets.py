@@ -58,6 +58,19 @@ MODELS = (
 )
 # Fields that describe a configuration without changing what is computed.
 DESCRIPTIVE_FIELDS = ("description",)
+# Base optimizers of ``ExperimentConfig.optimizer``.
+OPTIMIZERS = ("sgd", "adam")
+# Fields added after runs were first committed, with their defaults:
+# ``to_dict`` leaves a field out while it holds its default, so a run saved
+# before the field existed (which used that default) still matches.
+OPTIONAL_FIELDS = {
+    "optimizer": "sgd",
+    "adaptive": False,
+    "adaptive_eta": 0.01,
+    "eigen_weight": 0.0,
+    "num_top_eigenvalues": 1,
+    "batch_sharpness_batches": None,
+}
 
 
 def _as_tuple(value: Any) -> tuple:
@@ -128,6 +141,22 @@ class ExperimentConfig:
       ``test_accuracy`` at every tracked step, from the start of the official
       test split (images) or crops of the held-out text (the last 10,000
       lines of Tiny Shakespeare); None for all. Ignored by ``"quadratic"``.
+    optimizer: the base optimizer: ``"sgd"`` (heavy-ball ``momentum``) or
+      ``"adam"`` (``optax.adam`` with ``b1 = claims.ADAM_B1``; tracked steps
+      then also record ``preconditioned_sharpness``, judged against
+      ``se.adam_edge``, Cohen et al. 2022).
+    adaptive: ASAM's perturbation (``se.train``'s ``adaptive``).
+    adaptive_eta: ASAM's ``eta_a``.
+    eigen_weight: Eigen-SAM's weight of the top eigenvector in the ascent
+      (``se.train``'s ``eigen_weight``); 0 is plain SAM.
+    num_top_eigenvalues: top Hessian eigenvalues recorded per check
+      (``se.train``'s ``num_top_eigenvalues``: columns ``top_eigenvalue_2``
+      ... ``top_eigenvalue_k``).
+    batch_sharpness_batches: for a minibatch run, the batches ``K`` over
+      which every check also estimates the batch sharpness (``se.train``'s
+      ``batch_sharpness_batches``: columns ``batch_sharpness``, its interval,
+      and ``batch_sam_edge``; Andreyev & Beneventano 2024); None: not
+      recorded.
   """
 
   name: str
@@ -154,6 +183,14 @@ class ExperimentConfig:
   context_length: int | None = None
   init_seed: int = 0
   num_test_examples: int | None = 1_000
+  optimizer: str = OPTIONAL_FIELDS["optimizer"]
+  adaptive: bool = OPTIONAL_FIELDS["adaptive"]
+  adaptive_eta: float = OPTIONAL_FIELDS["adaptive_eta"]
+  eigen_weight: float = OPTIONAL_FIELDS["eigen_weight"]
+  num_top_eigenvalues: int = OPTIONAL_FIELDS["num_top_eigenvalues"]
+  batch_sharpness_batches: int | None = OPTIONAL_FIELDS[
+      "batch_sharpness_batches"
+  ]
 
   def __post_init__(self):
     """Normalizes sequences to tuples and validates every field.
@@ -210,6 +247,7 @@ class ExperimentConfig:
         ("num_lanczos_iters", 1),
         ("num_warm_vectors", 1),
         ("init_seed", 0),
+        ("num_top_eigenvalues", 1),
     ):
       if not _is_int(getattr(self, field), minimum):
         raise ValueError(
@@ -234,6 +272,7 @@ class ExperimentConfig:
       )
     if not 0 <= self.momentum < 1:
       raise ValueError(f"`momentum` must lie in [0, 1), got {self.momentum}.")
+    self._check_optimizer()
     if self.eps < 0:
       raise ValueError(f"`eps` must be >= 0, got {self.eps}.")
     if self.dataset == "shakespeare" and self.context_length is None:
@@ -245,6 +284,43 @@ class ExperimentConfig:
       raise ValueError(
           "`model_kwargs` must hold a non-empty 'diagonal' for "
           "the 'quadratic' model."
+      )
+
+  def _check_optimizer(self) -> None:
+    """Validates the base optimizer and the SAM variant (see the fields)."""
+    if self.optimizer not in OPTIMIZERS:
+      raise ValueError(
+          f"`optimizer` must be one of {OPTIMIZERS}, got {self.optimizer!r}."
+      )
+    if self.optimizer == "adam" and self.momentum:
+      raise ValueError(
+          "`momentum` must be 0 with optimizer 'adam' (Adam's b1 is its "
+          f"momentum), got {self.momentum}."
+      )
+    if self.adaptive_eta < 0 or self.eigen_weight < 0:
+      raise ValueError(
+          "`adaptive_eta` and `eigen_weight` must be >= 0, got "
+          f"{self.adaptive_eta} and {self.eigen_weight}."
+      )
+    if self.adaptive and self.eigen_weight:
+      raise ValueError(
+          "`adaptive` (ASAM) and `eigen_weight` (Eigen-SAM) are two "
+          "variants; set one of them."
+      )
+    if self.batch_sharpness_batches is not None and (
+        self.batch_size is None or not _is_int(self.batch_sharpness_batches, 1)
+    ):
+      raise ValueError(
+          "`batch_sharpness_batches` must be None or an integer >= 1 of a "
+          "minibatch run (set batch_size), got "
+          f"{self.batch_sharpness_batches!r} with batch_size "
+          f"{self.batch_size!r}."
+      )
+    if self.num_top_eigenvalues > self.num_warm_vectors:
+      raise ValueError(
+          f"`num_top_eigenvalues` ({self.num_top_eigenvalues}) must be at "
+          f"most `num_warm_vectors` ({self.num_warm_vectors}); raise "
+          "num_warm_vectors."
       )
 
   @property
@@ -281,11 +357,23 @@ class ExperimentConfig:
   def to_dict(self) -> dict[str, Any]:
     """Every field as JSON-friendly values (tuples as lists via ``json``).
 
+    A field of ``OPTIONAL_FIELDS`` is left out while it holds its default.
+
     Returns:
       Dict field name -> value; ``from_dict`` inverts it.
+
+    Examples:
+      >>> "optimizer" in get_experiment("mnist-mlp").to_dict()
+      False
+      >>> get_experiment("mnist-mlp").replace(optimizer="adam").to_dict()[
+      ...     "optimizer"]
+      'adam'
     """
     out = dataclasses.asdict(self)
     out["model_kwargs"] = dict(self.model_kwargs)
+    for field, default in OPTIONAL_FIELDS.items():
+      if out[field] == default:
+        del out[field]
     return out
 
   @classmethod
@@ -402,6 +490,33 @@ _RESNET = dict(
     normalize=True,
     standardize=True,
     num_lanczos_iters=30,
+)
+
+# Beyond the paper: full-batch Adam at its edge, and SAM on top of Adam.
+# The settings of notebook 07 (first 1,000 MNIST images, a 784-64-64-10 tanh
+# MLP, Cohen et al.'s squared loss, eta = 1e-3, b1 = 0.9: Adam's edge
+# 38/eta = 38,000), with the registry's Glorot init. No paper measured this;
+# both presets are the same CPU-sized run.
+ADAM_MNIST = ExperimentConfig(
+    name="mnist-mlp-adam",
+    preset="cpu",
+    description="MNIST (first 1,000), MLP 784-64-64-10 tanh, "
+    "full-batch Adam (Cohen et al. 2022)",
+    dataset="mnist",
+    num_examples=1_000,
+    model="mlp",
+    model_kwargs={"hidden_sizes": (64, 64), "activation": "tanh"},
+    loss="half_sse",
+    learning_rates=(1e-3,),
+    rhos=(0.0, 0.01, 0.05),
+    seeds=(0, 1, 2),
+    num_steps=1_500,
+    track_every=25,
+    num_lanczos_iters=30,
+    optimizer="adam",
+    momentum=0.0,
+    eps=1e-5,
+    batch_size=None,
 )
 
 EXPERIMENTS: dict[str, dict[str, ExperimentConfig]] = {
@@ -678,6 +793,10 @@ EXPERIMENTS: dict[str, dict[str, ExperimentConfig]] = {
             num_test_examples=1_000,
             **{**_RESNET, "num_lanczos_iters": 20},
         ),
+    },
+    "mnist-mlp-adam": {
+        "paper": ADAM_MNIST.replace(preset="paper"),
+        "cpu": ADAM_MNIST,
     },
     "quadratic": {
         # Small enough for any machine: both presets are the same run.

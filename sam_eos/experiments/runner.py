@@ -267,6 +267,66 @@ def _quadratic_loss(
   return 0.5 * jnp.sum(batch[0][0] * params**2)
 
 
+def adam_optimizer(config: ExperimentConfig) -> optax.GradientTransformation:
+  """``optax.adam`` with an injected learning rate, ``b1 = claims.ADAM_B1``.
+
+  ``se.train`` sets the injected ``learning_rate`` of every configuration of
+  the sweep; the preconditioner ``sqrt(v_hat) + eps`` is read from its state
+  by ``se.adam_preconditioner`` (optax's ``b2`` and ``eps`` defaults).
+
+  Args:
+    config: the experiment (``optimizer="adam"``).
+
+  Returns:
+    The injected optimizer.
+
+  References:
+    Kingma & Ba, "Adam", ICLR 2015; Cohen et al., "Adaptive Gradient
+    Methods at the Edge of Stability", 2022.
+  """
+  return optax.inject_hyperparams(optax.adam)(
+      learning_rate=config.learning_rates[0], b1=claims_lib.ADAM_B1
+  )
+
+
+def train_options(config: ExperimentConfig, problem: Problem) -> dict[str, Any]:
+  """The ``se.train`` keywords an experiment's settings decide.
+
+  Everything but the sweep (``learning_rate``, ``rho``, ``key``), the run's
+  files and its devices: the base optimizer (with Adam also its
+  preconditioner), the SAM variant, the step counts and the tracking.
+
+  Args:
+    config: the experiment.
+    problem: its ``build_problem`` output.
+
+  Returns:
+    Keyword arguments for ``se.train``.
+  """
+  adam = config.optimizer == "adam"
+  return dict(
+      num_steps=config.num_steps,
+      # A custom base optimizer holds its own (injected) momentum.
+      momentum=config.momentum if problem.optimizer is None else 0.0,
+      optimizer=problem.optimizer,
+      preconditioner=se.adam_preconditioner if adam else None,
+      normalize=config.normalize,
+      adaptive=config.adaptive,
+      adaptive_eta=config.adaptive_eta,
+      eigen_weight=config.eigen_weight,
+      batch_size=config.batch_size,
+      track_every=config.track_every,
+      num_lanczos_iters=config.num_lanczos_iters,
+      sharpness_tol=config.sharpness_tol,
+      num_warm_vectors=config.num_warm_vectors,
+      num_top_eigenvalues=config.num_top_eigenvalues,
+      batch_sharpness_batches=config.batch_sharpness_batches,
+      eps=config.eps,
+      model_state=problem.model_state,
+      per_config_params=True,
+  )
+
+
 def build_problem(
     config: ExperimentConfig, *, pad_to_multiple: int = 1
 ) -> Problem:
@@ -328,6 +388,8 @@ def build_problem(
       loss_fn = losses_lib.make_loss_fn(model, config.loss)
     eval_fn = losses_lib.make_eval_fn(model, config.loss)
     eval_data = tuple(jnp.asarray(a) for a in load_test_data(config))
+  if config.optimizer == "adam":
+    optimizer = adam_optimizer(config)
   one = jax.tree.map(lambda x: x[0], params)
   return Problem(
       loss_fn=loss_fn,
@@ -336,6 +398,7 @@ def build_problem(
       num_params=models_lib.count_params(one),
       eval_fn=eval_fn,
       eval_data=eval_data,
+      optimizer=optimizer,
   )
 
 
@@ -347,6 +410,12 @@ def _stateful_problem(
     pad: bool,
 ) -> Problem:
   """``build_problem`` for a model with BatchNorm: state and base optimizer."""
+  if config.optimizer != "sgd":
+    raise ValueError(
+        f"{config.model!r} trains with momentum SGD and weight decay "
+        f"(base_optimizer); optimizer {config.optimizer!r} is for the "
+        "models without BatchNorm."
+    )
   if pad:
     raise ValueError(
         f"{config.model!r} has BatchNorm, whose batch statistics padded "
@@ -407,7 +476,7 @@ def _clear(out_dir: str) -> None:
   """Deletes the files of a previous run (only those) from ``out_dir``."""
   from sam_eos.experiments import plots  # pylint: disable=g-import-not-at-top
 
-  for name in RUN_FILES + plots.FIGURES:
+  for name in RUN_FILES + plots.FIGURES + (plots.ADAM_FIGURE,):
     path = os.path.join(out_dir, name)
     if os.path.exists(path):
       os.remove(path)
@@ -513,25 +582,13 @@ def run_experiment(
         learning_rate=learning_rates,
         rho=rhos,
         key=seeds,
-        num_steps=config.num_steps,
-        # A custom base optimizer holds its own (injected) momentum.
-        momentum=config.momentum if problem.optimizer is None else 0.0,
-        optimizer=problem.optimizer,
-        normalize=config.normalize,
-        batch_size=config.batch_size,
-        track_every=config.track_every,
-        num_lanczos_iters=config.num_lanczos_iters,
-        sharpness_tol=config.sharpness_tol,
-        num_warm_vectors=config.num_warm_vectors,
-        eps=config.eps,
         out_dir=out_dir,
         progress=progress,
         metadata=config.to_dict(),
         mesh=mesh,
         eval_fn=problem.eval_fn,
         eval_data=problem.eval_data,
-        per_config_params=True,
-        model_state=problem.model_state,
+        **train_options(config, problem),
     )
   except se.TrainingDiverged:
     if plot:

@@ -290,8 +290,7 @@ def _make_figures():
 def test_committed_map_is_the_default_and_its_csv_follows_its_metrics():
   saved = json.loads((COMMITTED / "config.json").read_text())
   config, _ = edge_map.map_config("mnist-mlp")
-  # The grid is today's default; how the sharpness was tracked is recorded
-  # in config.json (the committed run predates adaptive Lanczos).
+  # The grid and the tracking are today's default.
   today = json.loads(json.dumps(config.to_dict()))
   for field in (
       "name",
@@ -306,6 +305,8 @@ def test_committed_map_is_the_default_and_its_csv_follows_its_metrics():
       "seeds",
       "num_steps",
       "track_every",
+      "num_lanczos_iters",
+      "sharpness_tol",
       "eps",
       "init_seed",
   ):

@@ -27,6 +27,7 @@ def test_registry_names_and_presets():
           "cifar10-fc-tanh",
           "cifar10-resnet",
           "mnist-mlp",
+          "mnist-mlp-adam",
           "quadratic",
           "shakespeare-transformer",
       ]
