@@ -63,6 +63,9 @@ PAPER_START, PAPER_END = "<!-- PAPER:START -->", "<!-- PAPER:END -->"
 # Beyond the paper: runs of other optimizers, reported in their own block.
 ADAM_EXPERIMENT = "mnist-mlp-adam"
 ADAM_START, ADAM_END = "<!-- ADAM:START -->", "<!-- ADAM:END -->"
+# The Shakespeare run with the batch sharpness tracked, and its block.
+BATCH_RUN = "shakespeare-batch-sharpness"
+BATCH_START, BATCH_END = "<!-- BATCH:START -->", "<!-- BATCH:END -->"
 
 
 def _over_seeds(found: list, name: str) -> str:
@@ -252,6 +255,45 @@ def adam_lines(name: str = ADAM_EXPERIMENT) -> list[str]:
   return [head] + [f"- {line}" for line in summary + adam]
 
 
+def batch_lines(folder: pathlib.Path = FIGURE_ROOT / BATCH_RUN) -> list[str]:
+  """The README's lines on the committed run with the batch sharpness.
+
+  Args:
+    folder: a ``sam-eos run ... --batch-sharpness K`` output folder with a
+      ``run.log`` (its console output).
+
+  Returns:
+    The run's settings and wall time, then the batch-sharpness lines of
+    ``claims.findings`` and, for contrast, the ``summarize`` lines of
+    ``gd_at_edge`` and ``sam_at_sam_edge`` (the sharpness of the step's
+    own minibatch), as a Markdown list.
+  """
+  metadata = json.loads((folder / "config.json").read_text())["metadata"]
+  metrics = history.read_csv(folder / "metrics.csv")
+  done = [
+      line
+      for line in (folder / "run.log").read_text().splitlines()
+      if line.startswith("Done in")
+  ]
+  found = claims.check_claims(metrics)
+  contrast = [
+      line
+      for line in claims.summarize(found)[1:]
+      if "gd_at_edge" in line or "sam_at_sam_edge" in line
+  ]
+  head = (
+      f"`sam-eos run {metadata['name']} --batch-sharpness "
+      f"{metadata['batch_sharpness_batches']}` ({metadata['description']}; "
+      f"batches of {metadata['batch_size']}; {len(metadata['seeds'])} seeds, "
+      f"{metadata['num_steps']:,} steps; {done[-1].rstrip('.') if done else 'unfinished'}"
+      f"; [figure](docs/figures/{BATCH_RUN}/{plots.BATCH_FIGURE})):"
+  )
+  batch = [
+      line for line in claims.findings(metrics) if line.startswith("Batch")
+  ]
+  return [head] + [f"- {line}" for line in batch + contrast]
+
+
 def paper_rows(names: tuple[str, ...] = PAPER_EXPERIMENTS) -> list[str]:
   """The README's table of the paper runs: measured, or not yet.
 
@@ -297,6 +339,7 @@ def write_table() -> None:
   text = _replace(text, FAILURES_START, FAILURES_END, failure_lines())
   text = _replace(text, MAP_START, MAP_END, map_lines())
   text = _replace(text, ADAM_START, ADAM_END, adam_lines())
+  text = _replace(text, BATCH_START, BATCH_END, batch_lines())
   README.write_text(_replace(text, PAPER_START, PAPER_END, paper_rows()))
 
 

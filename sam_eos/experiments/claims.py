@@ -658,6 +658,11 @@ def findings(
   - Adam runs: per configuration (SAM on top of Adam included, which has
     no edge formula), the window median of preconditioned sharpness /
     ``adam_edge``.
+  - Runs that record the batch sharpness: per setting, the window median of
+    ``batch_sharpness / (2/eta)`` (GD) or ``batch_sharpness /
+    batch_sam_edge`` (SAM) over the pooled points of its seeds, with its
+    bootstrap 90% interval and the seeds' medians (Andreyev & Beneventano
+    2024 find SGD's batch sharpness at ``2/eta``; no claim is made).
 
   Args:
     metrics: the flat columns of a run's ``metrics.csv``.
@@ -668,8 +673,17 @@ def findings(
   """
   lines = []
   settings: dict[tuple[float, float], list[np.ndarray]] = {}
+  batch: dict[tuple[float, float], list[np.ndarray]] = {}
   for c, rows in split_configs(metrics).items():
     window = tail_window(rows, fraction=fraction)
+    if "batch_sharpness" in rows:
+      edge = "gd_edge" if float(rows["rho"][0]) == 0 else "batch_sam_edge"
+      batch.setdefault(
+          (float(rows["learning_rate"][0]), float(rows["rho"][0])), []
+      ).append(
+          np.asarray(rows["batch_sharpness"], float)[window]
+          / np.asarray(rows[edge], float)[window]
+      )
     if "preconditioned_sharpness" in rows:
       rows = _with_adam_edge(rows)
       ratio = (
@@ -708,6 +722,16 @@ def findings(
         f"SAM-edge {np.median(pooled):.3f}, 90% CI [{low:.3f}, {high:.3f}]; "
         f"{np.mean(pooled > 1):.0%} of {pooled.size} window points lie above "
         "the edge."
+    )
+  for (eta, rho), parts in batch.items():
+    pooled = np.concatenate(parts)
+    low, high = bootstrap_interval(pooled)
+    edge = "(2/eta)" if rho == 0 else "batch SAM-edge"
+    seeds = ", ".join(f"{np.median(part):.3f}" for part in parts)
+    lines.append(
+        f"Batch sharpness (eta={eta:.4g}, rho={rho:g}): median batch "
+        f"sharpness / {edge} {np.median(pooled):.3f}, 90% CI [{low:.3f}, "
+        f"{high:.3f}] over {pooled.size} window points; per seed {seeds}."
     )
   return lines
 

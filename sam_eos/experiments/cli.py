@@ -608,7 +608,7 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
   print(f"Files: {out_dir}/config.json, metrics.csv, checkpoint.npz")
   figures = ", ".join(
       os.path.join(out_dir, f)
-      for f in plots.FIGURES + (plots.ADAM_FIGURE,)
+      for f in plots.FIGURES + (plots.ADAM_FIGURE, plots.BATCH_FIGURE)
       if f in plots.FIGURES or os.path.exists(os.path.join(out_dir, f))
   )
   print(f"Figures: {figures}")

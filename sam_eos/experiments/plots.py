@@ -73,8 +73,10 @@ FIGURES = (
     "loss.png",
     "ratio.png",
 )
-# Drawn, besides FIGURES, for runs with an Adam base.
+# Drawn, besides FIGURES, for runs with an Adam base and for runs that
+# record the batch sharpness.
 ADAM_FIGURE = "preconditioned_sharpness.png"
+BATCH_FIGURE = "batch_sharpness.png"
 X_AXES = {"step": "step", "wall_time": "wall time (s)"}
 # The y-range is set by the points after this share of the steps.
 TRANSIENT_FRACTION = 0.1
@@ -657,6 +659,64 @@ def plot_preconditioned(
   return _save(fig, path, title)
 
 
+def plot_batch_sharpness(
+    runs: Runs | Metrics,
+    path: str | os.PathLike,
+    *,
+    x_axis: str = "step",
+    title: str | None = None,
+) -> str:
+  """Batch sharpness with ``2/eta`` (dotted) and the batch SAM-edge (dashed).
+
+  The column ``batch_sharpness`` (``E_B[g_B^T H_B g_B] / E_B[||g_B||^2]``)
+  per setting, seeds as their median with a min-max band, against GD's edge
+  ``gd_edge`` and, for SAM, ``batch_sam_edge`` (the mean SAM-edge at the
+  batches' gradient norms). The y-range ignores the first
+  ``TRANSIENT_FRACTION`` of the steps.
+
+  Args:
+    runs: ``(label, metrics)`` pairs, or one metrics dict, with the columns
+      ``batch_sharpness`` and ``batch_sam_edge``.
+    path: the PNG to write.
+    x_axis: ``"step"`` or ``"wall_time"``.
+    title: figure title.
+
+  Returns:
+    ``path`` as a string.
+
+  Raises:
+    ValueError: for a bad ``x_axis`` or metrics without the columns.
+
+  References:
+    Andreyev & Beneventano, "Edge of Stochastic Stability", 2024 (Fig. 1).
+  """
+  _check_x_axis(x_axis)
+  fig, (ax,) = _figure()
+  groups = _groups(runs)
+  limit_rows = []
+  for group in groups:
+    band = _band(group, _column("batch_sharpness"), x_axis)
+    _draw(ax, group, band, label=group["label"])
+    limit_rows += _band_rows(band)
+    edges = [("gd_edge", ":", 1.0)]
+    if group["rho"] > 0:
+      edges.append(("batch_sam_edge", "--", 0.9))
+    for column, ls, lw in edges:
+      edge = _band(group, _column(column), x_axis)
+      _draw(ax, group, edge, ls=ls, lw=lw, marker=False, fill=False, zorder=2)
+      limit_rows.append((edge[0], edge[2]))
+  _set_ylim(ax, limit_rows, log=False)
+  ax.set_xlabel(X_AXES[x_axis])
+  ax.set_ylabel("batch sharpness E[g^T H g] / E[||g||^2]")
+  styles = [
+      ("batch sharpness", {"ls": "-", "lw": 1.6}),
+      ("batch SAM-edge E_B[sam_edge(||g_B||)]", {"ls": "--", "lw": 0.9}),
+      ("2/eta", {"ls": ":", "lw": 1.0}),
+  ]
+  _legend(fig, [ax], styles, groups)
+  return _save(fig, path, title)
+
+
 def plot_ratio(
     runs: Runs | Metrics,
     path: str | os.PathLike,
@@ -939,7 +999,8 @@ def plot_runs(
   With several folders the runs are overlaid, labelled by folder name. The
   labels say "minibatch" when a run's metadata has a ``batch_size`` (with
   several folders: when any has). Runs with an Adam base (every run has
-  ``preconditioned_sharpness``) also get ``ADAM_FIGURE``.
+  ``preconditioned_sharpness``) also get ``ADAM_FIGURE``, runs that record
+  the batch sharpness ``BATCH_FIGURE``.
 
   Args:
     run_dirs: run folders (each with a ``metrics.csv``).
@@ -947,7 +1008,8 @@ def plot_runs(
     x_axis: ``"step"`` or ``"wall_time"``.
 
   Returns:
-    The paths written, in the order of ``FIGURES`` (then ``ADAM_FIGURE``).
+    The paths written, in the order of ``FIGURES`` (then ``ADAM_FIGURE``,
+    ``BATCH_FIGURE``).
 
   Raises:
     FileNotFoundError: if a folder has no ``metrics.csv``.
@@ -988,6 +1050,11 @@ def plot_runs(
   if all("preconditioned_sharpness" in m for _, m in runs):
     names.append(ADAM_FIGURE)
     draw[ADAM_FIGURE] = lambda p: plot_preconditioned(
+        runs, p, x_axis=x_axis, title=title
+    )
+  if all("batch_sharpness" in m for _, m in runs):
+    names.append(BATCH_FIGURE)
+    draw[BATCH_FIGURE] = lambda p: plot_batch_sharpness(
         runs, p, x_axis=x_axis, title=title
     )
   return [draw[name](os.path.join(out_dir, name)) for name in names]

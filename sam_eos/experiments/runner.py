@@ -476,7 +476,9 @@ def _clear(out_dir: str) -> None:
   """Deletes the files of a previous run (only those) from ``out_dir``."""
   from sam_eos.experiments import plots  # pylint: disable=g-import-not-at-top
 
-  for name in RUN_FILES + plots.FIGURES + (plots.ADAM_FIGURE,):
+  for name in (
+      RUN_FILES + plots.FIGURES + (plots.ADAM_FIGURE, plots.BATCH_FIGURE)
+  ):
     path = os.path.join(out_dir, name)
     if os.path.exists(path):
       os.remove(path)

@@ -154,12 +154,22 @@ def test_default_optional_fields_keep_older_runs_comparable():
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 
-def test_committed_adam_run_is_the_preset_and_the_readme_block_is_generated():
+def _make_figures():
   spec = importlib.util.spec_from_file_location(
       "make_figures", ROOT / "docs" / "make_figures.py"
   )
-  make_figures = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(make_figures)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def _readme_block(start: str, end: str) -> list[str]:
+  readme = (ROOT / "README.md").read_text()
+  return readme.split(start)[1].split(end)[0].strip().splitlines()
+
+
+def test_committed_adam_run_is_the_preset_and_the_readme_block_is_generated():
+  make_figures = _make_figures()
   run = ROOT / "docs" / "figures" / make_figures.ADAM_EXPERIMENT
   saved = json.loads((run / "config.json").read_text())["metadata"]
   preset = presets.get_experiment(make_figures.ADAM_EXPERIMENT)
@@ -167,17 +177,14 @@ def test_committed_adam_run_is_the_preset_and_the_readme_block_is_generated():
   assert (run / plots.ADAM_FIGURE).exists()
   found = claims.check_claims(history.read_csv(run / "metrics.csv"))
   assert all(c.passed for c in found), [str(c) for c in found if not c.passed]
-  readme = (ROOT / "README.md").read_text()
-  block = readme.split(make_figures.ADAM_START)[1].split(make_figures.ADAM_END)[
-      0
-  ]
+  block = _readme_block(make_figures.ADAM_START, make_figures.ADAM_END)
   assert (
-      block.strip().splitlines() == make_figures.adam_lines()
+      block == make_figures.adam_lines()
   ), "README's Adam block is stale; run `python docs/make_figures.py --table`"
 
 
 def test_batch_sharpness_from_the_command_line(tmp_path):
-  _, saved, metrics = _run(
+  out, saved, metrics = _run(
       tmp_path,
       "shakespeare-transformer",
       "--lr",
@@ -193,6 +200,7 @@ def test_batch_sharpness_from_the_command_line(tmp_path):
       "3",
   )
   assert saved["batch_sharpness_batches"] == 3
+  assert os.path.exists(os.path.join(out, plots.BATCH_FIGURE))
   for column in ("batch_sharpness", "batch_sharpness_low", "batch_sam_edge"):
     assert np.all(np.isfinite(metrics[column])), column
   low, high = metrics["batch_sharpness_low"], metrics["batch_sharpness_high"]
@@ -217,3 +225,19 @@ def test_batch_sharpness_needs_minibatches(tmp_path, capsys):
   )
   assert code == cli.EXIT_USAGE
   assert "set batch_size" in capsys.readouterr().err
+
+
+def test_committed_batch_sharpness_run_and_its_readme_block():
+  make_figures = _make_figures()
+  run = ROOT / "docs" / "figures" / make_figures.BATCH_RUN
+  saved = json.loads((run / "config.json").read_text())["metadata"]
+  want = presets.get_experiment("shakespeare-transformer").replace(
+      batch_sharpness_batches=saved["batch_sharpness_batches"]
+  )
+  assert saved == json.loads(json.dumps(want.to_dict()))
+  assert (run / plots.BATCH_FIGURE).exists()
+  block = _readme_block(make_figures.BATCH_START, make_figures.BATCH_END)
+  assert block == make_figures.batch_lines(), (
+      "README's batch-sharpness block is stale; run `python "
+      "docs/make_figures.py --table`"
+  )
