@@ -10,32 +10,13 @@ import pytest
 from jax.flatten_util import ravel_pytree
 
 import sam_eos as se
+from small_problems import mlp_loss, mlp_problem
 
 
 @pytest.fixture(autouse=True)
 def _x64():
   with jax.enable_x64(True):
     yield
-
-
-def mlp_loss(params, batch):
-  x, y = batch
-  h = jnp.tanh(x @ params["w1"] + params["b1"])
-  return jnp.mean((h @ params["w2"] - y) ** 2)
-
-
-def mlp_problem(seed=0, num_examples=6):
-  rng = np.random.default_rng(seed)
-  params = {
-      "w1": rng.normal(size=(3, 4)),
-      "b1": 0.1 * rng.normal(size=4),
-      "w2": rng.normal(size=(4, 2)),
-  }
-  data = (
-      rng.normal(size=(num_examples, 3)),
-      rng.normal(size=(num_examples, 2)),
-  )
-  return jax.tree.map(jnp.asarray, (params, data))
 
 
 def dense_terms(params, batch):
@@ -59,7 +40,7 @@ batch_sharpness = jax.jit(
 
 
 def test_one_full_batch_is_the_dense_ratio():
-  params, data = mlp_problem()
+  params, data = mlp_problem(num_examples=6)
   a, b = dense_terms(params, data)
   out = batch_sharpness(
       mlp_loss,
@@ -75,7 +56,7 @@ def test_one_full_batch_is_the_dense_ratio():
 
 
 def test_estimator_and_interval_reproduced_from_the_documented_batches():
-  params, data = mlp_problem()
+  params, data = mlp_problem(num_examples=6)
   key = jax.random.key(1)
   k = 30
   out = batch_sharpness(
@@ -111,7 +92,7 @@ def test_estimator_and_interval_reproduced_from_the_documented_batches():
 def test_converges_to_exact_enumeration_over_all_batches():
   # N = 6, batch size 2: B is uniform over the 15 pairs (sampled without
   # replacement within a batch), so the exact value is a ratio of averages.
-  params, data = mlp_problem(2)
+  params, data = mlp_problem(2, num_examples=6)
   pairs = list(itertools.combinations(range(6), 2))
   terms = np.array([dense_terms(params, subset(data, p)) for p in pairs])
   exact = terms[:, 0].mean() / terms[:, 1].mean()
@@ -133,7 +114,7 @@ def test_converges_to_exact_enumeration_over_all_batches():
 
 
 def test_relative_error_stopping_rule():
-  params, data = mlp_problem(3)
+  params, data = mlp_problem(3, num_examples=6)
   out = batch_sharpness(
       mlp_loss,
       params,
@@ -160,7 +141,7 @@ def test_relative_error_stopping_rule():
 
 
 def test_batch_sam_edge_against_enumeration_and_full_batch():
-  params, data = mlp_problem(4)
+  params, data = mlp_problem(4, num_examples=6)
   eta, rho = 0.05, 0.1
   norms = [
       np.sqrt(dense_terms(params, subset(data, p))[1])
@@ -200,7 +181,7 @@ def test_batch_sam_edge_against_enumeration_and_full_batch():
 
 
 def test_errors():
-  params, data = mlp_problem()
+  params, data = mlp_problem(num_examples=6)
   key = jax.random.key(0)
   with pytest.raises(ValueError, match="batch_size"):
     se.batch_sharpness(

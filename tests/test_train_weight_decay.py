@@ -11,32 +11,13 @@ import pytest
 
 import sam_eos as se
 from sam_eos import loop
+from small_problems import mlp_loss, mlp_problem
 
 
 @pytest.fixture(autouse=True)
 def _x64():
   with jax.enable_x64(True):
     yield
-
-
-def mlp_loss(params, batch):
-  x, y = batch
-  h = jnp.tanh(x @ params["w1"] + params["b1"])
-  return jnp.mean((h @ params["w2"] - y) ** 2)
-
-
-def mlp_problem(seed=0, num_examples=8):
-  rng = np.random.default_rng(seed)
-  params = {
-      "w1": rng.normal(size=(3, 4)),
-      "b1": 0.1 * rng.normal(size=4),
-      "w2": rng.normal(size=(4, 2)),
-  }
-  data = (
-      rng.normal(size=(num_examples, 3)),
-      rng.normal(size=(num_examples, 2)),
-  )
-  return jax.tree.map(jnp.asarray, (params, data))
 
 
 def chained_sam(base, wd, rho, inside):
