@@ -470,8 +470,16 @@ def _edge_tracking(c: int, rows: Mapping[str, np.ndarray]) -> Claim:
   )
 
 
-def _with_adam_edge(rows: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-  """``rows`` with the column ``adam_edge = (2 + 2 b1) / (eta (1 - b1))``."""
+def with_adam_edge(rows: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+  """``rows`` with the column ``adam_edge = (2 + 2 b1) / (eta (1 - b1))``.
+
+  Args:
+    rows: one configuration's columns, with ``learning_rate``.
+
+  Returns:
+    A new dict: ``rows`` and ``adam_edge`` per row, with ``b1 = ADAM_B1``
+    (``38 / eta``; Cohen et al. 2022, as ``se.adam_edge``).
+  """
   eta = np.asarray(rows["learning_rate"], float)
   return {**rows, "adam_edge": (2 + 2 * ADAM_B1) / (eta * (1 - ADAM_B1))}
 
@@ -483,7 +491,7 @@ def _adam_claim(
   return _ratio_claim(
       "adam_at_edge",
       c,
-      _with_adam_edge(rows),
+      with_adam_edge(rows),
       window,
       "preconditioned_sharpness",
       "adam_edge",
@@ -685,7 +693,7 @@ def findings(
           / np.asarray(rows[edge], float)[window]
       )
     if "preconditioned_sharpness" in rows:
-      rows = _with_adam_edge(rows)
+      rows = with_adam_edge(rows)
       ratio = (
           np.asarray(rows["preconditioned_sharpness"], float)[window]
           / rows["adam_edge"][window]

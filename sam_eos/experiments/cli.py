@@ -77,8 +77,7 @@ def _number(
 
 
 _RHO = _number(float, lambda v: v >= 0, "a number >= 0 (0 is GD)")
-_LR = _number(float, lambda v: v > 0, "a number > 0")
-_TOL = _number(float, lambda v: v > 0, "a number > 0")
+_POSITIVE_REAL = _number(float, lambda v: v > 0, "a number > 0")
 _POSITIVE = _number(int, lambda v: v >= 1, "an integer >= 1")
 _SEED = _number(int, lambda v: v >= 0, "an integer >= 0")
 
@@ -122,7 +121,11 @@ def _parser() -> (
       "--rho", type=_RHO, nargs="+", metavar="R", help="SAM radii (0 is GD)"
   )
   run.add_argument(
-      "--lr", type=_LR, nargs="+", metavar="ETA", help="learning rates"
+      "--lr",
+      type=_POSITIVE_REAL,
+      nargs="+",
+      metavar="ETA",
+      help="learning rates",
   )
   run.add_argument(
       "--seed",
@@ -336,7 +339,11 @@ def _map_parser(commands) -> argparse.ArgumentParser:
       help="the preset the map starts from (default cpu)",
   )
   edge.add_argument(
-      "--lr", type=_LR, nargs="+", metavar="ETA", help="the grid's step sizes"
+      "--lr",
+      type=_POSITIVE_REAL,
+      nargs="+",
+      metavar="ETA",
+      help="the grid's step sizes",
   )
   edge.add_argument(
       "--rho",
@@ -371,7 +378,7 @@ def _map_parser(commands) -> argparse.ArgumentParser:
   )
   edge.add_argument(
       "--sharpness-tol",
-      type=_TOL,
+      type=_POSITIVE_REAL,
       metavar="TOL",
       help="relative residual that certifies a sharpness measurement "
       "(mnist-mlp's map: 1e-2, enough for its 15%% band)",

@@ -63,6 +63,7 @@ from sam_eos.experiments.claims import (
     GD_RANGE,
     SAM_RANGE,
     TAIL_FRACTION,
+    with_adam_edge,
 )
 from sam_eos.history import read_csv
 
@@ -591,6 +592,41 @@ def plot_sharpness(
   return _save(fig, path, title)
 
 
+def _value_with_edges(
+    runs: Runs | Metrics,
+    path: str | os.PathLike,
+    *,
+    value: str,
+    edges: Callable[[Mapping[str, Any]], list[tuple[Callable, str, float]]],
+    ylabel: str,
+    styles: Sequence[tuple[str, dict[str, Any]]],
+    x_axis: str,
+    title: str | None,
+    relabel: Callable[[str], str] = lambda label: label,
+) -> str:
+  """One column per setting (median and min-max band over seeds) and the
+  edges ``edges(group)`` (``(values(rows), ls, lw)`` each) as thin lines,
+  on a linear y-range that ignores the first ``TRANSIENT_FRACTION``."""
+  _check_x_axis(x_axis)
+  fig, (ax,) = _figure()
+  groups = _groups(runs)
+  limit_rows = []
+  for group in groups:
+    group["label"] = relabel(group["label"])
+    band = _band(group, _column(value), x_axis)
+    _draw(ax, group, band, label=group["label"])
+    limit_rows += _band_rows(band)
+    for values, ls, lw in edges(group):
+      edge = _band(group, values, x_axis)
+      _draw(ax, group, edge, ls=ls, lw=lw, marker=False, fill=False, zorder=2)
+      limit_rows.append((edge[0], edge[2]))
+  _set_ylim(ax, limit_rows, log=False)
+  ax.set_xlabel(X_AXES[x_axis])
+  ax.set_ylabel(ylabel)
+  _legend(fig, [ax], styles, groups)
+  return _save(fig, path, title)
+
+
 def plot_preconditioned(
     runs: Runs | Metrics,
     path: str | os.PathLike,
@@ -623,40 +659,26 @@ def plot_preconditioned(
     Cohen et al., "Adaptive Gradient Methods at the Edge of Stability",
     2022 (Fig. 1).
   """
-  _check_x_axis(x_axis)
-  fig, (ax,) = _figure()
-  groups = _groups(runs)
-  limit_rows = []
-  for group in groups:
-    group["label"] = (
-        group["label"].replace("SAM", "SAM on Adam").replace("GD", "Adam")
-    )
-    band = _band(group, _column("preconditioned_sharpness"), x_axis)
-    _draw(ax, group, band, label=group["label"])
-    limit_rows += _band_rows(band)
-    edge = _band(
-        group,
-        lambda rows: (2 + 2 * ADAM_B1)
-        / (np.asarray(rows["learning_rate"], float) * (1 - ADAM_B1)),
-        x_axis,
-    )
-    _draw(ax, group, edge, ls="--", lw=0.9, marker=False, fill=False, zorder=2)
-    limit_rows.append((edge[0], edge[2]))
-  _set_ylim(ax, limit_rows, log=False)
-  ax.set_xlabel(X_AXES[x_axis])
-  ax.set_ylabel("top eigenvalue of P^-1/2 H P^-1/2")
-  styles = [
-      ("preconditioned sharpness", {"ls": "-", "lw": 1.6}),
-      (
-          f"adam_edge (2 + 2 b1) / (eta (1 - b1)), b1 = {ADAM_B1:g}",
-          {
-              "ls": "--",
-              "lw": 0.9,
-          },
+  adam_edge = lambda rows: with_adam_edge(rows)["adam_edge"]
+  return _value_with_edges(
+      runs,
+      path,
+      value="preconditioned_sharpness",
+      edges=lambda group: [(adam_edge, "--", 0.9)],
+      ylabel="top eigenvalue of P^-1/2 H P^-1/2",
+      styles=[
+          ("preconditioned sharpness", {"ls": "-", "lw": 1.6}),
+          (
+              f"adam_edge (2 + 2 b1) / (eta (1 - b1)), b1 = {ADAM_B1:g}",
+              {"ls": "--", "lw": 0.9},
+          ),
+      ],
+      x_axis=x_axis,
+      title=title,
+      relabel=lambda label: label.replace("SAM", "SAM on Adam").replace(
+          "GD", "Adam"
       ),
-  ]
-  _legend(fig, [ax], styles, groups)
-  return _save(fig, path, title)
+  )
 
 
 def plot_batch_sharpness(
@@ -690,31 +712,21 @@ def plot_batch_sharpness(
   References:
     Andreyev & Beneventano, "Edge of Stochastic Stability", 2024 (Fig. 1).
   """
-  _check_x_axis(x_axis)
-  fig, (ax,) = _figure()
-  groups = _groups(runs)
-  limit_rows = []
-  for group in groups:
-    band = _band(group, _column("batch_sharpness"), x_axis)
-    _draw(ax, group, band, label=group["label"])
-    limit_rows += _band_rows(band)
-    edges = [("gd_edge", ":", 1.0)]
-    if group["rho"] > 0:
-      edges.append(("batch_sam_edge", "--", 0.9))
-    for column, ls, lw in edges:
-      edge = _band(group, _column(column), x_axis)
-      _draw(ax, group, edge, ls=ls, lw=lw, marker=False, fill=False, zorder=2)
-      limit_rows.append((edge[0], edge[2]))
-  _set_ylim(ax, limit_rows, log=False)
-  ax.set_xlabel(X_AXES[x_axis])
-  ax.set_ylabel("batch sharpness E[g^T H g] / E[||g||^2]")
-  styles = [
-      ("batch sharpness", {"ls": "-", "lw": 1.6}),
-      ("batch SAM-edge E_B[sam_edge(||g_B||)]", {"ls": "--", "lw": 0.9}),
-      ("2/eta", {"ls": ":", "lw": 1.0}),
-  ]
-  _legend(fig, [ax], styles, groups)
-  return _save(fig, path, title)
+  return _value_with_edges(
+      runs,
+      path,
+      value="batch_sharpness",
+      edges=lambda group: [(_column("gd_edge"), ":", 1.0)]
+      + ([(_column("batch_sam_edge"), "--", 0.9)] if group["rho"] > 0 else []),
+      ylabel="batch sharpness E[g^T H g] / E[||g||^2]",
+      styles=[
+          ("batch sharpness", {"ls": "-", "lw": 1.6}),
+          ("batch SAM-edge E_B[sam_edge(||g_B||)]", {"ls": "--", "lw": 0.9}),
+          ("2/eta", {"ls": ":", "lw": 1.0}),
+      ],
+      x_axis=x_axis,
+      title=title,
+  )
 
 
 def plot_ratio(
