@@ -48,6 +48,14 @@ every member has converged, each member's result frozen when it stops; pass
 condition (one ``pmax`` per product) rather than a select over the whole
 basis at every product, which costs several passes over it.
 
+Staged: ``begin``, ``advance`` and ``finish`` split the same iteration so
+that it can run as several straight-line programs, ``num_products``
+unrolled products each, with the stopping test (``running``) between them
+on the host. On CPU, XLA runs the backward pass of a convolution 10-26x
+slower inside a ``while_loop`` or ``cond`` than in straight-line code
+(jax-ml/jax#12868), so ``sam_eos.staged`` measures conv models that way; the
+products, Ritz values and stopping point are those of ``eigenpairs``.
+
 References:
   Lanczos 1950; Parlett, "The Symmetric Eigenvalue Problem", SIAM 1998,
   Ch. 11 (Rayleigh-Ritz, residual bounds) and Ch. 13.
@@ -65,7 +73,7 @@ References:
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -281,6 +289,222 @@ def _validate(
   return max_iters, k
 
 
+class Spec(NamedTuple):
+  """The static settings of one solve (see ``begin``); hashable.
+
+  Attributes:
+    max_iters: the cap on products (basis rows).
+    k: pairs returned at each end.
+    which: ``"top"`` or ``"both"``.
+    num_certified: pairs (at each end) that must meet the tolerance.
+    num_start: start vectors ``b``.
+    size: the dimension ``n``.
+    dtype: the working dtype (a name).
+    rounding: the unit roundoff of the working and product dtypes.
+    has_tol: whether a tolerance was given (else all ``max_iters``).
+    axis_name: the ``vmap`` axes the solve runs under, or None.
+  """
+
+  max_iters: int
+  k: int
+  which: str
+  num_certified: int
+  num_start: int
+  size: int
+  dtype: str
+  rounding: float
+  has_tol: bool
+  axis_name: AxisName
+
+
+class KrylovState(NamedTuple):
+  """A solve in progress: ``_State`` plus the start block and tolerance.
+
+  Passed from one ``advance`` call (one compiled program) to the next, so a
+  measurement can run in stages with the stopping test between them.
+
+  Attributes:
+    solver: the basis, products and projected matrix (``_State``).
+    start: ``(b, n)`` the start block (rows taken by the first ``b`` steps).
+    tol: the relative residual bound (0 when the solve has none).
+  """
+
+  solver: _State
+  start: jax.Array
+  tol: jax.Array
+
+
+def begin(
+    matvec: Matvec,
+    start: jax.Array,
+    max_iters: int,
+    *,
+    k: int = 1,
+    tol: float | jax.Array | None = None,
+    which: str = "top",
+    num_certified: int | None = None,
+    axis_name: AxisName = None,
+) -> tuple[Spec, KrylovState]:
+  """Validates a solve and returns its static ``Spec`` and initial state.
+
+  Arguments as ``eigenpairs`` (``matvec`` is only checked, not called).
+  ``eigenpairs`` is ``begin``, then ``advance`` by one product in a
+  ``while_loop`` while ``running``, then ``finish``; a staged caller runs
+  ``advance`` by several products per compiled program instead, with the
+  stopping test (``running``) on the host between programs, and gets the
+  same result.
+
+  Returns:
+    ``(spec, state)``.
+
+  Raises:
+    ValueError: as ``eigenpairs``.
+  """
+  start = jnp.asarray(start)
+  if not jnp.issubdtype(start.dtype, jnp.floating):
+    start = start.astype(jnp.result_type(float))
+  if start.ndim == 1:
+    start = start[None]
+  max_iters, k = _validate(start, max_iters, k, which, tol)
+  num_certified = k if num_certified is None else num_certified
+  num_certified = _checks.check_int("num_certified", num_certified, 1)
+  if num_certified > k:
+    raise ValueError(f"`num_certified` ({num_certified}) must be <= `k` ({k}).")
+  num_start, size = start.shape
+  dtype = working_dtype(start.dtype)
+  product_dtype = _check_matvec(matvec, size, dtype)
+  spec = Spec(
+      max_iters=max_iters,
+      k=k,
+      which=which,
+      num_certified=num_certified,
+      num_start=num_start,
+      size=size,
+      dtype=jnp.dtype(dtype).name,
+      rounding=max(
+          float(jnp.finfo(dtype).eps), float(jnp.finfo(product_dtype).eps)
+      ),
+      has_tol=tol is not None,
+      axis_name=axis_name,
+  )
+  start = start.astype(dtype)
+  first = jnp.linalg.norm(start[0])
+  base = _restart_base(size, dtype)
+  q0 = jnp.where(
+      first > 0,
+      start[0] / jnp.where(first > 0, first, 1),
+      base / jnp.linalg.norm(base),
+  )
+  zeros = jnp.zeros((max_iters, size), dtype)
+  solver = _State(
+      size=jnp.array(0, jnp.int32),
+      step=jnp.array(0, jnp.int32),
+      basis=zeros.at[0].set(q0),
+      products=zeros,
+      coeffs=jnp.zeros((max_iters, max_iters), dtype),
+      converged=jnp.array(False),
+  )
+  tol = jnp.asarray(0 if tol is None else tol, dtype)
+  return spec, KrylovState(solver=solver, start=start, tol=tol)
+
+
+def running(state: KrylovState) -> jax.Array:
+  """Whether this member (not the vmapped group) needs more products."""
+  solver = state.solver
+  return ~solver.converged & (solver.size < solver.basis.shape[0])
+
+
+def _product_step(
+    spec: Spec, matvec: Matvec, state: KrylovState
+) -> KrylovState:
+  """One product, the Rayleigh-Ritz step and the next basis vector.
+
+  Every running member has ``size == step``. A member that has stopped
+  (under vmap, or past its stopping point inside a stage) computes on but
+  writes zeros to rows past its size: it is frozen. ``step`` is unbatched
+  under ``axis_name``, so the writes stay in-place row updates under vmap.
+  """
+  solver, start = state.solver, state.start
+  dtype = jnp.dtype(spec.dtype)
+  base = _restart_base(spec.size, dtype)
+  step = solver.step
+  active = running(state)
+  product = jnp.asarray(matvec(solver.basis[step]), dtype)
+  solver = solver._replace(
+      size=solver.size + active,
+      step=step + 1,
+      products=_set_row(solver.products, step, product, active),
+      coeffs=_set_row(solver.coeffs, step, _dot(solver.basis, product), active),
+  )
+  values, coords = _ritz(solver)
+  index = jnp.arange(spec.num_certified)
+  if spec.which == "both":
+    index = jnp.concatenate(
+        [index, _bottom_index(solver.size, spec.num_certified)]
+    )
+  theta, _, residual, norms = _pairs(solver, values, coords, index)
+  scale = jnp.abs(theta)
+  ok = jnp.all(norms <= state.tol * scale) if spec.has_tol else jnp.array(False)
+  relative = norms / jnp.where(scale > 0, scale, 1)
+  num_start = spec.num_start
+  candidate = jnp.where(
+      step + 1 < num_start,
+      start[jnp.minimum(step + 1, num_start - 1)],
+      residual[jnp.argmax(relative)],
+  )
+  vector = _next_vector(
+      solver.basis, candidate, base, step + 1, spec.rounding, spec.axis_name
+  )
+  enough = step + 1 >= max(num_start, spec.k)
+  solver = solver._replace(
+      basis=_set_row(solver.basis, step + 1, vector, active),
+      converged=solver.converged | (active & enough & ok),
+  )
+  return state._replace(solver=solver)
+
+
+def advance(
+    spec: Spec, matvec: Matvec, state: KrylovState, num_products: int
+) -> KrylovState:
+  """``num_products`` more products, unrolled: straight-line code.
+
+  No loop or branch holds a product, so on CPU, where XLA runs a
+  convolution's backward pass 10-26x slower inside a ``while_loop`` or
+  ``cond`` (jax-ml/jax#12868), each product costs what it costs alone. A
+  member that stops inside the stage is frozen (its result is that of
+  ``eigenpairs``); call ``running`` between stages.
+
+  Args:
+    spec: from ``begin``.
+    matvec: ``x -> A x``, built inside the calling program.
+    state: the solve so far.
+    num_products: products to run (static).
+
+  Returns:
+    The advanced state.
+  """
+  for _ in range(num_products):
+    state = _product_step(spec, matvec, state)
+  return state
+
+
+def finish(spec: Spec, state: KrylovState) -> KrylovResult:
+  """The ``KrylovResult`` of a solve (top and bottom ``k`` pairs)."""
+  solver = state.solver
+  values, coords = _ritz(solver)
+  top = _pairs(solver, values, coords, jnp.arange(spec.k))
+  bottom = _pairs(solver, values, coords, _bottom_index(solver.size, spec.k))
+  return KrylovResult(
+      values=top[0],
+      vectors=top[1],
+      residuals=top[3],
+      bottom_values=bottom[0],
+      bottom_vectors=bottom[1],
+      bottom_residuals=bottom[3],
+      num_iters=solver.size,
+  )
+
+
 def eigenpairs(
     matvec: Matvec,
     start: jax.Array,
@@ -350,93 +574,22 @@ def eigenpairs(
   References:
     Parlett 1998, Ch. 11 and 13; Stewart 2001; Wu & Simon 2000.
   """
-  start = jnp.asarray(start)
-  if not jnp.issubdtype(start.dtype, jnp.floating):
-    start = start.astype(jnp.result_type(float))
-  if start.ndim == 1:
-    start = start[None]
-  max_iters, k = _validate(start, max_iters, k, which, tol)
-  num_certified = k if num_certified is None else num_certified
-  num_certified = _checks.check_int("num_certified", num_certified, 1)
-  if num_certified > k:
-    raise ValueError(f"`num_certified` ({num_certified}) must be <= `k` ({k}).")
-  num_start, size = start.shape
-  dtype = working_dtype(start.dtype)
-  product_dtype = _check_matvec(matvec, size, dtype)
-  rounding = max(
-      float(jnp.finfo(dtype).eps), float(jnp.finfo(product_dtype).eps)
+  spec, state = begin(
+      matvec,
+      start,
+      max_iters,
+      k=k,
+      tol=tol,
+      which=which,
+      num_certified=num_certified,
+      axis_name=axis_name,
   )
-  start = start.astype(dtype)
-  base = _restart_base(size, dtype)
-  first = jnp.linalg.norm(start[0])
-  q0 = jnp.where(
-      first > 0,
-      start[0] / jnp.where(first > 0, first, 1),
-      base / jnp.linalg.norm(base),
+  state = jax.lax.while_loop(
+      lambda s: _any(running(s), axis_name),
+      lambda s: _product_step(spec, matvec, s),
+      state,
   )
-  zeros = jnp.zeros((max_iters, size), dtype)
-  state = _State(
-      size=jnp.array(0, jnp.int32),
-      step=jnp.array(0, jnp.int32),
-      basis=zeros.at[0].set(q0),
-      products=zeros,
-      coeffs=jnp.zeros((max_iters, max_iters), dtype),
-      converged=jnp.array(False),
-  )
-  certified = jnp.arange(num_certified)
-
-  def running(state: _State) -> jax.Array:
-    return ~state.converged & (state.size < max_iters)
-
-  def body(state: _State) -> _State:
-    # Every running member has ``size == step``. A member that has stopped
-    # (possible under vmap with ``axis_name``) computes on but writes zeros
-    # to rows past its size: it is frozen. ``step`` is unbatched, so the
-    # writes stay in-place row updates under vmap.
-    step = state.step
-    active = running(state)
-    product = jnp.asarray(matvec(state.basis[step]), dtype)
-    state = state._replace(
-        size=state.size + active,
-        step=step + 1,
-        products=_set_row(state.products, step, product, active),
-        coeffs=_set_row(state.coeffs, step, _dot(state.basis, product), active),
-    )
-    values, coords = _ritz(state)
-    index = certified
-    if which == "both":
-      index = jnp.concatenate([index, _bottom_index(state.size, num_certified)])
-    theta, _, residual, norms = _pairs(state, values, coords, index)
-    scale = jnp.abs(theta)
-    ok = jnp.array(False) if tol is None else jnp.all(norms <= tol * scale)
-    relative = norms / jnp.where(scale > 0, scale, 1)
-    candidate = jnp.where(
-        step + 1 < num_start,
-        start[jnp.minimum(step + 1, num_start - 1)],
-        residual[jnp.argmax(relative)],
-    )
-    vector = _next_vector(
-        state.basis, candidate, base, step + 1, rounding, axis_name
-    )
-    enough = step + 1 >= max(num_start, k)
-    return state._replace(
-        basis=_set_row(state.basis, step + 1, vector, active),
-        converged=state.converged | (active & enough & ok),
-    )
-
-  state = jax.lax.while_loop(lambda s: _any(running(s), axis_name), body, state)
-  values, coords = _ritz(state)
-  top = _pairs(state, values, coords, jnp.arange(k))
-  bottom = _pairs(state, values, coords, _bottom_index(state.size, k))
-  return KrylovResult(
-      values=top[0],
-      vectors=top[1],
-      residuals=top[3],
-      bottom_values=bottom[0],
-      bottom_vectors=bottom[1],
-      bottom_residuals=bottom[3],
-      num_iters=state.size,
-  )
+  return finish(spec, state)
 
 
 class Tracked(NamedTuple):
@@ -461,6 +614,39 @@ class Tracked(NamedTuple):
   values: jax.Array
 
 
+def tracked(result: KrylovResult, dtype: Any) -> Tracked:
+  """The ``Tracked`` of a solve warm-started from a block of ``dtype``."""
+  top = result.values[0]
+  return Tracked(
+      vectors=result.vectors.astype(dtype),
+      sharpness=top,
+      lambda_min=result.bottom_values[0],
+      lanczos_iters=result.num_iters.astype(top.dtype),
+      residual=result.residuals[0] / jnp.abs(top),
+      values=result.values,
+  )
+
+
+def track_begin(
+    matvec: Matvec,
+    vectors: jax.Array,
+    max_iters: int,
+    tol: float | jax.Array | None,
+    axis_name: AxisName = None,
+    num_certified: int = 1,
+) -> tuple[Spec, KrylovState]:
+  """``begin`` of the tracking solve (``track_top``'s settings)."""
+  return begin(
+      matvec,
+      vectors,
+      max_iters,
+      k=vectors.shape[0],
+      tol=tol,
+      num_certified=num_certified,
+      axis_name=axis_name,
+  )
+
+
 def track_top(
     matvec: Matvec,
     vectors: jax.Array,
@@ -472,7 +658,9 @@ def track_top(
   """The tracking step shared by ``train`` and ``SharpnessTracker``.
 
   ``eigenpairs`` warm-started from the carried block ``vectors (b, n)``,
-  returning ``b`` pairs and certifying the top ``num_certified`` ones.
+  returning ``b`` pairs and certifying the top ``num_certified`` ones. Its
+  staged form is ``track_begin``, ``advance`` while ``running``, then
+  ``tracked(finish(...))``: the same result.
 
   Args:
     matvec: ``x -> A x`` on ``(n,)`` arrays.
@@ -496,12 +684,4 @@ def track_top(
       num_certified=num_certified,
       axis_name=axis_name,
   )
-  top = result.values[0]
-  return Tracked(
-      vectors=result.vectors.astype(vectors.dtype),
-      sharpness=top,
-      lambda_min=result.bottom_values[0],
-      lanczos_iters=result.num_iters.astype(top.dtype),
-      residual=result.residuals[0] / jnp.abs(top),
-      values=result.values,
-  )
+  return tracked(result, vectors.dtype)

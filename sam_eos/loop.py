@@ -505,6 +505,46 @@ def _gradient(
   return loss, grads, new_state
 
 
+def operators(
+    config: LoopConfig, state: TrainState, batch: Any
+) -> tuple[tuple[jax.Array, PyTree, PyTree], tuple[Any, ...], tuple[Any, ...]]:
+  """The step's gradient and the operators a tracked step measures.
+
+  Linearizes ``value_and_grad`` once (as ``hessian.linearize_gradient``
+  does): its primal output is the step's loss, gradient and new model state,
+  and its tangent map the Hessian-vector product (of the loss with the model
+  state held at ``state.model_state``). With a ``preconditioner``, the same
+  product also gives ``v -> d * H (d * v)``, ``d = P^{-1/2}`` flattened with
+  ``P`` from ``state.opt_state`` (Cohen et al. 2022).
+
+  Args:
+    config: static settings.
+    state: the carry at ``w_t``.
+    batch: the step's batch.
+
+  Returns:
+    ``((loss, grads, new_model_state), matvecs, starts)``: the flat
+    operators (the Hessian first) and their warm-start blocks.
+  """
+  params = state.params
+  primal, linear = jax.linearize(
+      lambda w: _gradient(config, w, batch, state.model_state), params
+  )
+  matvec = flat_matvec(lambda v: linear(v)[1], params)
+  if config.preconditioner is None:
+    return primal, (matvec,), (state.eigvecs,)
+  vectors = state.precond_vectors
+  diagonal = ravel_pytree(config.preconditioner(state.opt_state))[0]
+  scale = jax.lax.rsqrt(diagonal.astype(vectors.dtype))
+  scaled = lambda v: scale * matvec(scale * v).astype(vectors.dtype)
+  return primal, (matvec, scaled), (state.eigvecs, vectors)
+
+
+def num_certified(config: LoopConfig) -> tuple[int, int]:
+  """Pairs certified by the Hessian's and the preconditioned solve."""
+  return config.num_top_eigenvalues, 1
+
+
 def _measure(
     config: LoopConfig,
     state: TrainState,
@@ -512,54 +552,26 @@ def _measure(
 ) -> tuple[jax.Array, PyTree, PyTree, krylov.Tracked, Any]:
   """Loss, gradient, new model state and the Hessian's top Ritz pairs.
 
-  Linearizes ``value_and_grad`` once (as ``hessian.linearize_gradient``
-  does): its primal output is the step's loss, gradient and new model state,
-  and its tangent map the Hessian-vector product (of the loss with the model
-  state held at ``state.model_state``) fed to Lanczos, warm-started from
-  ``state.eigvecs``; with a ``preconditioner``, the same product also serves
-  the preconditioned measurement (last output, else ``()``).
+  The operators of ``operators``, each measured by ``krylov.track_top``
+  warm-started from its carried block (``state.eigvecs``; the
+  preconditioned one, last output, else ``()``, from
+  ``state.precond_vectors``).
   """
-  params = state.params
-  (loss, grads, new_state), linear = jax.linearize(
-      lambda w: _gradient(config, w, batch, state.model_state), params
+  primal, matvecs, starts = operators(config, state, batch)
+  measured = tuple(
+      krylov.track_top(
+          matvec,
+          start,
+          config.num_lanczos_iters,
+          config.sharpness_tol,
+          config.axis_name,
+          num_certified=certified,
+      )
+      for matvec, start, certified in zip(
+          matvecs, starts, num_certified(config)
+      )
   )
-  matvec = flat_matvec(lambda v: linear(v)[1], params)
-  measured = krylov.track_top(
-      matvec,
-      state.eigvecs,
-      config.num_lanczos_iters,
-      config.sharpness_tol,
-      config.axis_name,
-      num_certified=config.num_top_eigenvalues,
-  )
-  preconditioned = ()
-  if config.preconditioner is not None:
-    preconditioned = _measure_preconditioned(
-        config, matvec, state.opt_state, state.precond_vectors
-    )
-  return loss, grads, new_state, measured, preconditioned
-
-
-def _measure_preconditioned(
-    config: LoopConfig,
-    matvec: Callable[[jax.Array], jax.Array],
-    opt_state: optax.OptState,
-    vectors: jax.Array,
-) -> krylov.Tracked:
-  """The top eigenvalue of ``P^{-1/2} H P^{-1/2}``, ``P`` from ``opt_state``.
-
-  ``matvec`` is the flat Hessian-vector product at ``w_t``; the scaled
-  operator is ``v -> d * H (d * v)`` with ``d = P^{-1/2}`` flattened.
-  """
-  diagonal = ravel_pytree(config.preconditioner(opt_state))[0]
-  scale = jax.lax.rsqrt(diagonal.astype(vectors.dtype))
-  return krylov.track_top(
-      lambda v: scale * matvec(scale * v).astype(vectors.dtype),
-      vectors,
-      config.num_lanczos_iters,
-      config.sharpness_tol,
-      config.axis_name,
-  )
+  return (*primal, measured[0], measured[1] if len(measured) > 1 else ())
 
 
 def _evaluate(
@@ -672,6 +684,32 @@ def _nan_like(tree: PyTree) -> PyTree:
   return jax.tree.map(lambda x: jnp.full(x.shape, jnp.nan, x.dtype), tree)
 
 
+# ``_train_step``'s ``supplied`` for the in-graph form: a ``lax.cond`` on the
+# step decides whether to measure, inside the step's own program.
+IN_GRAPH = "in_graph"
+
+
+class Measurement(NamedTuple):
+  """A tracked step's gradient and measurement, computed before the step.
+
+  What the staged form (``begin_measurement`` ... ``finish_tracked_step``)
+  hands to ``_train_step`` instead of measuring inside it.
+
+  Attributes:
+    loss: the loss at ``w_t`` on the step's batch.
+    grads: its gradient.
+    new_model_state: the model state the gradient returned.
+    measured: the ``krylov.Tracked`` of the Hessian at ``w_t``.
+    preconditioned: that of the preconditioned Hessian, or ``()``.
+  """
+
+  loss: jax.Array
+  grads: PyTree
+  new_model_state: PyTree
+  measured: krylov.Tracked
+  preconditioned: Any
+
+
 def _train_step(
     config: LoopConfig,
     hparams: Hyperparams,
@@ -679,8 +717,15 @@ def _train_step(
     eval_data: Any,
     state: TrainState,
     step: jax.Array,
+    supplied: Any = IN_GRAPH,
 ) -> tuple[TrainState, tuple[jax.Array, dict[str, jax.Array]]]:
-  """One GD/SAM step at global step ``step``, measuring when it is due."""
+  """One GD/SAM step at global step ``step``, measuring when it is due.
+
+  ``supplied`` says how: ``IN_GRAPH`` decides in the program (a
+  ``lax.cond`` on ``step % track_every == 0``); None makes the step
+  untracked (straight-line, no measurement); a ``Measurement`` makes it a
+  tracked step whose measurement was computed by the staged programs.
+  """
   batch = sample_batch(
       data,
       jax.random.fold_in(state.key, step),
@@ -688,7 +733,6 @@ def _train_step(
       config.batch_sharding,
       config.num_examples,
   )
-  tracked = step % config.track_every == 0
   model_state = state.model_state
 
   def with_tracking(state):
@@ -708,9 +752,20 @@ def _train_step(
         evals,
     )
 
-  loss, grads, new_model_state, measured, preconditioned, evals = jax.lax.cond(
-      tracked, with_tracking, without_tracking, state
-  )
+  if isinstance(supplied, str):
+    tracked = step % config.track_every == 0
+    loss, grads, new_model_state, measured, preconditioned, evals = (
+        jax.lax.cond(tracked, with_tracking, without_tracking, state)
+    )
+  elif supplied is None:
+    tracked = jnp.array(False)
+    loss, grads, new_model_state, measured, preconditioned, evals = (
+        without_tracking(state)
+    )
+  else:
+    tracked = jnp.array(True)
+    loss, grads, new_model_state, measured, preconditioned = supplied
+    evals = _evaluate(config, state.params, eval_data, model_state)
   grad_norm = global_norm(grads)
   if config.use_sam:
     eigenvector = None
@@ -779,9 +834,11 @@ def _train_step(
     estimate = lambda: _batch_metrics(
         config, state, data, step, learning_rate, hparams.rho, momentum
     )
-    batch_metrics = jax.lax.cond(
-        tracked, estimate, lambda: _nan_like(jax.eval_shape(estimate))
-    )
+    nans = lambda: _nan_like(jax.eval_shape(estimate))
+    if isinstance(supplied, str):
+      batch_metrics = jax.lax.cond(tracked, estimate, nans)
+    else:  # a staged step: straight-line code, no product inside a branch
+      batch_metrics = estimate() if supplied is not None else nans()
   metrics = {
       "loss": loss,
       "grad_norm": grad_norm,

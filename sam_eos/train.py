@@ -32,14 +32,13 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from sam_eos import _checks, checkpoint, history as hist, loop, parallel
+from sam_eos import programs, staged
 from sam_eos._types import PyTree
 
 CHECKPOINT_FILE = "checkpoint.npz"
 METRICS_FILE = "metrics.csv"
 # The history column ``preconditioner=`` adds (see ``train``).
 PRECONDITIONED_COLUMN = "preconditioned_sharpness"
-# The name of the vmap axis over a sweep's configurations.
-SWEEP_AXIS = "sweep"
 CONFIG_FILE = "config.json"
 
 
@@ -479,69 +478,6 @@ def _warm_vectors(
 ) -> int:
   """``num_warm_vectors`` capped at the Lanczos basis size it must fit in."""
   return min(num_warm_vectors, num_lanczos_iters, num_params)
-
-
-def _unvmapped(config: loop.LoopConfig, chunk_size: int) -> Callable:
-  """``loop.run_chunk`` of a single configuration, with the config axis."""
-
-  def chunk(state, data, eval_data, hparams, start, end):
-    first = lambda tree: jax.tree.map(lambda x: x[0], tree)
-    out = loop.run_chunk(
-        config, first(state), data, eval_data, first(hparams), start, end,
-        chunk_size,
-    )  # fmt: skip
-    return jax.tree.map(lambda x: x[None], out)
-
-  return chunk
-
-
-def _sweep_chunk(settings: _Settings, spmd_axis: str | None) -> Callable:
-  """One chunk of every configuration: ``(state, data, eval_data, hparams,
-  start, end) -> (state, ChunkOutput)``, with a leading config axis.
-
-  GD configurations (``rho = 0``) of a sweep that also has SAM ones run as
-  their own vmapped program without the SAM gradient; the two groups' rows
-  are gathered before and scattered back after, so the result is that of
-  separate runs. A ``"config"`` mesh axis (``spmd_axis``) keeps one program,
-  since regrouping would move rows between devices. A group of one
-  configuration runs unvmapped (vmap would batch tracking's stopping test).
-  """
-  config = settings.config
-
-  def vmapped(cfg: loop.LoopConfig, size: int) -> Callable:
-    if size == 1 and spmd_axis is None:
-      return _unvmapped(cfg, settings.chunk_size)
-    return jax.vmap(
-        lambda s, d, e, h, a, b: loop.run_chunk(
-            dataclasses.replace(cfg, axis_name=SWEEP_AXIS),
-            s, d, e, h, a, b, settings.chunk_size,
-        ),
-        in_axes=(0, None, None, 0, None, None),
-        axis_name=SWEEP_AXIS,
-        spmd_axis_name=spmd_axis,
-    )  # fmt: skip
-
-  rhos = np.array([c["rho"] for c in settings.configs])
-  gd, sam = np.flatnonzero(rhos == 0), np.flatnonzero(rhos > 0)
-  if not config.use_sam or gd.size == 0 or spmd_axis is not None:
-    return vmapped(config, rhos.size)
-  groups = (
-      (vmapped(dataclasses.replace(config, use_sam=False), gd.size), gd),
-      (vmapped(config, sam.size), sam),
-  )
-  order = np.argsort(np.concatenate([gd, sam]))
-
-  def chunk(state, data, eval_data, hparams, start, end):
-    take = lambda tree, rows: jax.tree.map(lambda x: x[rows], tree)
-    outs = [
-        run(take(state, rows), data, eval_data, take(hparams, rows), start, end)
-        for run, rows in groups
-    ]
-    return jax.tree.map(
-        lambda a, b: jnp.concatenate([a, b])[order], outs[0], outs[1]
-    )
-
-  return chunk
 
 
 def _default_chunk(num_steps: int, track_every: int) -> int:
@@ -1175,7 +1111,7 @@ def _warn_diverged(settings: _Settings, diverged_at: np.ndarray) -> None:
 
 
 def _run_chunks(
-    compiled: Callable,
+    runner: Any,
     run: _Progress,
     settings: _Settings,
     data: PyTree,
@@ -1187,23 +1123,24 @@ def _run_chunks(
 ) -> _Progress:
   """Runs chunks up to ``num_steps``, saving rows and checkpoint after each.
 
+  ``runner`` is a ``programs.InGraphRunner`` or ``programs.StagedRunner``;
+  the seconds it spends compiling are not training time.
+
   Raises:
     TrainingDiverged: when every configuration has diverged.
   """
   state, history, next_step, wall = run
   while next_step < num_steps:
     start_time = time.perf_counter()
-    state, out = compiled(
-        state,
-        data,
-        eval_data,
-        settings.hparams,
-        jnp.int32(next_step),
-        jnp.int32(num_steps),
+    compiling = runner.compile_seconds
+    stop = min(next_step + settings.chunk_size, num_steps)
+    state, out = runner.advance(
+        state, data, eval_data, settings.hparams, next_step, stop
     )
     out, diverged_at = parallel.to_host((out, state.diverged_at))
-    elapsed = time.perf_counter() - start_time
-    num_active = min(settings.chunk_size, num_steps - next_step)
+    compiling = runner.compile_seconds - compiling
+    elapsed = time.perf_counter() - start_time - compiling
+    num_active = stop - next_step
     rows = hist.chunk_rows(
         out.step[0],
         out.tracked[0],
@@ -1229,6 +1166,33 @@ def _run_chunks(
       bar.set_postfix(_postfix(history), refresh=False)
       bar.update(num_active)
   return _Progress(state, history, next_step, wall)
+
+
+def _runner(
+    settings: _Settings,
+    spmd_axis: str | None,
+    params: PyTree,
+    data: PyTree,
+    model_state: PyTree,
+) -> Any:
+  """The staged runner for CPU conv models, else the in-graph one."""
+  config = settings.config
+  rhos = np.array([c["rho"] for c in settings.configs])
+  batch = jax.eval_shape(
+      lambda d: loop.sample_batch(
+          d, jax.random.key(0), config.batch_size, None, config.num_examples
+      ),
+      data,
+  )
+  first = lambda tree: jax.tree.map(lambda x: x[0], tree)
+  if staged.uses_staging(
+      lambda p, b, s: config.loss_fn(p, b, s)[0],
+      first(params),
+      batch,
+      first(model_state),
+  ):
+    return programs.StagedRunner(config, rhos, spmd_axis)
+  return programs.InGraphRunner(config, rhos, spmd_axis, settings.chunk_size)
 
 
 def train(
@@ -1598,18 +1562,15 @@ def train(
       out_dir, settings, signature, state, num_steps, metadata, mesh, place
   )
   if run.next_step < num_steps:
-    chunk = _sweep_chunk(settings, spmd_axis)
-    compiled = (
-        jax.jit(chunk, donate_argnums=(0,))
-        .lower(run.state, data, eval_data, hparams, jnp.int32(0), jnp.int32(0))
-        .compile()
+    runner = _runner(
+        settings, spmd_axis, run.state.params, data, run.state.model_state
     )
     bar = _progress(
         num_steps, run.next_step, progress and jax.process_index() == 0
     )
     try:
       run = _run_chunks(
-          compiled,
+          runner,
           run,
           settings,
           data,
