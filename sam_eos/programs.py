@@ -31,13 +31,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sam_eos import loop, staged
+from sam_eos import loop, parallel, staged
 from sam_eos._types import PyTree
 
 # The name of the vmap axis over a sweep's configurations.
 SWEEP_AXIS = "sweep"
-# The cold check's first stage, in products beyond the warm block.
-_COLD_EXTRA = 5
 
 Program = Callable[[Any, Any, Any], Any]
 
@@ -228,7 +226,9 @@ class StagedRunner:
   def _tracked_step(self, state, data, eval_data, hparams, step):
     """Step ``step``: the measurement in stages, then the update."""
     cap = self._config.num_lanczos_iters
-    predicted = self.predicted or (self._config.num_warm_vectors + _COLD_EXTRA)
+    predicted = self.predicted or (
+        self._config.num_warm_vectors + staged.COLD_EXTRA
+    )
     sizes = staged.stage_sizes(predicted, cap)
     num = next(sizes)
     shared = (data, jnp.int32(step))
@@ -237,7 +237,8 @@ class StagedRunner:
     )
     self.num_stages += 1
     for num in sizes:
-      if not bool(jnp.any(running)) or int(jnp.max(done)) >= cap:
+      running, done = parallel.to_host((running, done))
+      if not np.any(running) or np.max(done) >= cap:
         break
       solves, (running, done) = self._compiled(
           ("advance", num),
@@ -254,12 +255,12 @@ class StagedRunner:
         (hparams, primal, solves),
         (data, eval_data, jnp.int32(step)),
     )
-    iters = np.asarray(metrics["lanczos_iters"])
+    tracked, metrics = parallel.to_host((tracked, metrics))
+    iters = metrics["lanczos_iters"]
     if np.any(np.isfinite(iters)):
       self.predicted = int(np.nanmax(iters))
-    steps = jnp.full(tracked.shape, step, jnp.int32)
     return state, loop.ChunkOutput(
-        step=steps[:, None],
+        step=np.full(tracked.shape + (1,), step, np.int32),
         tracked=tracked[:, None],
         metrics={k: v[:, None] for k, v in metrics.items()},
     )
@@ -291,7 +292,8 @@ class StagedRunner:
             hparams,
             (data, eval_data, jnp.int32(step)),
         )
+        out = parallel.to_host(out)
         step += num
       outs.append(out)
-    join = lambda *xs: jnp.concatenate(xs, axis=1)
+    join = lambda *xs: np.concatenate(xs, axis=1)
     return state, jax.tree.map(join, *outs)

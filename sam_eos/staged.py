@@ -60,6 +60,9 @@ from sam_eos.loop import (
 # one more program to compile (about 0.3 s per unrolled product of the paper
 # CNN), while one more stage costs a relinearization (about half a product).
 MENU = (1, 2, 4, 8, 16, 32, 64)
+# A check with no previous one to go by starts with this many products
+# beyond its warm block.
+COLD_EXTRA = 5
 # Untracked steps per straight-line program, at most.
 MAX_SEGMENT = 16
 # How ``uses_staging`` is overridden.

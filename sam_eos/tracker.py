@@ -69,6 +69,7 @@ References:
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, NamedTuple
 
 import jax
@@ -76,7 +77,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.flatten_util import ravel_pytree
 
-from sam_eos import _checks, edges, krylov
+from sam_eos import _checks, edges, krylov, staged
 from sam_eos._types import ArrayLike, LossFn, PyTree
 from sam_eos.hessian import flat_matvec, linearize_gradient
 from sam_eos.lanczos import working_dtype
@@ -325,7 +326,6 @@ class SharpnessTracker:
     ``metrics.step`` is the state's counter).
     """
     self._check_state(state, params)
-    eigvecs = state.eigvecs
     loss = self._loss(model_state)
     _, grads, matvec = linearize_gradient(
         loss, params, batch, has_aux=self.has_aux
@@ -333,12 +333,27 @@ class SharpnessTracker:
     _, max_iters, _ = self._sizes(params)
     measured = krylov.track_top(
         flat_matvec(matvec, params),
-        eigvecs,
+        state.eigvecs,
         max_iters,
         self.tol,
         num_certified=self.num_top_eigenvalues,
     )
-    dtype = eigvecs.dtype
+    return self._metrics(
+        state, measured, grads, learning_rate, rho, grad_norm, momentum
+    )
+
+  def _metrics(
+      self,
+      state: TrackerState,
+      measured: krylov.Tracked,
+      grads: PyTree,
+      learning_rate: ArrayLike,
+      rho: ArrayLike,
+      grad_norm: ArrayLike | None,
+      momentum: ArrayLike,
+  ) -> tuple[TrackerState, TrackerMetrics]:
+    """The new state and metrics of a measurement (``measure``'s end)."""
+    dtype = state.eigvecs.dtype
     norm = global_norm(grads) if grad_norm is None else grad_norm
     norm = jnp.asarray(norm).astype(dtype)
     gd, sam = edges.stability_edges(
@@ -359,6 +374,63 @@ class SharpnessTracker:
         ),
     )
     return state._replace(eigvecs=measured.vectors), metrics
+
+  def measure_staged(
+      self,
+      state: TrackerState,
+      params: PyTree,
+      batch: Any,
+      *,
+      learning_rate: ArrayLike,
+      rho: ArrayLike = 0.0,
+      grad_norm: ArrayLike | None = None,
+      momentum: ArrayLike = 0.0,
+      model_state: PyTree = None,
+  ) -> tuple[TrackerState, TrackerMetrics]:
+    """``measure`` as straight-line programs: for CPU loops with convolutions.
+
+    On CPU, XLA runs a convolution's backward pass 10-26x slower inside a
+    ``cond`` or ``while_loop`` (jax-ml/jax#12868), which is where ``update``
+    and ``measure`` put every Hessian-vector product. Call this one from
+    Python, outside ``jit``, at your check steps (e.g. ``if step %
+    track_every == 0``), with your jitted step doing the training alone. It
+    runs the same solve as compiled stages of unrolled products (each
+    relinearizing at ``params``) with the stopping test between them on the
+    host (``sam_eos.staged``), and returns what ``measure`` returns, to
+    float rounding. The programs compile once per tracker and shapes.
+
+    Args and Returns: as ``measure``.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp, numpy as np, sam_eos as se
+      >>> x = jax.random.normal(jax.random.key(0), (16, 4))
+      >>> batch = (x, jnp.ones(16))
+      >>> loss = lambda w, b: jnp.mean((b[0] @ w - b[1]) ** 2)
+      >>> tracker = se.SharpnessTracker(loss, tol=1e-5)
+      >>> w = jnp.zeros(4)
+      >>> _, m = tracker.measure_staged(tracker.init(w), w, batch,
+      ...                               learning_rate=0.1)
+      >>> dense = np.linalg.eigvalsh(2 * np.asarray(x.T @ x) / 16)[-1]
+      >>> bool(np.isclose(m.sharpness, dense, rtol=1e-4))
+      True
+    """
+    self._check_state(state, params)
+    if model_state is not None and not self.has_aux:
+      raise ValueError(
+          "`model_state` needs a tracker built with has_aux=True and a "
+          "loss_fn(params, batch, model_state) -> (loss, new_model_state)."
+      )
+    _, max_iters, num_vectors = self._sizes(params)
+    operands = (state, params, batch, model_state)
+    sizes = staged.stage_sizes(num_vectors + staged.COLD_EXTRA, max_iters)
+    solve, running = _stage_begin(self, *operands, next(sizes))
+    for num in sizes:
+      if not bool(running):
+        break
+      solve, running = _stage_advance(self, *operands, solve, num)
+    return _stage_finish(
+        self, *operands, solve, learning_rate, rho, grad_norm, momentum
+    )
 
   def update(
       self,
@@ -464,3 +536,65 @@ class SharpnessTracker:
           f"expected ({num_vectors}, {size}) (num_warm_vectors, number of "
           "parameters); call `init(params)` for these parameters."
       )
+
+
+def _operator(
+    tracker: SharpnessTracker,
+    state: TrackerState,
+    params: PyTree,
+    batch: Any,
+    model_state: PyTree,
+) -> tuple[PyTree, Any, krylov.Spec, krylov.KrylovState]:
+  """The gradient, flat Hessian product and the solve's spec and start."""
+  _, grads, matvec = linearize_gradient(
+      tracker._loss(model_state), params, batch, has_aux=tracker.has_aux
+  )
+  matvec = flat_matvec(matvec, params)
+  _, max_iters, _ = tracker._sizes(params)
+  spec, start = krylov.track_begin(
+      matvec,
+      state.eigvecs,
+      max_iters,
+      tracker.tol,
+      num_certified=tracker.num_top_eigenvalues,
+  )
+  return grads, matvec, spec, start
+
+
+@functools.partial(jax.jit, static_argnums=(0, 5))
+def _stage_begin(tracker, state, params, batch, model_state, num_products):
+  """The first stage of ``measure_staged``: ``(solve, running)``."""
+  _, matvec, spec, solve = _operator(tracker, state, params, batch, model_state)
+  solve = krylov.advance(spec, matvec, solve, num_products)
+  return solve, krylov.running(solve)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 6), donate_argnums=(5,))
+def _stage_advance(
+    tracker, state, params, batch, model_state, solve, num_products
+):
+  """A later stage of ``measure_staged``: ``(solve, running)``."""
+  _, matvec, spec, _ = _operator(tracker, state, params, batch, model_state)
+  solve = krylov.advance(spec, matvec, solve, num_products)
+  return solve, krylov.running(solve)
+
+
+@functools.partial(jax.jit, static_argnums=(0,))
+def _stage_finish(
+    tracker,
+    state,
+    params,
+    batch,
+    model_state,
+    solve,
+    learning_rate,
+    rho,
+    grad_norm,
+    momentum,
+):
+  """The end of ``measure_staged``: ``measure``'s state and metrics."""
+  grads, _, spec, _ = _operator(tracker, state, params, batch, model_state)
+  measured = krylov.tracked(krylov.finish(spec, solve), state.eigvecs.dtype)
+  return tracker._metrics(
+      state, measured, grads, learning_rate, rho, grad_norm, momentum
+  )

@@ -257,3 +257,24 @@ def test_stage_sizes_come_from_the_menu_and_stop_at_the_cap():
       assert sum(sizes) == cap
       assert all(s in staged.MENU for s in sizes)
       assert sizes[0] <= max(predicted, 1)
+
+
+@pytest.mark.parametrize("num_top", [1, 2])
+def test_tracker_measure_staged_equals_measure(x64, num_top):
+  params, data = mlp_problem(2, 8)
+  tracker = se.SharpnessTracker(
+      mlp_loss, tol=1e-7, max_iters=20, num_top_eigenvalues=num_top
+  )
+  state = tracker.init(params, key=jax.random.key(3))
+  kwargs = dict(learning_rate=0.2, rho=0.05, momentum=0.5)
+  new, metrics = tracker.measure_staged(state, params, data, **kwargs)
+  ref_state, ref = jax.jit(lambda s, p, d: tracker.measure(s, p, d, **kwargs))(
+      state, params, data
+  )
+  chex.assert_trees_all_close(metrics, ref, rtol=1e-9, atol=1e-12)
+  chex.assert_trees_all_close(new, ref_state, rtol=1e-9, atol=1e-12)
+  flat, unravel = jax.flatten_util.ravel_pytree(params)
+  hess = jax.hessian(lambda f: mlp_loss(unravel(f), data))(flat)
+  dense = np.linalg.eigvalsh(np.asarray(hess))[::-1][:num_top]
+  np.testing.assert_allclose(metrics.top_eigenvalues, dense, rtol=1e-6)
+  assert metrics.lanczos_iters > 8  # it took more than the first stage
