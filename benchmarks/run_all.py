@@ -155,6 +155,44 @@ def _write(
   out.write_text(text, encoding="utf-8")
 
 
+def update_sections(
+    out: pathlib.Path, command: str, sections: dict[str, str]
+) -> None:
+  """Replaces (or appends) the named sections of an existing file.
+
+  Each updated section says the command, commit, date and machine that
+  produced it, since the file's header describes the full run.
+
+  Args:
+    out: the results file.
+    command: the shell command that produced the sections.
+    sections: benchmark name (``bench_x``) -> its markdown section.
+  """
+  text = out.read_text(encoding="utf-8")
+  env = _common.environment()
+  stamp = (
+      f"_Section updated by `{command}` at commit {env['commit'][:12]}, "
+      f"{env['date']}, on {env['cpu']} ({env['cores']} cores)._\n"
+  )
+  for name, section in sections.items():
+    block = f"{section.rstrip()}\n\n{stamp}"
+    pieces = text.split("\n## ")
+    index = next(
+        (
+            i
+            for i, piece in enumerate(pieces)
+            if i > 0 and f"({name}.py)" in piece.split("\n")[0]
+        ),
+        None,
+    )
+    if index is None:
+      text = text.rstrip() + "\n\n" + block
+    else:
+      pieces[index] = block.removeprefix("## ")
+      text = "\n## ".join(pieces)
+  out.write_text(text, encoding="utf-8")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
   argv = list(sys.argv[1:] if argv is None else argv)
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -175,10 +213,28 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser.add_argument(
       "--note", default=None, help="free text on the conditions of this run"
   )
+  parser.add_argument(
+      "--update",
+      action="store_true",
+      help="with --only: replace just those sections of the existing file",
+  )
   args = parser.parse_args(argv)
   out = args.out or (QUICK_RESULTS if args.quick else RESULTS)
   start = time.perf_counter()
   before = _common.load_average()
+  if args.update:
+    if not args.only:
+      parser.error("--update needs --only NAME ...")
+    updated = {}
+    for name in args.only:
+      section, seconds, load = _run_one(name, args.quick, args.repeats)
+      updated[name] = (
+          f"{section}\n\n_{name}: {seconds:.0f} s wall clock; load average "
+          f"before it {load}, after it "
+          f"{_common.fmt_load(_common.load_average())}._"
+      )
+    update_sections(out, reproduce_command(argv), updated)
+    return 0
   sections = []
   for name in args.only or BENCHMARKS:
     section, seconds, load = _run_one(name, args.quick, args.repeats)

@@ -34,7 +34,7 @@ from sam_eos.hessian import (
     flat_matvec,
     hessian_matvec,
 )
-from sam_eos import krylov
+from sam_eos import krylov, staged
 from sam_eos.lanczos import working_dtype
 
 
@@ -243,12 +243,22 @@ def hessian_eigenpairs(
         f"{max_iters} Lanczos steps allowed (`num_iters`, capped at the "
         "number of parameters): pass fewer vectors or raise `num_iters`."
     )
-  matvec = flat_matvec(
-      hessian_matvec(loss_fn, params, batch, has_aux=has_aux), params
-  )
-  result = krylov.eigenpairs(
-      matvec, start, max_iters, k=k, tol=tol, which=which
-  )
+  if _staged(loss_fn, params, batch, start, tol, has_aux):
+    # Called eagerly on CPU with a conv loss: straight-line stages.
+    settings = staged.SolveSettings(
+        max_iters, k, None if tol is None else float(tol), which, None
+    )
+    result, _ = staged.solve(
+        staged.HessianOperator(loss_fn, has_aux), (params, batch), start,
+        settings,
+    )  # fmt: skip
+  else:
+    matvec = flat_matvec(
+        hessian_matvec(loss_fn, params, batch, has_aux=has_aux), params
+    )
+    result = krylov.eigenpairs(
+        matvec, start, max_iters, k=k, tol=tol, which=which
+    )
   values, vectors, residuals = (
       result.values,
       result.vectors,
@@ -264,6 +274,17 @@ def hessian_eigenpairs(
       residuals=residuals,
       num_iters=result.num_iters,
   )
+
+
+def _staged(loss_fn, params, batch, start, tol, has_aux) -> bool:
+  """Whether ``hessian_eigenpairs`` runs as ``staged.solve``: called outside
+  any transformation, where ``staged.uses_staging`` says so for the loss
+  (a CPU backend and a convolution; ``SAM_EOS_PROGRAMS`` overrides)."""
+  if staged.is_traced(params, batch, start, tol):
+    return False
+  if has_aux:
+    return staged.uses_staging(lambda p: loss_fn(p, batch)[0], params)
+  return staged.uses_staging(lambda p: loss_fn(p, batch), params)
 
 
 def sharpness(

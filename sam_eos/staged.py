@@ -36,14 +36,17 @@ References:
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import os
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
 from sam_eos import krylov
 from sam_eos._types import PyTree
+from sam_eos.hessian import flat_matvec, linearize_gradient
 from sam_eos.loop import (
     ChunkOutput,
     Hyperparams,
@@ -311,3 +314,129 @@ def uses_staging(fn: Callable[..., Any], *args: Any) -> bool:
   if jax.default_backend() != "cpu":
     return False
   return _has_convolution(jax.make_jaxpr(fn)(*args).jaxpr)
+
+
+@dataclasses.dataclass(frozen=True)
+class HessianOperator:
+  """The flat Hessian of ``loss_fn`` at ``(params, batch[, model_state])``.
+
+  Hashable by ``loss_fn``'s identity, so ``solve``'s compiled stages are
+  reused across calls with the same loss.
+
+  Attributes:
+    loss_fn: ``loss_fn(params, batch) -> scalar`` (``(scalar, aux)`` with
+      ``has_aux``), or with ``with_state`` ``loss_fn(params, batch,
+      model_state) -> (scalar, new_state)``, the state held fixed.
+    has_aux: whether ``loss_fn`` returns a pair.
+    with_state: whether ``model_state`` is its third argument.
+  """
+
+  loss_fn: Callable[..., Any]
+  has_aux: bool = False
+  with_state: bool = False
+
+  def __call__(
+      self, params: PyTree, batch: Any, model_state: PyTree = None
+  ) -> tuple[Callable[[jax.Array], jax.Array], PyTree]:
+    """``(flat matvec, gradient)`` at ``params``, one linearization."""
+    loss = self.loss_fn
+    if self.with_state:
+      loss = lambda p, b: self.loss_fn(p, b, model_state)
+    _, grads, matvec = linearize_gradient(
+        loss, params, batch, has_aux=self.has_aux or self.with_state
+    )
+    return flat_matvec(matvec, params), grads
+
+
+class SolveSettings(NamedTuple):
+  """The static settings of a staged ``solve`` (see ``krylov.begin``)."""
+
+  max_iters: int
+  k: int
+  tol: float | None
+  which: str
+  num_certified: int | None
+
+
+def _begun(operator, settings, operands, start):
+  """The operator's matvec and aux, the spec and the fresh solve."""
+  matvec, aux = operator(*operands)
+  spec, fresh = krylov.begin(
+      matvec,
+      start,
+      settings.max_iters,
+      k=settings.k,
+      tol=settings.tol,
+      which=settings.which,
+      num_certified=settings.num_certified,
+  )
+  return matvec, aux, spec, fresh
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 4))
+def _first_stage(operator, settings, operands, start, num_products):
+  matvec, aux, spec, solve = _begun(operator, settings, operands, start)
+  solve = krylov.advance(spec, matvec, solve, num_products)
+  return solve, aux, krylov.running(solve)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 4), donate_argnums=(3,))
+def _next_stage(operator, settings, operands, solve, num_products):
+  matvec, _, spec, _ = _begun(operator, settings, operands, solve.start)
+  solve = krylov.advance(spec, matvec, solve, num_products)
+  return solve, krylov.running(solve)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _last_stage(operator, settings, operands, solve):
+  spec = _begun(operator, settings, operands, solve.start)[2]
+  return krylov.finish(spec, solve)
+
+
+def solve(
+    operator: Callable[..., tuple[Callable[[jax.Array], jax.Array], Any]],
+    operands: tuple[Any, ...],
+    start: jax.Array,
+    settings: SolveSettings,
+    *,
+    predicted: int | None = None,
+) -> tuple[krylov.KrylovResult, Any]:
+  """``krylov.eigenpairs`` as compiled stages driven from the host.
+
+  Not jit-able (it reads the stopping test between stages); each stage is
+  a compiled straight-line program that rebuilds the operator from
+  ``operands`` and runs unrolled products. The result equals
+  ``krylov.eigenpairs(operator(*operands)[0], start, ...)`` to float
+  rounding.
+
+  Args:
+    operator: a hashable ``operator(*operands) -> (matvec, aux)`` (e.g. a
+      ``HessianOperator``); ``aux`` of the first stage is returned.
+    operands: its array arguments.
+    start: ``(b, n)`` or ``(n,)`` start block.
+    settings: the solve's static settings (``tol`` a float or None).
+    predicted: products expected (plans the first stage); default the
+      start block's size plus ``COLD_EXTRA``.
+
+  Returns:
+    ``(KrylovResult, aux)``.
+  """
+  start = jnp.atleast_2d(jnp.asarray(start))
+  if predicted is None:
+    predicted = start.shape[0] + COLD_EXTRA
+  sizes = stage_sizes(predicted, settings.max_iters)
+  state, aux, running = _first_stage(
+      operator, settings, operands, start, next(sizes)
+  )
+  for num in sizes:
+    if not bool(running):
+      break
+    state, running = _next_stage(operator, settings, operands, state, num)
+  return _last_stage(operator, settings, operands, state), aux
+
+
+def is_traced(*trees: Any) -> bool:
+  """Whether any leaf of ``trees`` is a tracer (inside ``jit``, ``vmap``)."""
+  return any(
+      isinstance(leaf, jax.core.Tracer) for leaf in jax.tree.leaves(trees)
+  )

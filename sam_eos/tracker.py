@@ -420,16 +420,20 @@ class SharpnessTracker:
           "`model_state` needs a tracker built with has_aux=True and a "
           "loss_fn(params, batch, model_state) -> (loss, new_model_state)."
       )
-    _, max_iters, num_vectors = self._sizes(params)
-    operands = (state, params, batch, model_state)
-    sizes = staged.stage_sizes(num_vectors + staged.COLD_EXTRA, max_iters)
-    solve, running = _stage_begin(self, *operands, next(sizes))
-    for num in sizes:
-      if not bool(running):
-        break
-      solve, running = _stage_advance(self, *operands, solve, num)
-    return _stage_finish(
-        self, *operands, solve, learning_rate, rho, grad_norm, momentum
+    _, max_iters, _ = self._sizes(params)
+    operator = staged.HessianOperator(
+        self.loss_fn, self.has_aux, model_state is not None
+    )
+    settings = staged.SolveSettings(
+        max_iters, state.eigvecs.shape[0], self.tol, "top",
+        self.num_top_eigenvalues,
+    )  # fmt: skip
+    result, grads = staged.solve(
+        operator, (params, batch, model_state), state.eigvecs, settings
+    )
+    measured = krylov.tracked(result, state.eigvecs.dtype)
+    return _finish(
+        self, state, measured, grads, learning_rate, rho, grad_norm, momentum
     )
 
   def update(
@@ -538,63 +542,7 @@ class SharpnessTracker:
       )
 
 
-def _operator(
-    tracker: SharpnessTracker,
-    state: TrackerState,
-    params: PyTree,
-    batch: Any,
-    model_state: PyTree,
-) -> tuple[PyTree, Any, krylov.Spec, krylov.KrylovState]:
-  """The gradient, flat Hessian product and the solve's spec and start."""
-  _, grads, matvec = linearize_gradient(
-      tracker._loss(model_state), params, batch, has_aux=tracker.has_aux
-  )
-  matvec = flat_matvec(matvec, params)
-  _, max_iters, _ = tracker._sizes(params)
-  spec, start = krylov.track_begin(
-      matvec,
-      state.eigvecs,
-      max_iters,
-      tracker.tol,
-      num_certified=tracker.num_top_eigenvalues,
-  )
-  return grads, matvec, spec, start
-
-
-@functools.partial(jax.jit, static_argnums=(0, 5))
-def _stage_begin(tracker, state, params, batch, model_state, num_products):
-  """The first stage of ``measure_staged``: ``(solve, running)``."""
-  _, matvec, spec, solve = _operator(tracker, state, params, batch, model_state)
-  solve = krylov.advance(spec, matvec, solve, num_products)
-  return solve, krylov.running(solve)
-
-
-@functools.partial(jax.jit, static_argnums=(0, 6), donate_argnums=(5,))
-def _stage_advance(
-    tracker, state, params, batch, model_state, solve, num_products
-):
-  """A later stage of ``measure_staged``: ``(solve, running)``."""
-  _, matvec, spec, _ = _operator(tracker, state, params, batch, model_state)
-  solve = krylov.advance(spec, matvec, solve, num_products)
-  return solve, krylov.running(solve)
-
-
 @functools.partial(jax.jit, static_argnums=(0,))
-def _stage_finish(
-    tracker,
-    state,
-    params,
-    batch,
-    model_state,
-    solve,
-    learning_rate,
-    rho,
-    grad_norm,
-    momentum,
-):
-  """The end of ``measure_staged``: ``measure``'s state and metrics."""
-  grads, _, spec, _ = _operator(tracker, state, params, batch, model_state)
-  measured = krylov.tracked(krylov.finish(spec, solve), state.eigvecs.dtype)
-  return tracker._metrics(
-      state, measured, grads, learning_rate, rho, grad_norm, momentum
-  )
+def _finish(tracker, state, measured, grads, *args):
+  """``SharpnessTracker._metrics``, compiled (``measure_staged``'s end)."""
+  return tracker._metrics(state, measured, grads, *args)

@@ -278,3 +278,23 @@ def test_tracker_measure_staged_equals_measure(x64, num_top):
   dense = np.linalg.eigvalsh(np.asarray(hess))[::-1][:num_top]
   np.testing.assert_allclose(metrics.top_eigenvalues, dense, rtol=1e-6)
   assert metrics.lanczos_iters > 8  # it took more than the first stage
+
+
+def test_eager_hessian_eigenpairs_stages_and_matches_jit(monkeypatch, x64):
+  params, data = mlp_problem(4, 8)
+  kwargs = dict(k=2, num_iters=20, tol=1e-8, key=jax.random.key(1))
+  monkeypatch.setenv(staged.ENV_VAR, "staged")
+  eager = se.hessian_eigenpairs(mlp_loss, params, data, **kwargs)
+  both = se.hessian_eigenpairs(mlp_loss, params, data, which="both", **kwargs)
+  monkeypatch.setenv(staged.ENV_VAR, "in_graph")
+  jitted = jax.jit(
+      lambda p, d: se.hessian_eigenpairs(mlp_loss, p, d, **kwargs)
+  )(params, data)
+  chex.assert_trees_all_close(eager, jitted, rtol=1e-9, atol=1e-12)
+  flat, unravel = jax.flatten_util.ravel_pytree(params)
+  hess = np.linalg.eigvalsh(
+      np.asarray(jax.hessian(lambda f: mlp_loss(unravel(f), data))(flat))
+  )
+  np.testing.assert_allclose(eager.values, hess[::-1][:2], rtol=1e-7)
+  np.testing.assert_allclose(both.values[2:], hess[:2][::-1], rtol=1e-6)
+  assert int(eager.num_iters) > 8  # several stages
