@@ -73,7 +73,7 @@ References:
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -212,6 +212,22 @@ def _any(flag: jax.Array, axis_name: AxisName) -> jax.Array:
   return jax.lax.pmax(flag.astype(jnp.int32), axis_name) > 0
 
 
+def _branch(
+    branches: bool,
+    flag: jax.Array,
+    axis_name: AxisName,
+    rare: Callable[[], jax.Array],
+    usual: Callable[[], jax.Array],
+) -> jax.Array:
+  """``rare()`` where ``flag``, else ``usual()``: a ``lax.cond`` on ``flag``
+  or'ed over ``axis_name`` with ``branches``, else both and a select."""
+  if not branches:
+    return jnp.where(flag, rare(), usual())
+  return jax.lax.cond(
+      _any(flag, axis_name), lambda: jnp.where(flag, rare(), usual()), usual
+  )
+
+
 def _next_vector(
     basis: jax.Array,
     candidate: jax.Array,
@@ -219,6 +235,7 @@ def _next_vector(
     index: jax.Array,
     rounding: float,
     axis_name: AxisName,
+    branches: bool = True,
 ) -> jax.Array:
   """``candidate`` orthonormalized against ``basis``, or a restart direction.
 
@@ -227,28 +244,25 @@ def _next_vector(
   criterion; "twice is enough"). The residual candidates of the expansion
   are orthogonal to the basis up to rounding already, so they take one pass.
   A candidate lost to rounding is replaced by a rolled fixed Gaussian vector
-  orthogonal to the basis. The rare branches are ``lax.cond``s on predicates
-  or'ed over ``axis_name``, so under ``vmap`` they stay branches.
+  orthogonal to the basis. With ``branches`` the rare cases are
+  ``lax.cond``s on predicates or'ed over ``axis_name`` (under ``vmap`` they
+  stay branches); without, both sides are computed and selected, the same
+  values at a few more passes over the basis.
   """
   norm = jnp.linalg.norm(candidate)
   project = lambda v: v - _dot(_dot(basis, v), basis)
   vector = project(candidate)
   again = jnp.linalg.norm(vector) < 0.5 * norm
-  vector = jax.lax.cond(
-      _any(again, axis_name),
-      lambda v: jnp.where(again, project(v), v),
-      lambda v: v,
-      vector,
+  vector = _branch(
+      branches, again, axis_name, lambda: project(vector), lambda: vector
   )
   new_norm = jnp.linalg.norm(vector)
   lost = new_norm <= 10 * rounding * norm
-  return jax.lax.cond(
-      _any(lost, axis_name),
-      lambda: jnp.where(
-          lost,
-          _restart_direction(basis, base, index),
-          _safe_normalize(vector, new_norm),
-      ),
+  return _branch(
+      branches,
+      lost,
+      axis_name,
+      lambda: _restart_direction(basis, base, index),
       lambda: _safe_normalize(vector, new_norm),
   )
 
@@ -415,7 +429,7 @@ def running(state: KrylovState) -> jax.Array:
 
 
 def _product_step(
-    spec: Spec, matvec: Matvec, state: KrylovState
+    spec: Spec, matvec: Matvec, state: KrylovState, branches: bool = True
 ) -> KrylovState:
   """One product, the Rayleigh-Ritz step and the next basis vector.
 
@@ -453,7 +467,13 @@ def _product_step(
       residual[jnp.argmax(relative)],
   )
   vector = _next_vector(
-      solver.basis, candidate, base, step + 1, spec.rounding, spec.axis_name
+      solver.basis,
+      candidate,
+      base,
+      step + 1,
+      spec.rounding,
+      spec.axis_name,
+      branches,
   )
   enough = step + 1 >= max(num_start, spec.k)
   solver = solver._replace(
@@ -470,9 +490,10 @@ def advance(
 
   No loop or branch holds a product, so on CPU, where XLA runs a
   convolution's backward pass 10-26x slower inside a ``while_loop`` or
-  ``cond`` (jax-ml/jax#12868), each product costs what it costs alone. A
-  member that stops inside the stage is frozen (its result is that of
-  ``eigenpairs``); call ``running`` between stages.
+  ``cond`` (jax-ml/jax#12868), each product costs what it costs alone. The
+  rare Gram-Schmidt cases are selects, not ``cond``s (the same values; a
+  ``cond`` saves only passes over the basis), so a stage is branch-free. A member that stops inside the stage is frozen
+  (its result is that of ``eigenpairs``); call ``running`` between stages.
 
   Args:
     spec: from ``begin``.
@@ -484,7 +505,7 @@ def advance(
     The advanced state.
   """
   for _ in range(num_products):
-    state = _product_step(spec, matvec, state)
+    state = _product_step(spec, matvec, state, branches=False)
   return state
 
 

@@ -69,6 +69,9 @@ stay at their last finite values (``w_t``) and its metrics are NaN, so in a
 vmapped sweep the other configurations run on unharmed.
 
 Everything here is pure; ``sam_eos.train`` is the driver (I/O, progress).
+``sam_eos.staged`` runs the same ``_train_step`` as straight-line programs
+(CPU conv models): ``supplied=None`` for an untracked step, a
+``Measurement`` computed in stages for a tracked one.
 
 References:
   Long & Bartlett, "Sharpness-Aware Minimization and the Edge of Stability",

@@ -45,6 +45,7 @@ def grouped(
     rhos: np.ndarray,
     spmd_axis: str | None,
     make: Callable[[loop.LoopConfig], Program],
+    split: bool = True,
 ) -> Program:
   """A sweep's program from a one-configuration one (see the module).
 
@@ -54,6 +55,9 @@ def grouped(
     spmd_axis: the ``"config"`` mesh axis name, or None.
     make: ``cfg -> f(carry, fixed, shared)`` for one configuration, its
       outputs all per configuration.
+    split: whether GD configurations of a mixed sweep form their own
+      group (else every row computes the SAM gradient, ``g`` itself at
+      ``rho = 0``: the same results, one more gradient per GD step).
 
   Returns:
     ``f(carry, fixed, shared)`` with ``carry`` and ``fixed`` stacked along
@@ -76,7 +80,7 @@ def grouped(
     )
 
   gd, sam = np.flatnonzero(rhos == 0), np.flatnonzero(rhos > 0)
-  if not config.use_sam or gd.size == 0 or spmd_axis is not None:
+  if not split or not config.use_sam or gd.size == 0 or spmd_axis is not None:
     return vmapped(config, rhos.size)
   groups = (
       (vmapped(dataclasses.replace(config, use_sam=False), gd.size), gd),
@@ -169,7 +173,13 @@ class StagedRunner:
       spmd_axis: str | None,
   ):
     self._config = config
-    self._group = lambda make: grouped(config, rhos, spmd_axis, make)
+    # One group: two vmapped groups of 3 conv configurations in one
+    # staged program (the cifar10-cnn preset's sweep) deadlocked XLA's CPU
+    # runtime (jaxlib 0.10.2; no CPU in use, reproducible), one group of 6
+    # did not.
+    self._group = lambda make: grouped(
+        config, rhos, spmd_axis, make, split=False
+    )
     self._compiled = _Compiled()
     self.predicted = 0
     self.num_stages = 0

@@ -1110,6 +1110,35 @@ def _warn_diverged(settings: _Settings, diverged_at: np.ndarray) -> None:
     )
 
 
+def _warn_uncertified(
+    settings: _Settings, history: dict[str, np.ndarray]
+) -> None:
+  """Warns once if checks stopped at the cap above ``sharpness_tol``.
+
+  Their ``sharpness_residual`` column keeps the bound they reached.
+  """
+  tol = settings.config.sharpness_tol
+  residual = np.atleast_2d(history["sharpness_residual"])
+  if tol is None or residual.size == 0:
+    return
+  above = np.isfinite(residual) & (residual > tol)
+  if not np.any(above):
+    return
+  worst = np.unravel_index(
+      np.argmax(np.where(above, residual, -np.inf)), residual.shape
+  )
+  step = int(np.atleast_2d(history["step"])[worst])
+  warnings.warn(
+      f"{int(above.sum())} of {int(np.isfinite(residual).sum())} tracked "
+      f"rows stopped at the cap of {settings.config.num_lanczos_iters} "
+      f"products above sharpness_tol={tol:g} (worst relative residual "
+      f"{residual[worst]:.3g}, configuration {worst[0]}, step {step}). Each "
+      "row's sharpness_residual is the bound it reached; raise "
+      "num_lanczos_iters to certify every row.",
+      stacklevel=3,
+  )
+
+
 def _run_chunks(
     runner: Any,
     run: _Progress,
@@ -1253,6 +1282,16 @@ def train(
   (``rho = 0``) and SAM configurations, the GD ones run as their own
   vmapped program and skip the SAM gradient (unless a ``"config"`` mesh
   axis splits the sweep); results are those of separate runs.
+
+  Programs: on GPU and TPU, and on CPU for models without convolutions,
+  each chunk is one compiled scan (``loop.run_chunk``) with the measurement
+  inside. On CPU, XLA runs a convolution's backward pass 10-26x slower
+  inside a scan, loop or branch (jax-ml/jax#12868), so for a loss with a
+  convolution the same steps run as straight-line programs
+  (``sam_eos.staged``: unrolled untracked steps; a check in stages of
+  unrolled products with the stopping test read on the host between
+  them), with the same history to float rounding. The environment variable
+  ``SAM_EOS_PROGRAMS=staged|in_graph`` forces a form.
 
   Sequences for ``learning_rate``, ``rho`` or ``key`` (seeds) of one common
   length ``C`` (scalars broadcast) run as one vmapped program from the same
@@ -1466,7 +1505,9 @@ def train(
     TrainingDiverged: when every configuration has diverged.
 
   Warns:
-    UserWarning: naming the configurations of a sweep that diverged.
+    UserWarning: naming the configurations of a sweep that diverged; and,
+      once, the number of tracked rows whose check stopped at the cap
+      (``num_lanczos_iters``) above ``sharpness_tol``, with the worst bound.
 
   Examples:
     GD on a quadratic with Hessian ``diag(3, 1)``: the tracked sharpness is
@@ -1585,6 +1626,7 @@ def train(
         bar.close()
   diverged_at = parallel.to_host(run.state.diverged_at).astype(np.int64)
   _warn_diverged(settings, diverged_at)
+  _warn_uncertified(settings, run.history)
   final_state = None if model_state is None else run.state.model_state
   if settings.sweep:
     return TrainResult(

@@ -14,6 +14,7 @@ import pytest
 import flax.linen as nn
 
 import sam_eos as se
+from small_problems import mlp_loss, mlp_problem
 from sam_eos import checkpoint, loop
 
 
@@ -1331,3 +1332,24 @@ def test_resume_refuses_other_sam_variant_or_top_k(
   assert {**config, **first} == config  # the options are saved
   with pytest.raises(ValueError, match=f"other settings.*{name}"):
     se.train(mlp_loss, params, data, num_steps=4, **kwargs, **second)
+
+
+def test_rows_stopped_at_the_cap_are_reported_once(x64):
+  params, data = mlp_problem(0, 8)
+  with pytest.warns(UserWarning, match="stopped at the cap of 2") as record:
+    result = se.train(
+        mlp_loss,
+        params,
+        data,
+        learning_rate=0.5,
+        num_steps=9,
+        track_every=4,
+        num_lanczos_iters=2,
+        num_warm_vectors=1,
+        sharpness_tol=1e-9,
+        progress=False,
+    )
+  messages = [str(w.message) for w in record if "at the cap" in str(w.message)]
+  assert len(messages) == 1
+  assert np.all(result.history["sharpness_residual"] > 1e-9)
+  assert messages[0].startswith("3 of 3 tracked rows")
