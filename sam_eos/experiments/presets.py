@@ -847,6 +847,12 @@ KNOWN_FAILURES: dict[str, dict[tuple[str, float, float], str]] = {
             "for one seed SAM's early sharpness stays close to GD's, which "
             "itself starts high"
         ),
+        ("edge_tracking", 0.01, 0.1): (
+            "not robust: the run of the staged programs (the same steps, "
+            "other float rounding, which the edge of stability amplifies "
+            "over 200 steps) moved seed 2's correlation from 0.894 (the "
+            "in-graph run before it) to 0.654"
+        ),
     },
     "cifar10-cnn-relu": {
         ("gd_sharpens", 2 / 30, 0.0): (
