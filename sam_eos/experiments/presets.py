@@ -806,10 +806,11 @@ EXPERIMENTS: dict[str, dict[str, ExperimentConfig]] = {
 }
 
 # The cpu presets whose claims ``make test`` checks (every seed). The two
-# CNN presets are left out: on 2 CPU cores they take 10-18 minutes (XLA's
-# CPU convolutions and their Hessian-vector products, with 20 tracked points
-# in the window and three seeds), more than the CI budget allows, and most
-# of their claims fail (KNOWN_FAILURES). Their committed runs in
+# CNN presets are left out: on 2 CPU cores they took 10-18 minutes as one
+# compiled scan (XLA's CPU convolutions inside loops, jax-ml/jax#12868);
+# the staged programs brought cifar10-cnn to about 6 minutes, still more
+# than the test budget allows, and most of their claims fail
+# (KNOWN_FAILURES). Their committed runs in
 # docs/figures are checked by tests/test_readme.py instead.
 CLAIM_PRESETS = (
     "mnist-mlp",
