@@ -281,16 +281,23 @@ def section(results: Sequence[dict[str, Any]], quick: bool) -> str:
   return "\n".join(lines)
 
 
+def run(quick: bool = False, repeats: int | None = None) -> str:
+  """Measures both problems in both forms; returns the markdown section."""
+  repeats = _common.default_repeats(quick, repeats)
+  problems = [
+      cnn_problem(16, (4, 8)) if quick else cnn_problem(256, (16, 32)),
+      mlp_problem(quick),
+  ]
+  try:
+    results = [measure(p, quick, repeats) for p in problems]
+  finally:
+    os.environ.pop(staged.ENV_VAR, None)
+  return section(results, quick)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
   args = _common.parser(__doc__.splitlines()[0]).parse_args(argv)
-  repeats = _common.default_repeats(args.quick, args.repeats)
-  problems = [
-      cnn_problem(16, (4, 8)) if args.quick else cnn_problem(256, (16, 32)),
-      mlp_problem(args.quick),
-  ]
-  results = [measure(p, args.quick, repeats) for p in problems]
-  os.environ.pop(staged.ENV_VAR, None)
-  return _common.finish(section(results, args.quick), args.out)
+  return _common.finish(run(args.quick, args.repeats), args.out)
 
 
 if __name__ == "__main__":

@@ -243,6 +243,26 @@ def test_run_all_writes_every_section(tmp_path, monkeypatch):
     assert f"## {name}" in text
 
 
+def test_update_sections_replaces_one_and_appends_another(tmp_path):
+  out = tmp_path / "RESULTS.md"
+  out.write_text(
+      "# Benchmarks\n\n## Old (bench_a.py)\n\nold\n\n## B (bench_b.py)\n\nb\n"
+  )
+  run_all.update_sections(
+      out,
+      "cmd --x",
+      {
+          "bench_a": "## New (bench_a.py)\n\nnew",
+          "bench_c": "## C (bench_c.py)\n\nc",
+      },
+  )
+  text = out.read_text()
+  assert "old" not in text and "## New (bench_a.py)\n\nnew" in text
+  assert text.index("bench_a.py") < text.index("## B (bench_b.py)\n\nb")
+  assert text.rstrip().split("## ")[-1].startswith("C (bench_c.py)")
+  assert text.count("updated by `cmd --x`") == 2
+
+
 @pytest.mark.parametrize("name", run_all.BENCHMARKS)
 def test_every_benchmark_has_main_and_run(name):
   module = __import__(f"benchmarks.{name}", fromlist=["main", "run"])
@@ -383,3 +403,16 @@ def test_scaling_quick(tmp_path):
   text = _run_quick("bench_scaling", tmp_path, "--figure", str(figure))
   assert "## Scaling" in text and "slope" in text
   assert figure.stat().st_size > 0
+
+
+@pytest.mark.slow
+def test_conv_loop_quick(tmp_path):
+  text = _run_quick("bench_conv_loop", tmp_path)
+  assert "## Convolutions in compiled loops (bench_conv_loop.py)" in text
+  for row in (
+      "staged: se.train GD step / floor",
+      "in_graph: a check / (its products x se.hvp)",
+      "staged: SharpnessTracker check",
+      "a check, in-graph / staged",
+  ):
+    assert row in text
