@@ -14,7 +14,6 @@ import pytest
 import flax.linen as nn
 
 import sam_eos as se
-from small_problems import mlp_loss, mlp_problem
 from sam_eos import checkpoint, loop
 
 
@@ -1335,7 +1334,7 @@ def test_resume_refuses_other_sam_variant_or_top_k(
 
 
 def test_rows_stopped_at_the_cap_are_reported_once(x64):
-  params, data = mlp_problem(0, 8)
+  params, data = mlp_problem(8, jnp.float64)
   with pytest.warns(UserWarning, match="stopped at the cap of 2") as record:
     result = se.train(
         mlp_loss,
