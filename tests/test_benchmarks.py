@@ -403,16 +403,3 @@ def test_scaling_quick(tmp_path):
   text = _run_quick("bench_scaling", tmp_path, "--figure", str(figure))
   assert "## Scaling" in text and "slope" in text
   assert figure.stat().st_size > 0
-
-
-@pytest.mark.slow
-def test_conv_loop_quick(tmp_path):
-  text = _run_quick("bench_conv_loop", tmp_path)
-  assert "## Convolutions in compiled loops (bench_conv_loop.py)" in text
-  for row in (
-      "staged: se.train GD step / floor",
-      "in_graph: a check / (its products x se.hvp)",
-      "staged: SharpnessTracker check",
-      "a check, in-graph / staged",
-  ):
-    assert row in text
