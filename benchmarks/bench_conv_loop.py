@@ -15,8 +15,8 @@ until the change; "after" = ``staged``), on
 
 For each: the straight-line jitted GD and SAM steps (the floor), one
 standalone ``se.hvp``; ``se.train``'s steady step (the difference of two
-runs of different lengths tracking only step 0, compile time subtracted by
-``_common.compile_seconds``); a tracked check (runs tracked every step,
+runs of different lengths tracking only step 0, read from ``se.train``'s
+own ``wall_time``, which leaves out its tracing and compiling); a tracked check (runs tracked every step,
 minus the untracked steps; products per check from the history); the
 ``SharpnessTracker`` in a user's loop (``update`` inside the jitted step,
 against ``measure_staged`` called at the check step); compile seconds.
@@ -82,10 +82,15 @@ def mlp_problem(quick: bool) -> Problem:
 
 
 def _train_seconds(problem: Problem, form: str, **kwargs) -> tuple[float, Any]:
-  """Wall seconds of one ``se.train`` call, compilation excluded."""
+  """Training seconds of one ``se.train`` call, as ``se.train`` counts them.
+
+  ``se.train`` leaves the seconds its runner spends tracing and compiling
+  out of ``wall_time``, which it interpolates inside a chunk from the
+  chunk's elapsed time: a run of one chunk whose only tracked row is step
+  0 has ``elapsed = wall_time[0] * num_steps``; with one step per chunk,
+  ``wall_time`` is cumulative per step.
+  """
   os.environ[staged.ENV_VAR] = form
-  compiled = _common.compile_seconds()
-  start = time.perf_counter()
   result = se.train(
       problem.loss_fn,
       problem.params,
@@ -95,16 +100,19 @@ def _train_seconds(problem: Problem, form: str, **kwargs) -> tuple[float, Any]:
       eps=1e-5,
       **kwargs,
   )
-  elapsed = time.perf_counter() - start
-  return elapsed - (_common.compile_seconds() - compiled), result
+  wall = result.history["wall_time"]
+  if kwargs.get("chunk_size") == 1:
+    return float(wall[-1]), result
+  return float(wall[0]) * kwargs["num_steps"], result
 
 
 def _compile_seconds(problem: Problem, form: str, **kwargs) -> float:
-  """Seconds ``se.train`` spends compiling (tracing, lowering, XLA)."""
+  """Seconds an ``se.train`` call spends outside training (tracing,
+  lowering, compiling, setup): its total minus its ``wall_time``."""
   jax.clear_caches()
-  before = _common.compile_seconds()
-  _train_seconds(problem, form, **kwargs)
-  return _common.compile_seconds() - before
+  start = time.perf_counter()
+  train_s, _ = _train_seconds(problem, form, **kwargs)
+  return time.perf_counter() - start - train_s
 
 
 def measure(problem: Problem, quick: bool, repeats: int) -> dict[str, Any]:
@@ -206,7 +214,7 @@ def section(results: Sequence[dict[str, Any]], quick: bool) -> str:
       "cond and a while loop of products), *staged* the new one. Floors: "
       "straight-line jitted steps of the same math and one standalone "
       "`se.hvp`. se.train's step: the difference of two runs of different "
-      "lengths tracking only step 0, compilation subtracted. A check: runs "
+      "lengths tracking only step 0, timed by se.train itself (its `wall_time`, which leaves out the runner's tracing and compiling). A check: runs "
       "tracked every step minus the untracked step, at tol 1e-3 (3 carried "
       f"vectors, cap 30), eta = {ETA}, rho = {RHO}. Tracker: one check of "
       "`SharpnessTracker` (tol 1e-3, cap 30) in a user's GD loop, as "
@@ -253,7 +261,7 @@ def section(results: Sequence[dict[str, Any]], quick: bool) -> str:
         ),
     )
     row(
-        f"{form}: se.train compile (4 tracked steps)",
+        f"{form}: se.train compile and setup (4 tracked steps)",
         lambda r, f=form: f"{r[f'{f}_compile']:.1f} s",
     )
   for name in ("gd", "sam"):
