@@ -462,6 +462,19 @@ def sample_batch(
   return batch
 
 
+def step_batch(
+    config: LoopConfig, state: TrainState, data: PyTree, step: jax.Array
+) -> Any:
+  """Step ``step``'s batch: ``sample_batch`` with ``fold_in(key, step)``."""
+  return sample_batch(
+      data,
+      jax.random.fold_in(state.key, step),
+      config.batch_size,
+      config.batch_sharding,
+      config.num_examples,
+  )
+
+
 def _abs_cos(u: jax.Array, v: jax.Array) -> jax.Array:
   """``|<u, v>| / (||u|| ||v||)`` in float32 or wider, 0 when either is zero.
 
@@ -729,13 +742,7 @@ def _train_step(
   untracked (straight-line, no measurement); a ``Measurement`` makes it a
   tracked step whose measurement was computed by the staged programs.
   """
-  batch = sample_batch(
-      data,
-      jax.random.fold_in(state.key, step),
-      config.batch_size,
-      config.batch_sharding,
-      config.num_examples,
-  )
+  batch = step_batch(config, state, data, step)
   model_state = state.model_state
 
   def with_tracking(state):

@@ -56,7 +56,7 @@ from sam_eos.loop import (
     _train_step,
     num_certified,
     operators,
-    sample_batch,
+    step_batch,
 )
 
 # Stage sizes (products per program), powers of two: each distinct size is
@@ -74,23 +74,12 @@ FORMS = ("staged", "in_graph")
 _CONVOLUTION = "conv_general_dilated"
 
 
-def _batch(config: LoopConfig, state: TrainState, data: PyTree, step) -> Any:
-  """Step ``step``'s batch, drawn as ``loop._train_step`` draws it."""
-  return sample_batch(
-      data,
-      jax.random.fold_in(state.key, step),
-      config.batch_size,
-      config.batch_sharding,
-      config.num_examples,
-  )
-
-
 def _solves(
     config: LoopConfig, state: TrainState, data: PyTree, step: jax.Array
 ) -> tuple[Any, tuple[Any, ...], tuple[tuple[krylov.Spec, Any], ...]]:
   """The primal outputs, the operators and each solve's ``(spec, start)``."""
   primal, matvecs, starts = operators(
-      config, state, _batch(config, state, data, step)
+      config, state, step_batch(config, state, data, step)
   )
   begun = tuple(
       krylov.track_begin(
